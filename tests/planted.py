@@ -1,0 +1,118 @@
+"""Tiny models with spikes and sinks planted by hand, so every expected number is known.
+
+Residual channels (d_model = 16):
+  0  BOS marker: the key feature of the planted sink head (layer 0, head 0)
+  1  constant 1 on every token: the query feature of the sink head
+  2  spike trigger (BOS and "."): read by the step-up MLP of layer 1
+  3  "." marker, so "." has the same norm as BOS and gets exactly the same spike
+  7  spike channel: layer 1's MLP writes SPIKE here; layer 2's MLP cancels it
+  4-6, 8-15  small seeded noise on ordinary words (so layer medians are ordinary)
+Every other weight is zero, so heads other than (0, 0) attend uniformly and only the planted
+MLP neurons write anything.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+
+import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+WORDS = "the a cat dog sat ran on under mat rug and then it was big small red blue".split()
+VOCAB = ["<bos>", "<pad>", "<unk>", "."] + WORDS
+SPIKE_CHANNEL = 7
+SINK_HEAD = (0, 0)
+SPIKE = 3000.0
+N_LAYERS, N_HEADS = 3, 2
+
+
+@functools.cache
+def _tokenizer_dir() -> str:
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>", unk_token="<unk>", eos_token="<pad>"
+    )
+    # TransformerLens reloads tokenizers by path to add BOS, so the tokenizer must live on disk.
+    path = tempfile.mkdtemp(prefix="planted-tokenizer-")
+    fast.save_pretrained(path)
+    return path
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    return AutoTokenizer.from_pretrained(_tokenizer_dir())
+
+
+def planted_model(seed: int = 0, n_ctx: int = 64, positional: str = "standard") -> HookedTransformer:
+    """A 3-layer pre-norm RMS, SwiGLU model with one sink head and one massive activation."""
+    cfg = HookedTransformerConfig(
+        n_layers=N_LAYERS,
+        d_model=16,
+        n_heads=N_HEADS,
+        d_head=4,
+        d_mlp=8,
+        d_vocab=len(VOCAB),
+        n_ctx=n_ctx,
+        act_fn="silu",
+        gated_mlp=True,
+        normalization_type="RMS",
+        positional_embedding_type=positional,
+        default_prepend_bos=True,
+        model_name="planted",
+        seed=seed,
+    )
+    model = HookedTransformer(cfg, tokenizer())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for name, p in model.named_parameters():
+            if name.endswith(".w"):
+                p.fill_(1.0)  # RMSNorm weights
+        emb = model.embed.W_E
+        noise_channels = [4, 5, 6, *range(8, 16)]
+        emb[:, 1] = 1.0
+        emb[:, noise_channels] = 0.5 * torch.randn(len(VOCAB), len(noise_channels), generator=gen)
+        bos, dot = VOCAB.index("<bos>"), VOCAB.index(".")
+        for t, marker in ((bos, 0), (dot, 3)):
+            emb[t] = 0.0
+            emb[t, [1, 2, marker]] = 1.0
+        # Sink head: every query (channel 1) matches the BOS key (channel 0) strongly.
+        model.blocks[0].attn.W_Q[0, 1, 0] = 10.0
+        model.blocks[0].attn.W_K[0, 0, 0] = 10.0
+        # Step-up: layer 1's MLP squares the trigger into the spike channel.
+        x2 = 1.0 / (3 / 16) ** 0.5  # normalized trigger coordinate of BOS and "."
+        mlp1 = model.blocks[1].mlp
+        mlp1.W_gate[2, 0] = 1.0
+        mlp1.W_in[2, 0] = 1.0
+        mlp1.W_out[0, SPIKE_CHANNEL] = SPIKE / (torch.nn.functional.silu(torch.tensor(x2)) * x2)
+        # Step-down: layer 2's MLP reads the spike channel and writes its negative.
+        x7 = SPIKE / ((3 + SPIKE**2) / 16) ** 0.5
+        mlp2 = model.blocks[2].mlp
+        mlp2.W_gate[SPIKE_CHANNEL, 0] = 1.0
+        mlp2.W_in[SPIKE_CHANNEL, 0] = 1.0
+        mlp2.W_out[0, SPIKE_CHANNEL] = -SPIKE / (torch.nn.functional.silu(torch.tensor(x7)) * x7)
+    return model
+
+
+def sentences(n: int, seed: int = 0, min_words: int = 14, max_words: int = 30) -> list[str]:
+    """Seeded random texts of ordinary words with a few "." delimiters."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(min_words, max_words + 1, (1,), generator=gen))
+        words = [WORDS[int(i)] for i in torch.randint(len(WORDS), (length,), generator=gen)]
+        for i in torch.randint(2, length, (2,), generator=gen).tolist():
+            words[i] = "."
+        out.append(" ".join(words))
+    return out
+
+
+def uniform_alpha0(lengths: list[int]) -> float:
+    """Pooled first-token score of a head that attends uniformly: Σ_texts H_T / Σ_texts T."""
+    return sum(sum(1 / (i + 1) for i in range(t)) for t in lengths) / sum(lengths)

@@ -1,0 +1,92 @@
+"""Model anatomy: hook names and the facts analyses ask of a model, answered in one place.
+
+Every hook name in the package is built here, so HookedTransformer, HookedSAETransformer and
+TransformerBridge (which keeps TransformerLens names in compatibility mode) look the same to the
+analyses, and a model that lacks a hook point fails with one clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+from tl_spikesink.errors import SpikeSinkError
+
+Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_out", "pattern", "attn_scores", "z"]
+SITES: tuple[Site, ...] = get_args(Site)
+
+_TEMPLATES: dict[Site, str] = {
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "pattern": "blocks.{layer}.attn.hook_pattern",
+    "attn_scores": "blocks.{layer}.attn.hook_attn_scores",
+    "z": "blocks.{layer}.attn.hook_z",
+}
+
+
+def hook_name(site: Site, layer: int) -> str:
+    """The TransformerLens hook name of `site` in block `layer`.
+
+    >>> hook_name("resid_post", 3)
+    'blocks.3.hook_resid_post'
+    >>> hook_name("pattern", 0)
+    'blocks.0.attn.hook_pattern'
+    """
+    if site not in _TEMPLATES:
+        raise SpikeSinkError(f"unknown hook site {site!r}; choose one of {SITES}")
+    return _TEMPLATES[site].format(layer=layer)
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """What the analyses need to know about a model, read once from its config."""
+
+    model_name: str
+    n_layers: int
+    n_heads: int
+    d_model: int
+    n_ctx: int
+    normalization_type: str | None
+    gated_mlp: bool
+    prepend_bos: bool
+
+    @classmethod
+    def of(cls, model: Any) -> Anatomy:
+        """Read the anatomy of a HookedTransformer-like model (anything with `cfg` and hooks)."""
+        cfg = getattr(model, "cfg", None)
+        if cfg is None or not hasattr(model, "hook_dict"):
+            raise SpikeSinkError(
+                f"{type(model).__name__} is not a TransformerLens model (no `cfg` / `hook_dict`); "
+                "pass a HookedTransformer, HookedSAETransformer or TransformerBridge "
+                "(e.g. tl_spikesink.load('smollm2-135m'))"
+            )
+        return cls(
+            model_name=str(getattr(cfg, "model_name", None) or type(model).__name__),
+            n_layers=int(cfg.n_layers),
+            n_heads=int(cfg.n_heads),
+            d_model=int(cfg.d_model),
+            n_ctx=int(cfg.n_ctx),
+            normalization_type=getattr(cfg, "normalization_type", None),
+            gated_mlp=bool(getattr(cfg, "gated_mlp", False)),
+            prepend_bos=bool(getattr(cfg, "default_prepend_bos", True)),
+        )
+
+
+def require_hooks(model: Any, sites: tuple[Site, ...], layers: range, analysis: str) -> None:
+    """Fail early, naming the missing hook, if `model` lacks a hook point an analysis needs."""
+    available = model.hook_dict
+    for site in sites:
+        for layer in layers:
+            name = hook_name(site, layer)
+            if name not in available:
+                hint = (
+                    " (TransformerBridge: call model.enable_compatibility_mode() first)"
+                    if type(model).__name__ == "TransformerBridge"
+                    else ""
+                )
+                raise SpikeSinkError(
+                    f"{analysis} needs the hook point {name!r}, which "
+                    f"{type(model).__name__} does not have{hint}"
+                )

@@ -1,0 +1,170 @@
+"""Views of a ScanResult that need no plotting library: the JSON report and the text summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from tl_spikesink.scan import ScanResult
+
+_SHOWN_TOKENS = 10
+
+
+def _clean(x: Any) -> Any:
+    """JSON has no NaN: missing numbers become null; tensors become lists."""
+    if isinstance(x, torch.Tensor):
+        return _clean(x.tolist())
+    if isinstance(x, float):
+        return None if math.isnan(x) or math.isinf(x) else x
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    return x
+
+
+def to_dict(r: ScanResult) -> dict[str, Any]:
+    """The JSON report of a scan (all settings and the corpus fingerprint included)."""
+    s, k = r.spikes, r.sinks
+    layers = []
+    for layer in range(r.n_layers):
+        row: dict[str, Any] = {"layer": layer}
+        for site in s.sites:
+            row[f"{site}_top"] = s.top(site, 3)[layer]
+            row[f"{site}_median"] = float(s.median(site)[layer])
+        layers.append(row)
+    events = [
+        {"kind": kind, "layer": layer, "component": comp, "count": n}
+        for kind, counter in s.lifecycle.items()
+        for (layer, comp), n in sorted(counter.items())
+    ]
+    return _clean(
+        {
+            "model": r.model,
+            "prepend_bos": r.prepend_bos,
+            "n_layers": r.n_layers,
+            "n_heads": r.n_heads,
+            "d_model": r.d_model,
+            "n_tokens": r.n_tokens,
+            "n_sequences": r.n_sequences,
+            "corpus": list(r.corpus),
+            "config": dataclasses.asdict(r.config),
+            "environment": r.environment,
+            "layers": layers,
+            "spikes": {
+                "abs_threshold": s.abs_threshold,
+                "rel_threshold": s.rel_threshold,
+                "channels": list(s.channels),
+                "tokens": [
+                    {
+                        "text_index": t.token.text_index,
+                        "start": t.token.start,
+                        "position": t.token.position,
+                        "token": t.text,
+                        "token_id": t.token_id,
+                        "max_value": t.max_value,
+                        "channels": list(t.channels),
+                        "layers": list(t.layers),
+                    }
+                    for t in s.tokens
+                ],
+                "massive_layers": list(s.massive_layers),
+                "step_up_layers": list(s.step_up_layers),
+                "step_down_layers": list(s.step_down_layers),
+                "lifecycle": events,
+                "share_first": s.share_first,
+                "share_delimiter": s.share_delimiter,
+                "truncated": s.truncated,
+            },
+            "sinks": {
+                "epsilon": k.epsilon,
+                "scores": k.scores,
+                "sink_ratio": k.sink_ratio,
+                "sink_ratio_per_layer": k.sink_ratio_per_layer,
+                "sink_heads": [list(h) for h in k.sink_heads],
+                "row_mass": k.row_mass,
+                "sink_token_share": k.sink_token_share,
+                "tokens": [
+                    {
+                        "text_index": t.token.text_index,
+                        "start": t.token.start,
+                        "position": t.token.position,
+                        "token": t.text,
+                        "token_id": t.token_id,
+                        "share": t.share,
+                    }
+                    for t in k.tokens
+                ],
+                "share_first": k.share_first,
+                "share_delimiter": k.share_delimiter,
+                "also_spike_tokens": r.sink_spike_overlap,
+            },
+        }
+    )
+
+
+def _num(x: float) -> str:
+    if x != x:
+        return "-"
+    return f"{x:.3g}" if abs(x) < 1e4 else f"{x:.2e}"
+
+
+def _pct(x: float) -> str:
+    return "-" if x != x else f"{100 * x:.0f}%"
+
+
+def _layers(layers: tuple[int, ...]) -> str:
+    return ", ".join(map(str, layers)) if layers else "none"
+
+
+def summary(r: ScanResult) -> str:
+    """The text summary `print(result)` and the CLI show."""
+    s, k = r.spikes, r.sinks
+    lines = [
+        f"tl_spikesink scan of {r.model}: {r.n_tokens:,} tokens in {r.n_sequences:,} sequences "
+        f"(prepend_bos={r.prepend_bos}; corpus {', '.join(c['name'] for c in r.corpus)})",
+        "",
+        f"SPIKES  |x| > {_num(s.abs_threshold)} and > {_num(s.rel_threshold)} x layer median, hook_resid_post",
+        f"  spike channels   {', '.join(map(str, s.channels[:8])) or 'none'}",
+        f"  massive layers   {_layers(s.massive_layers)}",
+        f"  step-up blocks   {_events(s.lifecycle['step_up'])}",
+        f"  step-down blocks {_events(s.lifecycle['step_down'])}",
+        f"  spike tokens     {len(s.tokens)} (first token {_pct(s.share_first)}, "
+        f"delimiters {_pct(s.share_delimiter)})",
+    ]
+    if s.truncated:
+        lines.append("  (some layer had more candidates than max_candidates; raise it to see all)")
+    for t in s.tokens[:_SHOWN_TOKENS]:
+        lines.append(
+            f"    text {t.token.text_index:>4} pos {t.token.position:>4} {t.text!r:<12} "
+            f"{_num(t.max_value):>9}  channels {','.join(map(str, t.channels))}"
+        )
+    lines += ["", "  layer      top1      top2      top3    median   top1/median"]
+    tops, med = s.top("resid_post", 3), s.median("resid_post")
+    for layer in range(r.n_layers):
+        a, b, c = tops[layer].tolist()
+        m = float(med[layer])
+        lines.append(
+            f"  {layer:>5} {_num(a):>9} {_num(b):>9} {_num(c):>9} {_num(m):>9} {_num(a / m if m else float('nan')):>13}"
+        )
+    heads = sorted(k.sink_heads, key=lambda lh: -float(k.scores[lh]))
+    lines += [
+        "",
+        f"SINKS  first-token sink score > eps = {k.epsilon}",
+        f"  sink ratio       {k.sink_ratio:.3f} ({len(k.sink_heads)} of {r.n_layers * r.n_heads} heads)",
+        "  top sink heads   "
+        + (", ".join(f"L{layer}H{h} {float(k.scores[layer, h]):.2f}" for layer, h in heads[:8]) or "none"),
+        f"  sink tokens      {len(k.tokens)} (first token {_pct(k.share_first)}, delimiters "
+        f"{_pct(k.share_delimiter)}; {_pct(r.sink_spike_overlap)} are also spike tokens)",
+    ]
+    return "\n".join(lines)
+
+
+def _events(counter: dict) -> str:
+    if not counter:
+        return "none"
+    return ", ".join(f"{layer} ({comp}, {n})" for (layer, comp), n in sorted(counter.items()))

@@ -1,0 +1,249 @@
+"""One call that says where a model's spikes and sinks are: texts → one forward per batch → probes.
+
+The model is borrowed: the scan adds read-only hooks for the length of each forward pass (through
+`model.hooks`, which removes exactly the hooks it added), runs under `torch.inference_mode`, and
+never asks for logits it does not need.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from tl_spikesink.anatomy import Anatomy, Site, require_hooks
+from tl_spikesink.corpus import Corpus, LongTexts, PaddingSide, default_texts, tokenize
+from tl_spikesink.errors import SpikeSinkError
+from tl_spikesink.sinks import SinkProbe, SinkStats
+from tl_spikesink.spikes import SPIKE_SITES, SpikeProbe, SpikeStats, _check_same
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Settings of a scan; every report records them."""
+
+    batch_size: int = 8
+    """Sequences per forward pass."""
+    max_seq_len: int | None = None
+    """Longest sequence fed to the model; longer texts are chunked (default: the model's n_ctx)."""
+    max_tokens: int | None = None
+    """Stop after this many tokens of the corpus."""
+    long_texts: LongTexts = "chunk"
+    """A text longer than max_seq_len is split into chunks, truncated, or refused ("error")."""
+    padding_side: PaddingSide = "right"
+    """Side on which batches are padded; results do not depend on it."""
+    prepend_bos: bool | None = None
+    """Prepend BOS to each sequence (default: the model's own `default_prepend_bos`)."""
+    abs_threshold: float = 100.0
+    """A massive activation exceeds this absolute value ..."""
+    rel_threshold: float = 1000.0
+    """... and this multiple of its layer's median |x| (Sun et al. 2024)."""
+    spike_sites: tuple[Site, ...] = SPIKE_SITES
+    """Hook sites whose activations are scanned for spikes (resid_post is required)."""
+    epsilon: float = 0.3
+    """A head is a sink head when its first-token sink score exceeds this (Gu et al. 2024)."""
+    sink_token_share: float = 0.1
+    """A token is a sink token when this share of all heads give it α > epsilon."""
+    min_queries: int = 4
+    """Keys seen by fewer queries are not judged as sink tokens."""
+    top_k: int = 10
+    """Largest entries kept per (site, layer) whatever their size."""
+    max_candidates: int = 4096
+    """Most entries above threshold kept per (site, layer); results say when it was hit."""
+    seed: int = 0
+    """Seed set before scanning (the scan itself draws no random numbers)."""
+
+    def __post_init__(self) -> None:
+        if "resid_post" not in self.spike_sites:
+            raise SpikeSinkError("spike_sites must include 'resid_post' (spikes are defined there)")
+        if self.top_k < 3:
+            raise SpikeSinkError(f"top_k must be at least 3 (reports show the top 3), got {self.top_k}")
+        if not 0 < self.epsilon < 1:
+            raise SpikeSinkError(f"epsilon must lie in (0, 1), got {self.epsilon}")
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """Where the spikes and sinks are, with the model, corpus and settings that produced it."""
+
+    model: str
+    prepend_bos: bool
+    n_layers: int
+    n_heads: int
+    d_model: int
+    n_tokens: int
+    n_sequences: int
+    corpus: tuple[dict[str, Any], ...]
+    """Record of each corpus merged into this result (name, sizes, sha256)."""
+    config: ScanConfig
+    spikes: SpikeStats
+    sinks: SinkStats
+    environment: dict[str, str] = field(default_factory=dict)
+
+    def merge(self, other: ScanResult) -> ScanResult:
+        """The scan of both corpora together (same model and settings required)."""
+        _check_same(self, other, ("model", "prepend_bos", "n_layers", "n_heads", "d_model", "config"))
+        return replace(
+            self,
+            n_tokens=self.n_tokens + other.n_tokens,
+            n_sequences=self.n_sequences + other.n_sequences,
+            corpus=self.corpus + other.corpus,
+            spikes=self.spikes.merge(other.spikes),
+            sinks=self.sinks.merge(other.sinks),
+        )
+
+    @property
+    def sink_spike_overlap(self) -> float:
+        """Share of sink tokens that are also spike tokens."""
+        spike_refs = {t.token for t in self.spikes.tokens}
+        sinks = self.sinks.tokens
+        return sum(t.token in spike_refs for t in sinks) / len(sinks) if sinks else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready report."""
+        from tl_spikesink.report import to_dict
+
+        return to_dict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The report as JSON text, also written to `path` if given."""
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def __str__(self) -> str:
+        from tl_spikesink.report import summary
+
+        return summary(self)
+
+
+def scan(
+    model: Any,
+    texts: Sequence[str] | str | Corpus | None = None,
+    config: ScanConfig | None = None,
+    *,
+    progress: bool = True,
+    **settings: Any,
+) -> ScanResult:
+    """Scan `model` over `texts` for massive activations and attention sinks.
+
+    Args:
+        model: a HookedTransformer (or HookedSAETransformer, or TransformerBridge in
+            compatibility mode). It is only read: no parameter changes and no hook stays behind.
+        texts: strings, a tokenized :class:`Corpus`, or None for the default offline corpus.
+        config: settings; keyword `settings` override single fields (e.g. `batch_size=4`).
+        progress: show a progress bar.
+
+    Returns:
+        A frozen :class:`ScanResult`; `print(result)` shows the summary.
+
+    Example:
+        >>> result = scan(model, ["The cat sat.", "Hello world."], batch_size=2)  # doctest: +SKIP
+        >>> result.spikes.channels, result.sinks.sink_ratio  # doctest: +SKIP
+    """
+    config = replace(config or ScanConfig(), **settings)
+    anatomy = Anatomy.of(model)
+    layers = range(anatomy.n_layers)
+    require_hooks(model, config.spike_sites, layers, "the spike scan")
+    require_hooks(model, ("pattern",), layers, "the sink scan")
+    corpus = _as_corpus(model, texts, config)
+    torch.manual_seed(config.seed)
+
+    spike_probe = SpikeProbe(
+        anatomy.n_layers,
+        config.spike_sites,
+        config.abs_threshold,
+        config.rel_threshold,
+        config.top_k,
+        config.max_candidates,
+    )
+    sink_probe = SinkProbe(
+        anatomy.n_layers,
+        anatomy.n_heads,
+        config.epsilon,
+        config.sink_token_share,
+        config.min_queries,
+        config.top_k,
+        config.max_candidates,
+    )
+    device = _device_of(model)
+    bar = tqdm(total=corpus.n_tokens, unit="tok", desc="scan", disable=not progress, leave=False)
+    with torch.inference_mode(), model.hooks(fwd_hooks=spike_probe.hooks() + sink_probe.hooks()):
+        for batch in corpus.batches(config.batch_size, config.padding_side):
+            mask = batch.mask.to(device)
+            spike_probe.start_batch(batch, mask)
+            sink_probe.start_batch(batch, mask)
+            model(batch.tokens.to(device), attention_mask=mask.long(), return_type=None)
+            sink_probe.end_batch()
+            bar.update(int(batch.lengths.sum()))
+    bar.close()
+
+    spikes, sinks = spike_probe.result({}), sink_probe.result()
+    strings = _token_strings(model, spikes.token_ids() | sinks.token_ids())
+    return ScanResult(
+        model=anatomy.model_name,
+        prepend_bos=corpus.prepend_bos,
+        n_layers=anatomy.n_layers,
+        n_heads=anatomy.n_heads,
+        d_model=anatomy.d_model,
+        n_tokens=corpus.n_tokens,
+        n_sequences=len(corpus.chunks),
+        corpus=(corpus.describe(),),
+        config=config,
+        spikes=replace(spikes, token_strings=strings),
+        sinks=replace(sinks, token_strings=strings),
+        environment=_environment(model),
+    )
+
+
+def _as_corpus(model: Any, texts: Sequence[str] | str | Corpus | None, config: ScanConfig) -> Corpus:
+    if isinstance(texts, Corpus):
+        return texts
+    name = "texts"
+    if texts is None:
+        texts, name = default_texts(), "pydoc_data.topics (default)"
+    return tokenize(
+        model,
+        texts,
+        name=name,
+        max_seq_len=config.max_seq_len,
+        max_tokens=config.max_tokens,
+        long_texts=config.long_texts,
+        prepend_bos=config.prepend_bos,
+    )
+
+
+def _device_of(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _token_strings(model: Any, ids: set[int]) -> dict[int, str]:
+    return {i: model.tokenizer.decode([i]) for i in sorted(ids)}
+
+
+def _environment(model: Any) -> dict[str, str]:
+    import transformer_lens
+
+    from tl_spikesink import __version__
+
+    return {
+        "tl_spikesink": __version__,
+        "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(_device_of(model)),
+        "dtype": str(next(model.parameters()).dtype) if any(True for _ in model.parameters()) else "",
+    }
+
+
+__all__ = ["ScanConfig", "ScanResult", "scan"]

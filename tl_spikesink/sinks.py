@@ -1,0 +1,247 @@
+"""Attention sinks: which heads park attention on which tokens.
+
+From `blocks.L.attn.hook_pattern` the scan pools, per (layer, head) and key position k, the
+attention key k receives from the queries that can see it: Gu et al.'s
+α_k = Σ_i A_ik / (T − k), summed over texts before dividing (token weighted). The first-token sink
+score of a head is α_0 pooled this way: Σ_texts Σ_i A_i0 / Σ_texts T. A head whose score exceeds
+ε (default 0.3) is a *sink head*; the sink ratio is the share of heads that are.
+
+Per token, Gu et al.'s Sink^ε_k is the share of (layer, head) pairs with α_k > ε in that text; a
+token is a *sink token* when that share reaches `sink_token_share`. Keys seen by fewer than
+`min_queries` queries are not judged (the last token attends to itself and would look like a sink).
+
+Positions count from the first real token, so left and right padding give the same numbers;
+pattern rows that sum below 1 (learned sink logits) are used as they are, and their mean mass is
+reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from tl_spikesink.anatomy import hook_name
+from tl_spikesink.corpus import Batch
+from tl_spikesink.reducers import TopEntries
+from tl_spikesink.spikes import _check_same, _share
+from tl_spikesink.tokens import TokenRef, is_delimiter
+
+_META = ("text_index", "start", "position", "token_id")
+
+
+@dataclass(frozen=True)
+class SinkToken:
+    """A token that many heads use as a sink in its text."""
+
+    token: TokenRef
+    token_id: int
+    text: str
+    share: float
+    """Share of (layer, head) pairs whose α for this token exceeds ε."""
+
+    @property
+    def is_delimiter(self) -> bool:
+        """Whether the token is punctuation or whitespace."""
+        return is_delimiter(self.text)
+
+
+@dataclass(frozen=True)
+class SinkStats:
+    """Attention-sink statistics of one scan; merge two to get the scan of both corpora."""
+
+    n_layers: int
+    n_heads: int
+    epsilon: float
+    sink_token_share: float
+    alpha_sum: Float[torch.Tensor, "layer head key_pos"]
+    """Σ over texts and queries of the attention each key position receives."""
+    alpha_count: Float[torch.Tensor, " key_pos"]
+    """Σ over texts of the number of queries that see each key position (T − k)."""
+    mass_sum: Float[torch.Tensor, "layer head"]
+    """Σ over texts and queries of each pattern row's total (1 unless sink logits are learned)."""
+    candidates: TopEntries
+    token_strings: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        """Query tokens seen (every real token is one)."""
+        return int(self.alpha_count[0]) if self.alpha_count.numel() else 0
+
+    @property
+    def alpha(self) -> Float[torch.Tensor, "layer head key_pos"]:
+        """Pooled α_k per head and key position (NaN where no text was that long)."""
+        return self.alpha_sum / self.alpha_count.where(self.alpha_count > 0, float("nan"))
+
+    @property
+    def scores(self) -> Float[torch.Tensor, "layer head"]:
+        """First-token sink score of every head: pooled α_0."""
+        return self.alpha[:, :, 0]
+
+    @property
+    def row_mass(self) -> Float[torch.Tensor, "layer head"]:
+        """Mean total attention per query row; below 1 on models with learned sink logits."""
+        return self.mass_sum / self.n_tokens
+
+    @property
+    def sink_heads(self) -> tuple[tuple[int, int], ...]:
+        """(layer, head) pairs whose first-token sink score exceeds ε, in model order."""
+        return tuple(tuple(x) for x in (self.scores > self.epsilon).nonzero().tolist())
+
+    @property
+    def sink_ratio(self) -> float:
+        """Share of all heads that are sink heads."""
+        return float((self.scores > self.epsilon).float().mean())
+
+    @property
+    def sink_ratio_per_layer(self) -> Float[torch.Tensor, " layer"]:
+        """Share of each layer's heads that are sink heads."""
+        return (self.scores > self.epsilon).float().mean(-1)
+
+    @property
+    def tokens(self) -> tuple[SinkToken, ...]:
+        """Sink tokens, most heads first."""
+        keep = self.candidates.keys >= self.sink_token_share
+        return tuple(
+            SinkToken(TokenRef(t, s, p), tok, self.token_strings.get(tok, f"<{tok}>"), share)
+            for (t, s, p, tok), share in zip(
+                self.candidates.meta[keep].tolist(), self.candidates.keys[keep].tolist()
+            )
+        )
+
+    @property
+    def share_first(self) -> float:
+        """Share of sink tokens that are the first token of their sequence."""
+        return _share(self.tokens, lambda t: t.token.is_first)
+
+    @property
+    def share_delimiter(self) -> float:
+        """Share of sink tokens that are delimiters."""
+        return _share(self.tokens, lambda t: t.is_delimiter)
+
+    def token_ids(self) -> set[int]:
+        """Every token id among the recorded sink-token candidates."""
+        return {int(t) for t in self.candidates.meta[:, 3]}
+
+    def merge(self, other: SinkStats) -> SinkStats:
+        """The statistics of both scans' corpora together."""
+        _check_same(self, other, ("n_layers", "n_heads", "epsilon", "sink_token_share"))
+        width = max(self.alpha_count.numel(), other.alpha_count.numel())
+        return SinkStats(
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            epsilon=self.epsilon,
+            sink_token_share=self.sink_token_share,
+            alpha_sum=_pad_last(self.alpha_sum, width) + _pad_last(other.alpha_sum, width),
+            alpha_count=_pad_last(self.alpha_count, width) + _pad_last(other.alpha_count, width),
+            mass_sum=self.mass_sum + other.mass_sum,
+            candidates=self.candidates.merge(other.candidates),
+            token_strings={**self.token_strings, **other.token_strings},
+        )
+
+
+def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+
+
+class SinkProbe:
+    """Read-only hooks on `attn.hook_pattern` that reduce each batch into :class:`SinkStats`."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_heads: int,
+        epsilon: float,
+        sink_token_share: float,
+        min_queries: int,
+        top_k: int,
+        max_candidates: int,
+    ):
+        self.n_layers, self.n_heads = n_layers, n_heads
+        self.epsilon, self.sink_token_share, self.min_queries = epsilon, sink_token_share, min_queries
+        self.alpha_sum = torch.zeros(n_layers, n_heads, 0, dtype=torch.float64)
+        self.alpha_count = torch.zeros(0, dtype=torch.float64)
+        self.mass_sum = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+        # Keep shares down to just below the cut so `>=` at read time is exact.
+        self.candidates = TopEntries.empty(len(_META), top_k, sink_token_share - 1e-9, max_candidates)
+        self.top_k, self.capacity = top_k, max_candidates
+
+    def hooks(self) -> list[tuple[str, Callable]]:
+        """(hook_name, fn) pairs for `model.hooks`."""
+        return [(hook_name("pattern", layer), self._hook(layer)) for layer in range(self.n_layers)]
+
+    def start_batch(self, batch: Batch, mask: torch.Tensor) -> None:
+        """Prepare per-batch alignment (relative key positions) and vote counters."""
+        device = mask.device
+        self.batch = batch
+        width = batch.tokens.shape[1]
+        rel = torch.arange(width, device=device)
+        lengths = batch.lengths.to(device)
+        self.seen_by = (lengths[:, None] - rel[None, :]).clamp(min=0).double()  # [batch, key_pos]
+        self.mask = mask.float()
+        # Column of each relative key position in the padded batch (left padding shifts it).
+        self.align = (batch.first.to(device)[:, None] + rel[None, :]).clamp(max=width - 1)
+        self.votes = torch.zeros(len(batch.lengths), width, device=device)
+        self.eligible = self.seen_by >= self.min_queries
+        self._grow(width)
+        self.alpha_count[:width] += self.seen_by.sum(0).cpu()
+
+    def _grow(self, width: int) -> None:
+        if width > self.alpha_count.numel():
+            self.alpha_sum = _pad_last(self.alpha_sum, width)
+            self.alpha_count = _pad_last(self.alpha_count, width)
+
+    def _hook(self, layer: int) -> Callable:
+        def hook(pattern: Float[torch.Tensor, "batch head query_pos key_pos"], hook: Any) -> None:
+            self._reduce(layer, pattern.detach())
+
+        return hook
+
+    def _reduce(self, layer: int, pattern: torch.Tensor) -> None:
+        # Fully masked rows (pad queries under left padding) may hold NaN; they carry no weight.
+        p = pattern.float().nan_to_num(0.0)
+        received = torch.einsum("bhqk,bq->bhk", p, self.mask)  # attention each key gets
+        b, h, k = received.shape
+        received = received.gather(-1, self.align[:, None, :].expand(b, h, k))
+        received = received * (self.seen_by > 0)[:, None, :]
+        self.alpha_sum[layer, :, :k] += received.sum(0).double().cpu()
+        self.mass_sum[layer] += received.sum((0, 2)).double().cpu()
+        alpha = received / self.seen_by.clamp(min=1)[:, None, :].float()
+        self.votes += ((alpha > self.epsilon) & self.eligible[:, None, :]).sum(1)
+
+    def end_batch(self) -> None:
+        """Turn this batch's per-token head votes into sink-token candidates."""
+        share = (self.votes / (self.n_layers * self.n_heads)).cpu()
+        batch = self.batch
+        b, k = share.shape
+        rows = torch.arange(b)[:, None].expand(b, k)
+        rel = torch.arange(k)[None, :].expand(b, k)
+        cols = self.align.cpu()
+        meta = torch.stack(
+            [
+                batch.text_index[rows],
+                batch.start[rows],
+                rel,
+                batch.tokens.gather(1, cols),
+            ],
+            dim=-1,
+        ).reshape(-1, len(_META))
+        keys = torch.where(self.eligible.cpu(), share, -1.0).flatten()
+        new = TopEntries.select(keys, keys.clone(), meta, self.top_k, self.candidates.threshold, self.capacity)
+        self.candidates = self.candidates.merge(new)
+
+    def result(self) -> SinkStats:
+        """Freeze what was seen into :class:`SinkStats`."""
+        return SinkStats(
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            epsilon=self.epsilon,
+            sink_token_share=self.sink_token_share,
+            alpha_sum=self.alpha_sum,
+            alpha_count=self.alpha_count,
+            mass_sum=self.mass_sum,
+            candidates=self.candidates,
+        )

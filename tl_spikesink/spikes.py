@@ -1,0 +1,322 @@
+"""Massive activations: where they are, which channels carry them, which blocks create and cancel them.
+
+A massive activation (Sun et al. 2024) is a residual-stream value with |x| > `abs_threshold` (100)
+and |x| > `rel_threshold` (1000) times the median |x| of its layer. The scan streams every batch
+through read-only hooks on `hook_resid_post`, `hook_attn_out` and `hook_mlp_out` and keeps, per
+(site, layer), a log-histogram of |x| (for medians) and the largest entries with their location.
+
+Lifecycle: a *step-up* block is one whose attention or MLP output writes at least half of a spike
+(same sign, at the same token and channel) into the residual stream; a *step-down* block is one
+whose output removes at least half of a spike the residual carried in. The layers between form
+the plateau.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+
+from tl_spikesink.anatomy import Site, hook_name
+from tl_spikesink.corpus import Batch
+from tl_spikesink.reducers import N_BINS, TopEntries, histogram_quantile, log_bins
+from tl_spikesink.tokens import TokenRef, is_delimiter
+
+SPIKE_SITES: tuple[Site, ...] = ("resid_post", "attn_out", "mlp_out")
+_META = ("text_index", "start", "position", "channel", "token_id")
+_STEP_SHARE = 0.5
+"""A block steps a spike up (down) when its output carries at least this share of it."""
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One recorded activation value."""
+
+    site: Site
+    layer: int
+    token: TokenRef
+    channel: int
+    token_id: int
+    value: float
+
+
+@dataclass(frozen=True)
+class SpikeToken:
+    """A token that carries a massive activation in at least one layer."""
+
+    token: TokenRef
+    token_id: int
+    text: str
+    max_value: float
+    """Signed value of its largest massive activation."""
+    channels: tuple[int, ...]
+    layers: tuple[int, ...]
+
+    @property
+    def is_delimiter(self) -> bool:
+        """Whether the token is punctuation or whitespace."""
+        return is_delimiter(self.text)
+
+
+@dataclass(frozen=True)
+class SpikeStats:
+    """Massive-activation statistics of one scan; merge two to get the scan of both corpora."""
+
+    sites: tuple[Site, ...]
+    n_layers: int
+    abs_threshold: float
+    rel_threshold: float
+    histograms: Int[torch.Tensor, "site layer bins"]
+    entries: dict[Site, tuple[TopEntries, ...]]
+    token_strings: dict[int, str] = field(default_factory=dict)
+
+    def median(self, site: Site = "resid_post") -> Float[torch.Tensor, " layer"]:
+        """Median |x| of each layer at `site`, from the streaming histogram (within ~5 %)."""
+        return histogram_quantile(self.histograms[self.sites.index(site)], 0.5)
+
+    def top(self, site: Site = "resid_post", n: int = 3) -> Float[torch.Tensor, "layer n"]:
+        """The `n` largest |x| of each layer at `site`, descending (NaN where fewer were seen)."""
+        out = torch.full((self.n_layers, n), float("nan"))
+        for layer, e in enumerate(self.entries[site]):
+            m = min(n, len(e))
+            out[layer, :m] = e.keys[:m]
+        return out
+
+    def top_activations(self, site: Site = "resid_post", layer: int = 0, n: int = 10) -> list[Activation]:
+        """The `n` largest activations of one layer at `site`, with where they are."""
+        return self._records(site, layer, self.entries[site][layer], n)
+
+    def _records(self, site: Site, layer: int, e: TopEntries, n: int | None = None) -> list[Activation]:
+        rows = e.meta[:n].tolist()
+        return [
+            Activation(site, layer, TokenRef(t, s, p), c, tok, v)
+            for (t, s, p, c, tok), v in zip(rows, e.values[:n].tolist())
+        ]
+
+    @cached_property
+    def massive(self) -> tuple[Activation, ...]:
+        """Every massive activation of the residual stream (`hook_resid_post`), layer by layer."""
+        medians = self.median("resid_post")
+        found: list[Activation] = []
+        for layer, e in enumerate(self.entries["resid_post"]):
+            cut = max(self.abs_threshold, self.rel_threshold * float(medians[layer]))
+            keep = e.keys > cut
+            found += self._records("resid_post", layer, _take(e, keep))
+        return tuple(found)
+
+    @property
+    def truncated(self) -> bool:
+        """True if some layer had more candidates than `max_candidates`; raise it to see all."""
+        return any(e.truncated for entries in self.entries.values() for e in entries)
+
+    @cached_property
+    def tokens(self) -> tuple[SpikeToken, ...]:
+        """Spike tokens, largest first."""
+        by_token: dict[TokenRef, list[Activation]] = defaultdict(list)
+        for a in self.massive:
+            by_token[a.token].append(a)
+        out = []
+        for ref, acts in by_token.items():
+            peak = max(acts, key=lambda a: abs(a.value))
+            out.append(
+                SpikeToken(
+                    token=ref,
+                    token_id=peak.token_id,
+                    text=self.token_strings.get(peak.token_id, f"<{peak.token_id}>"),
+                    max_value=peak.value,
+                    channels=tuple(sorted({a.channel for a in acts})),
+                    layers=tuple(sorted({a.layer for a in acts})),
+                )
+            )
+        return tuple(sorted(out, key=lambda t: (-abs(t.max_value), t.token)))
+
+    @cached_property
+    def channels(self) -> tuple[int, ...]:
+        """Spike channels, the one carried by most spike tokens first."""
+        counts = Counter(c for t in self.tokens for c in t.channels)
+        return tuple(c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    @property
+    def massive_layers(self) -> tuple[int, ...]:
+        """Layers whose residual stream holds at least one massive activation."""
+        return tuple(sorted({a.layer for a in self.massive}))
+
+    @property
+    def share_first(self) -> float:
+        """Share of spike tokens that are the first token of their sequence."""
+        return _share(self.tokens, lambda t: t.token.is_first)
+
+    @property
+    def share_delimiter(self) -> float:
+        """Share of spike tokens that are delimiters (punctuation or whitespace)."""
+        return _share(self.tokens, lambda t: t.is_delimiter)
+
+    @cached_property
+    def lifecycle(self) -> dict[str, Counter]:
+        """Counts of step-up and step-down events per (layer, component), over spike entries.
+
+        Keys `"step_up"` and `"step_down"` map `(layer, "attn" | "mlp")` to the number of
+        (token, channel) spikes that component created or cancelled.
+        """
+        events: dict[str, Counter] = {"step_up": Counter(), "step_down": Counter()}
+        outputs = [s for s in ("attn_out", "mlp_out") if s in self.sites]
+        if not outputs:
+            return events
+        resid = {(a.layer, a.token, a.channel): a.value for a in self.massive}
+        written: dict[tuple[int, TokenRef, int], list[tuple[str, float]]] = defaultdict(list)
+        for site in outputs:
+            for layer, e in enumerate(self.entries[site]):
+                for a in self._records(site, layer, e):
+                    written[(layer, a.token, a.channel)].append((site.removesuffix("_out"), a.value))
+        for (layer, ref, ch), outs in written.items():
+            after = resid.get((layer, ref, ch))
+            before = resid.get((layer - 1, ref, ch))
+            for component, value in outs:
+                if after is not None and value * after > 0 and abs(value) >= _STEP_SHARE * abs(after):
+                    events["step_up"][(layer, component)] += 1
+                if before is not None and value * before < 0 and abs(value) >= _STEP_SHARE * abs(before):
+                    events["step_down"][(layer, component)] += 1
+        return events
+
+    @property
+    def step_up_layers(self) -> tuple[int, ...]:
+        """Blocks whose output creates a spike, in depth order."""
+        return tuple(sorted({layer for layer, _ in self.lifecycle["step_up"]}))
+
+    @property
+    def step_down_layers(self) -> tuple[int, ...]:
+        """Blocks whose output cancels a spike, in depth order."""
+        return tuple(sorted({layer for layer, _ in self.lifecycle["step_down"]}))
+
+    def merge(self, other: SpikeStats) -> SpikeStats:
+        """The statistics of both scans' corpora together."""
+        _check_same(self, other, ("sites", "n_layers", "abs_threshold", "rel_threshold"))
+        return SpikeStats(
+            sites=self.sites,
+            n_layers=self.n_layers,
+            abs_threshold=self.abs_threshold,
+            rel_threshold=self.rel_threshold,
+            histograms=self.histograms + other.histograms,
+            entries={
+                s: tuple(a.merge(b) for a, b in zip(self.entries[s], other.entries[s])) for s in self.sites
+            },
+            token_strings={**self.token_strings, **other.token_strings},
+        )
+
+    def token_ids(self) -> set[int]:
+        """Every token id that appears in a recorded entry (to look up their strings)."""
+        return {int(t) for entries in self.entries.values() for e in entries for t in e.meta[:, 4]}
+
+
+def _take(e: TopEntries, keep: torch.Tensor) -> TopEntries:
+    return replace(e, keys=e.keys[keep], values=e.values[keep], meta=e.meta[keep])
+
+
+def _share(items: tuple, pred: Callable[[Any], bool]) -> float:
+    return sum(map(pred, items)) / len(items) if items else float("nan")
+
+
+def _check_same(a: Any, b: Any, fields: tuple[str, ...]) -> None:
+    from tl_spikesink.errors import SpikeSinkError
+
+    for f in fields:
+        if getattr(a, f) != getattr(b, f):
+            raise SpikeSinkError(
+                f"cannot merge results with different {f} ({getattr(a, f)!r} vs {getattr(b, f)!r}); "
+                "scan both shards with the same model and settings"
+            )
+
+
+class SpikeProbe:
+    """Read-only hooks that reduce each batch's activations into :class:`SpikeStats`."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        sites: tuple[Site, ...],
+        abs_threshold: float,
+        rel_threshold: float,
+        top_k: int,
+        max_candidates: int,
+    ):
+        self.sites, self.n_layers = sites, n_layers
+        self.abs_threshold, self.rel_threshold = abs_threshold, rel_threshold
+        self.top_k, self.capacity = top_k, max_candidates
+        self.hist: torch.Tensor | None = None
+        self.entries = {
+            s: [TopEntries.empty(len(_META), top_k, self._threshold(s), max_candidates) for _ in range(n_layers)]
+            for s in sites
+        }
+        self.batch: Batch | None = None
+
+    def _threshold(self, site: Site) -> float:
+        # Block outputs are kept down to half the spike threshold: a step-up block may write only
+        # half of a spike that just crosses it.
+        return self.abs_threshold if site == "resid_post" else _STEP_SHARE * self.abs_threshold
+
+    def hooks(self) -> list[tuple[str, Callable]]:
+        """(hook_name, fn) pairs for `model.hooks`."""
+        return [
+            (hook_name(site, layer), self._hook(i, site, layer))
+            for i, site in enumerate(self.sites)
+            for layer in range(self.n_layers)
+        ]
+
+    def start_batch(self, batch: Batch, mask: torch.Tensor) -> None:
+        """Remember which positions are real for the hooks of the next forward pass."""
+        self.batch, self.mask = batch, mask
+
+    def _hook(self, site_index: int, site: Site, layer: int) -> Callable:
+        def hook(act: Float[torch.Tensor, "batch pos d_model"], hook: Any) -> None:
+            self._reduce(site_index, site, layer, act.detach())
+
+        return hook
+
+    def _reduce(self, site_index: int, site: Site, layer: int, act: torch.Tensor) -> None:
+        mag = act.abs().float()
+        counts = torch.bincount(log_bins(mag[self.mask]).flatten(), minlength=N_BINS)
+        if self.hist is None:
+            self.hist = torch.zeros(len(self.sites), self.n_layers, N_BINS, dtype=torch.long, device=mag.device)
+        self.hist[site_index, layer] += counts
+        keys = torch.where(self.mask[..., None], mag, -1.0).flatten()
+        threshold = self._threshold(site)
+        n_above = int((keys > threshold).sum())
+        m = min(max(self.top_k, min(self.capacity, n_above)), keys.numel())
+        top, idx = keys.topk(m)
+        idx = idx[top >= 0]
+        _, t, d = mag.shape
+        row, pos, channel = idx // (t * d), (idx // d) % t, idx % d
+        batch = self.batch
+        row_c, pos_c = row.cpu(), pos.cpu()
+        meta = torch.stack(
+            [
+                batch.text_index[row_c],
+                batch.start[row_c],
+                pos_c - batch.first[row_c],
+                channel.cpu(),
+                batch.tokens[row_c, pos_c],
+            ],
+            dim=1,
+        )
+        new = TopEntries.select(keys[idx].cpu(), act.flatten()[idx].float().cpu(), meta, self.top_k, threshold, self.capacity)
+        if n_above > self.capacity:
+            new = replace(new, truncated=True)
+        self.entries[site][layer] = self.entries[site][layer].merge(new)
+
+    def result(self, token_strings: dict[int, str]) -> SpikeStats:
+        """Freeze what was seen into :class:`SpikeStats`."""
+        hist = self.hist.cpu() if self.hist is not None else torch.zeros(len(self.sites), self.n_layers, N_BINS, dtype=torch.long)
+        return SpikeStats(
+            sites=self.sites,
+            n_layers=self.n_layers,
+            abs_threshold=self.abs_threshold,
+            rel_threshold=self.rel_threshold,
+            histograms=hist,
+            entries={s: tuple(v) for s, v in self.entries.items()},
+            token_strings=token_strings,
+        )
