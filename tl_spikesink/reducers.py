@@ -114,5 +114,11 @@ class TopEntries:
         )
         return replace(merged, truncated=merged.truncated or self.truncated or other.truncated)
 
+    def shift_column(self, column: int, offset: int) -> TopEntries:
+        """The same entries with `offset` added to one metadata column (e.g. text indices)."""
+        meta = self.meta.clone()
+        meta[:, column] += offset
+        return replace(self, meta=meta)
+
     def __len__(self) -> int:
         return int(self.keys.numel())

@@ -64,6 +64,10 @@ class ScanConfig:
             raise SpikeSinkError("spike_sites must include 'resid_post' (spikes are defined there)")
         if self.top_k < 3:
             raise SpikeSinkError(f"top_k must be at least 3 (reports show the top 3), got {self.top_k}")
+        if self.max_candidates < self.top_k:
+            raise SpikeSinkError(
+                f"max_candidates ({self.max_candidates}) must be at least top_k ({self.top_k})"
+            )
         if not 0 < self.epsilon < 1:
             raise SpikeSinkError(f"epsilon must lie in (0, 1), got {self.epsilon}")
 
@@ -87,16 +91,27 @@ class ScanResult:
     environment: dict[str, str] = field(default_factory=dict)
 
     def merge(self, other: ScanResult) -> ScanResult:
-        """The scan of both corpora together (same model and settings required)."""
+        """The scan of both corpora together (same model and settings required).
+
+        Shards of one corpus (:meth:`Corpus.shard`, same fingerprint) keep their text indices;
+        scans of different corpora are concatenated, so `other`'s text indices move past ours.
+        """
         _check_same(self, other, ("model", "prepend_bos", "n_layers", "n_heads", "d_model", "config"))
+        shards = {c["sha256"] for c in self.corpus} == {c["sha256"] for c in other.corpus}
+        offset = 0 if shards else self.n_texts
         return replace(
             self,
             n_tokens=self.n_tokens + other.n_tokens,
             n_sequences=self.n_sequences + other.n_sequences,
             corpus=self.corpus + other.corpus,
-            spikes=self.spikes.merge(other.spikes),
-            sinks=self.sinks.merge(other.sinks),
+            spikes=self.spikes.merge(other.spikes.shift_texts(offset)),
+            sinks=self.sinks.merge(other.sinks.shift_texts(offset)),
         )
+
+    @property
+    def n_texts(self) -> int:
+        """Texts read (a corpus split into shards counts once)."""
+        return sum({c["sha256"]: c["n_texts"] for c in self.corpus}.values())
 
     @property
     def sink_spike_overlap(self) -> float:
@@ -232,13 +247,13 @@ def _token_strings(model: Any, ids: set[int]) -> dict[int, str]:
 
 
 def _environment(model: Any) -> dict[str, str]:
-    import transformer_lens
+    from importlib.metadata import version
 
     from tl_spikesink import __version__
 
     return {
         "tl_spikesink": __version__,
-        "transformer_lens": getattr(transformer_lens, "__version__", "unknown"),
+        "transformer_lens": version("transformer-lens"),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(_device_of(model)),

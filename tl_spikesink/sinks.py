@@ -18,7 +18,7 @@ reported.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -121,6 +121,10 @@ class SinkStats:
     def share_delimiter(self) -> float:
         """Share of sink tokens that are delimiters."""
         return _share(self.tokens, lambda t: t.is_delimiter)
+
+    def shift_texts(self, offset: int) -> SinkStats:
+        """The same statistics with text indices moved by `offset` (to merge separate corpora)."""
+        return replace(self, candidates=self.candidates.shift_column(0, offset))
 
     def token_ids(self) -> set[int]:
         """Every token id among the recorded sink-token candidates."""

@@ -80,8 +80,9 @@ class SpikeStats:
         return histogram_quantile(self.histograms[self.sites.index(site)], 0.5)
 
     def top(self, site: Site = "resid_post", n: int = 3) -> Float[torch.Tensor, "layer n"]:
-        """The `n` largest |x| of each layer at `site`, descending (NaN where fewer were seen)."""
-        out = torch.full((self.n_layers, n), float("nan"))
+        """The `n` largest |x| of each layer at `site`, descending."""
+        # Fewer than n entries means the rest were exact zeros.
+        out = torch.zeros(self.n_layers, n)
         for layer, e in enumerate(self.entries[site]):
             m = min(n, len(e))
             out[layer, :m] = e.keys[:m]
@@ -208,6 +209,13 @@ class SpikeStats:
             token_strings={**self.token_strings, **other.token_strings},
         )
 
+    def shift_texts(self, offset: int) -> SpikeStats:
+        """The same statistics with text indices moved by `offset` (to merge separate corpora)."""
+        return replace(
+            self,
+            entries={s: tuple(e.shift_column(0, offset) for e in v) for s, v in self.entries.items()},
+        )
+
     def token_ids(self) -> set[int]:
         """Every token id that appears in a recorded entry (to look up their strings)."""
         return {int(t) for entries in self.entries.values() for e in entries for t in e.meta[:, 4]}
@@ -283,12 +291,15 @@ class SpikeProbe:
         if self.hist is None:
             self.hist = torch.zeros(len(self.sites), self.n_layers, N_BINS, dtype=torch.long, device=mag.device)
         self.hist[site_index, layer] += counts
-        keys = torch.where(self.mask[..., None], mag, -1.0).flatten()
+        # Exact zeros carry no information and would tie by the million; pads never count.
+        keys = torch.where(self.mask[..., None] & (mag > 0), mag, -1.0).flatten()
         threshold = self._threshold(site)
         n_above = int((keys > threshold).sum())
         m = min(max(self.top_k, min(self.capacity, n_above)), keys.numel())
-        top, idx = keys.topk(m)
-        idx = idx[top >= 0]
+        cutoff = keys.topk(m).values[-1].clamp(min=0)
+        # Every entry tied with the cutoff goes on, so the reducer (not topk) breaks ties and the
+        # result does not depend on how the corpus was batched.
+        idx = (keys >= cutoff).nonzero().squeeze(1)
         _, t, d = mag.shape
         row, pos, channel = idx // (t * d), (idx // d) % t, idx % d
         batch = self.batch

@@ -1,0 +1,75 @@
+"""Mergeable everywhere: scan(A).merge(scan(B)) is the scan of A + B."""
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from planted import sentences
+
+import tl_spikesink as ts
+from tl_spikesink.reducers import TopEntries
+
+TEXTS = sentences(12, seed=5, min_words=3, max_words=40)
+
+
+def assert_same_scan(a, b):
+    assert a.n_tokens == b.n_tokens and a.n_sequences == b.n_sequences and a.n_texts == b.n_texts
+    assert torch.equal(a.spikes.histograms, b.spikes.histograms)
+    for site in a.spikes.sites:
+        for ea, eb in zip(a.spikes.entries[site], b.spikes.entries[site]):
+            assert torch.equal(ea.meta, eb.meta)
+            assert torch.allclose(ea.values, eb.values)
+    assert a.spikes.tokens == b.spikes.tokens
+    assert torch.allclose(a.sinks.alpha_sum, b.sinks.alpha_sum, atol=1e-9)
+    assert torch.equal(a.sinks.alpha_count, b.sinks.alpha_count)
+    assert a.sinks.tokens == b.sinks.tokens
+    assert a.sinks.sink_heads == b.sinks.sink_heads
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(1, len(TEXTS) - 1), batch=st.integers(1, 5))
+def test_merge_of_two_corpora_equals_scan_of_both(planted, cut, batch):
+    whole = ts.scan(planted, TEXTS, batch_size=4, progress=False)
+    a = ts.scan(planted, TEXTS[:cut], batch_size=batch, progress=False)
+    b = ts.scan(planted, TEXTS[cut:], batch_size=batch, progress=False)
+    merged = a.merge(b)
+    assert merged.n_texts == len(TEXTS)
+    assert_same_scan(merged, whole)
+
+
+def test_merge_of_shards_keeps_text_indices(planted):
+    corpus = ts.tokenize(planted, TEXTS)
+    whole = ts.scan(planted, corpus, progress=False)
+    parts = [ts.scan(planted, corpus.shard(r, 3), progress=False) for r in range(3)]
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    assert_same_scan(merged, whole)
+
+
+def test_merge_refuses_different_settings(planted):
+    a = ts.scan(planted, TEXTS[:3], progress=False)
+    b = ts.scan(planted, TEXTS[3:6], epsilon=0.5, progress=False)
+    try:
+        a.merge(b)
+    except ts.SpikeSinkError as e:
+        assert "config" in str(e)
+    else:
+        raise AssertionError("merging scans with different settings must fail")
+
+
+@given(
+    keys=st.lists(st.floats(0, 1000, allow_nan=False), min_size=1, max_size=60),
+    cut=st.integers(0, 60),
+    k=st.integers(1, 5),
+    capacity=st.integers(5, 20),
+)
+def test_top_entries_merge_is_exact(keys, cut, k, capacity):
+    cut = min(cut, len(keys))
+    key = torch.tensor(keys)
+    meta = torch.arange(len(keys))[:, None]
+
+    def reduce(sl):
+        return TopEntries.select(key[sl], key[sl], meta[sl], k, 500.0, capacity)
+
+    whole = reduce(slice(None))
+    merged = reduce(slice(None, cut)).merge(reduce(slice(cut, None)))
+    assert torch.equal(whole.keys, merged.keys) and torch.equal(whole.meta, merged.meta)
+    assert whole.truncated == merged.truncated

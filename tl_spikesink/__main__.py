@@ -1,0 +1,7 @@
+"""`python -m tl_spikesink` runs the command line."""
+
+import sys
+
+from tl_spikesink.cli import main
+
+sys.exit(main())

@@ -1,0 +1,116 @@
+"""The `tl-spikesink` command line: thin subcommands over the library functions."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from tl_spikesink.errors import SpikeSinkError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from tl_spikesink.models import DEFAULT_MODEL, MODELS
+
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS), help="built-in offline model")
+    src.add_argument("--gguf", metavar="PATH", help="a local Llama / Qwen2 / Gemma 3 GGUF file instead")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def _add_corpus_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--text-file",
+        action="append",
+        metavar="F",
+        help="texts, one per line (repeatable); default: Python's pydoc topics",
+    )
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="read at most N tokens")
+    p.add_argument("--max-seq-len", type=int, default=None, metavar="L", help="chunk texts to L tokens")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _load_model(args: argparse.Namespace):
+    import torch
+
+    from tl_spikesink.models import load, load_gguf
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.gguf:
+        return load_gguf(args.gguf, device=device)
+    return load(args.model, device=device, progress=not args.no_progress)
+
+
+def _texts(args: argparse.Namespace) -> tuple[list[str] | None, str | None]:
+    from tl_spikesink.corpus import read_text_file
+
+    if not args.text_file:
+        return None, None
+    texts: list[str] = []
+    for path in args.text_file:
+        texts += read_text_file(path)
+    return texts, ", ".join(args.text_file)
+
+
+def _scan(args: argparse.Namespace) -> None:
+    from tl_spikesink.corpus import tokenize
+    from tl_spikesink.scan import ScanConfig, scan
+
+    config = ScanConfig(
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        max_seq_len=args.max_seq_len,
+        epsilon=args.epsilon,
+        abs_threshold=args.abs_threshold,
+        rel_threshold=args.rel_threshold,
+    )
+    model = _load_model(args)
+    texts, name = _texts(args)
+    corpus = None
+    if texts is not None:
+        corpus = tokenize(
+            model, texts, name=name, max_seq_len=args.max_seq_len, max_tokens=args.max_tokens
+        )
+    result = scan(model, corpus, config, progress=not args.no_progress)
+    print(result)
+    if args.json:
+        result.to_json(args.json)
+        print(f"\nwrote {args.json}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for docs and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="tl-spikesink",
+        description="Find massive activations and attention sinks in TransformerLens models.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("scan", help="where are the spikes and sinks? (summary table, JSON)")
+    _add_model_args(p)
+    _add_corpus_args(p)
+    p.add_argument("--epsilon", type=float, default=0.3, help="sink-head threshold (Gu et al.)")
+    p.add_argument("--abs-threshold", type=float, default=100.0, help="a spike exceeds this |x|")
+    p.add_argument("--rel-threshold", type=float, default=1000.0, help="... and this x layer median")
+    p.add_argument("--json", metavar="OUT", help="write the full report as JSON")
+    p.set_defaults(run=_scan)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `tl-spikesink`; returns the exit code (tests call it in-process)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        args.run(args)
+    except SpikeSinkError as e:
+        print(f"tl-spikesink: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
