@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tl_spikesink.anatomy import Anatomy, Site, require_hooks
-from tl_spikesink.corpus import Corpus, LongTexts, PaddingSide, default_texts, tokenize
+from tl_spikesink.corpus import Batch, Corpus, LongTexts, PaddingSide, default_texts, tokenize
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.sinks import SinkProbe, SinkStats
 from tl_spikesink.spikes import SPIKE_SITES, SpikeProbe, SpikeStats, _check_same
@@ -164,13 +164,30 @@ def scan(
         >>> result.spikes.channels, result.sinks.sink_ratio  # doctest: +SKIP
     """
     config = replace(config or ScanConfig(), **settings)
+    return scan_corpus(model, _as_corpus(model, texts, config), config, progress=progress)
+
+
+def scan_corpus(
+    model: Any,
+    corpus: Corpus,
+    config: ScanConfig,
+    *,
+    fwd_hooks: Sequence[tuple[str, Callable]] = (),
+    on_logits: Callable[[Batch, torch.Tensor], None] | None = None,
+    progress: bool = True,
+    desc: str = "scan",
+) -> ScanResult:
+    """Scan a tokenized corpus, optionally under extra hooks (an intervention).
+
+    `fwd_hooks` run before the probes at each hook point, so the probes see what they wrote.
+    When `on_logits` is given the model computes logits and hands each batch's to it (evaluation
+    reuses the scan this way: one forward pass both measures and scores).
+    """
     anatomy = Anatomy.of(model)
     layers = range(anatomy.n_layers)
     require_hooks(model, config.spike_sites, layers, "the spike scan")
     require_hooks(model, ("pattern",), layers, "the sink scan")
-    corpus = _as_corpus(model, texts, config)
     torch.manual_seed(config.seed)
-
     spike_probe = SpikeProbe(
         anatomy.n_layers,
         config.spike_sites,
@@ -189,14 +206,18 @@ def scan(
         config.max_candidates,
     )
     device = _device_of(model)
-    bar = tqdm(total=corpus.n_tokens, unit="tok", desc="scan", disable=not progress, leave=False)
-    with torch.inference_mode(), model.hooks(fwd_hooks=spike_probe.hooks() + sink_probe.hooks()):
+    hooks = [*fwd_hooks, *spike_probe.hooks(), *sink_probe.hooks()]
+    return_type = None if on_logits is None else "logits"
+    bar = tqdm(total=corpus.n_tokens, unit="tok", desc=desc, disable=not progress, leave=False)
+    with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
         for batch in corpus.batches(config.batch_size, config.padding_side):
             mask = batch.mask.to(device)
             spike_probe.start_batch(batch, mask)
             sink_probe.start_batch(batch, mask)
-            model(batch.tokens.to(device), attention_mask=mask.long(), return_type=None)
+            logits = model(batch.tokens.to(device), attention_mask=mask.long(), return_type=return_type)
             sink_probe.end_batch()
+            if on_logits is not None:
+                on_logits(batch, logits)
             bar.update(int(batch.lengths.sum()))
     bar.close()
 
@@ -261,4 +282,4 @@ def _environment(model: Any) -> dict[str, str]:
     }
 
 
-__all__ = ["ScanConfig", "ScanResult", "scan"]
+__all__ = ["ScanConfig", "ScanResult", "scan", "scan_corpus"]

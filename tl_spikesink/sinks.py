@@ -63,6 +63,12 @@ class SinkStats:
     """Σ over texts of the number of queries that see each key position (T − k)."""
     mass_sum: Float[torch.Tensor, "layer head"]
     """Σ over texts and queries of each pattern row's total (1 unless sink logits are learned)."""
+    distance_sum: Float[torch.Tensor, "layer head"]
+    """Σ over texts and queries of the query's attention distance Σ_j A_ij (i − j)."""
+    distance_nosink_sum: Float[torch.Tensor, "layer head"]
+    """Σ over queries of the attention distance with the first-token key removed (renormalized)."""
+    distance_nosink_count: Float[torch.Tensor, "layer head"]
+    """Queries counted in `distance_nosink_sum` (those with another key to attend to)."""
     candidates: TopEntries
     token_strings: dict[int, str] = field(default_factory=dict)
 
@@ -85,6 +91,16 @@ class SinkStats:
     def row_mass(self) -> Float[torch.Tensor, "layer head"]:
         """Mean total attention per query row; below 1 on models with learned sink logits."""
         return self.mass_sum / self.n_tokens
+
+    @property
+    def attention_distance(self) -> Float[torch.Tensor, "layer head"]:
+        """Mean over query tokens of Σ_j A_ij (i − j): how far back each head looks."""
+        return self.distance_sum / self.n_tokens
+
+    @property
+    def attention_distance_without_sink(self) -> Float[torch.Tensor, "layer head"]:
+        """Attention distance with the first-token key removed and the rest renormalized."""
+        return self.distance_nosink_sum / self.distance_nosink_count.clamp(min=1)
 
     @property
     def sink_heads(self) -> tuple[tuple[int, int], ...]:
@@ -142,6 +158,9 @@ class SinkStats:
             alpha_sum=_pad_last(self.alpha_sum, width) + _pad_last(other.alpha_sum, width),
             alpha_count=_pad_last(self.alpha_count, width) + _pad_last(other.alpha_count, width),
             mass_sum=self.mass_sum + other.mass_sum,
+            distance_sum=self.distance_sum + other.distance_sum,
+            distance_nosink_sum=self.distance_nosink_sum + other.distance_nosink_sum,
+            distance_nosink_count=self.distance_nosink_count + other.distance_nosink_count,
             candidates=self.candidates.merge(other.candidates),
             token_strings={**self.token_strings, **other.token_strings},
         )
@@ -169,6 +188,9 @@ class SinkProbe:
         self.alpha_sum = torch.zeros(n_layers, n_heads, 0, dtype=torch.float64)
         self.alpha_count = torch.zeros(0, dtype=torch.float64)
         self.mass_sum = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+        self.distance_sum = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+        self.distance_nosink_sum = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+        self.distance_nosink_count = torch.zeros(n_layers, n_heads, dtype=torch.float64)
         # Keep shares down to just below the cut so `>=` at read time is exact.
         self.candidates = TopEntries.empty(len(_META), top_k, sink_token_share - 1e-9, max_candidates)
         self.top_k, self.capacity = top_k, max_candidates
@@ -189,6 +211,9 @@ class SinkProbe:
         # Column of each relative key position in the padded batch (left padding shifts it).
         self.align = (batch.first.to(device)[:, None] + rel[None, :]).clamp(max=width - 1)
         self.votes = torch.zeros(len(batch.lengths), width, device=device)
+        # Position of every column relative to its sequence's first real token (negative: pad).
+        self.rel_pos = (rel[None, :] - batch.first.to(device)[:, None]).float()  # [batch, pos]
+        self.first_col = batch.first.to(device)
         self.eligible = self.seen_by >= self.min_queries
         self._grow(width)
         self.alpha_count[:width] += self.seen_by.sum(0).cpu()
@@ -215,6 +240,22 @@ class SinkProbe:
         self.mass_sum[layer] += received.sum((0, 2)).double().cpu()
         alpha = received / self.seen_by.clamp(min=1)[:, None, :].float()
         self.votes += ((alpha > self.epsilon) & self.eligible[:, None, :]).sum(1)
+        self._distance(layer, p)
+
+    def _distance(self, layer: int, p: torch.Tensor) -> None:
+        # Σ_j A_ij (i − j) = i·Σ_j A_ij − Σ_j A_ij·j: one matrix-vector product, no [q, k] temporary.
+        q_rel = self.rel_pos[:, None, :]  # [batch, 1, query]
+        mass = p.sum(-1)
+        key_pos = (p @ self.rel_pos.clamp(min=0)[:, None, :, None]).squeeze(-1)
+        dist = q_rel * mass - key_pos
+        self.distance_sum[layer] += (dist * self.mask[:, None, :]).sum((0, 2)).double().cpu()
+        b, h, q, _ = p.shape
+        a_first = p.gather(-1, self.first_col[:, None, None, None].expand(b, h, q, 1)).squeeze(-1)
+        rest = mass - a_first
+        ok = (self.mask[:, None, :] > 0) & (q_rel >= 1) & (rest > 1e-6)
+        nosink = (dist - a_first * q_rel) / rest.clamp(min=1e-6)
+        self.distance_nosink_sum[layer] += torch.where(ok, nosink, 0.0).sum((0, 2)).double().cpu()
+        self.distance_nosink_count[layer] += ok.sum((0, 2)).double().cpu()
 
     def end_batch(self) -> None:
         """Turn this batch's per-token head votes into sink-token candidates."""
@@ -247,5 +288,8 @@ class SinkProbe:
             alpha_sum=self.alpha_sum,
             alpha_count=self.alpha_count,
             mass_sum=self.mass_sum,
+            distance_sum=self.distance_sum,
+            distance_nosink_sum=self.distance_nosink_sum,
+            distance_nosink_count=self.distance_nosink_count,
             candidates=self.candidates,
         )

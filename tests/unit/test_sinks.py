@@ -84,3 +84,39 @@ def test_learned_sink_logits_rows_below_one_are_kept(texts):
         model.reset_hooks(including_permanent=True)
     assert r.sinks.row_mass[0].tolist() == pytest.approx([0.8, 0.8], abs=1e-5)
     assert r.sinks.scores[SINK_HEAD] == pytest.approx(0.8, abs=1e-5)
+
+
+def test_attention_distance_matches_brute_force():
+    model = random_model("rotary")
+    texts = sentences(7, seed=2, min_words=3, max_words=40)
+    chunks = ts.tokenize(model, texts).chunks
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    tot = torch.zeros(L, H, dtype=torch.float64)
+    nos, cnt = torch.zeros(L, H, dtype=torch.float64), torch.zeros(L, H, dtype=torch.float64)
+    n = 0
+    for c in chunks:
+        t = len(c.tokens)
+        n += t
+        _, cache = model.run_with_cache(torch.tensor([c.tokens]))
+        d = (torch.arange(t)[:, None] - torch.arange(t)[None, :]).double()
+        for layer in range(L):
+            a = cache[f"blocks.{layer}.attn.hook_pattern"][0].double()
+            tot[layer] += (a * d).sum((1, 2))
+            rest = a[:, 1:, 1:]
+            nos[layer] += ((rest * d[1:, 1:]).sum(-1) / rest.sum(-1)).sum(-1)
+            cnt[layer] += t - 1
+    for side in ("right", "left"):
+        r = ts.scan(model, texts, batch_size=3, padding_side=side, progress=False)
+        assert torch.allclose(r.sinks.attention_distance, tot / n, atol=1e-4)
+        assert torch.allclose(r.sinks.attention_distance_without_sink, nos / cnt, atol=1e-4)
+
+
+def test_planted_sink_head_looks_back_to_the_first_token(planted, texts):
+    r = ts.scan(planted, texts, progress=False)
+    dist, nosink = r.sinks.attention_distance, r.sinks.attention_distance_without_sink
+    lengths = [len(c.tokens) for c in ts.tokenize(planted, texts).chunks]
+    # All attention on key 0: the distance of query i is i; mean over tokens is Σ T(T-1)/2 / Σ T.
+    assert dist[SINK_HEAD] == pytest.approx(sum(t * (t - 1) / 2 for t in lengths) / sum(lengths), rel=1e-4)
+    # A uniform head looks back i/2 on average, and (i-1)/2 once key 0 is removed.
+    assert dist[1, 0] == pytest.approx(sum(t * (t - 1) / 4 for t in lengths) / sum(lengths), rel=1e-4)
+    assert nosink[1, 0] == pytest.approx(sum((i - 1) / 2 for t in lengths for i in range(1, t)) / sum(t - 1 for t in lengths), rel=1e-4)

@@ -1,0 +1,132 @@
+"""Scan cost against a bare forward pass, on the same batches, in one run.
+
+Prints time per pass and its ratio to `model(tokens)` for: the bare forward, the forward without
+logits (what the scan runs), the scan, and `run_with_cache`; and the peak memory each needs above
+the loaded model, measured in a fresh process per mode (CPU: peak RSS; CUDA: peak allocated), at
+two corpus sizes so "memory flat as the corpus grows" can be read off.
+
+    python benchmarks/bench_scan.py                  # SmolLM2, CPU, 4,096 tokens
+    python benchmarks/bench_scan.py --device cuda --tokens 65536 --batch-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import time
+
+import torch
+
+MODES = ("forward", "forward_no_logits", "scan", "run_with_cache")
+
+
+def _setup(args):
+    import tl_spikesink as ts
+
+    torch.manual_seed(0)
+    model = ts.load(args.model, device=args.device, progress=False)
+    corpus = ts.tokenize(
+        model, ts.default_texts(), max_seq_len=args.seq_len, max_tokens=args.tokens, name="pydoc topics"
+    )
+    batches = list(corpus.batches(args.batch_size))
+    return ts, model, corpus, batches
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _run(mode, ts, model, corpus, batches, args):
+    dev = args.device
+    if mode == "scan":
+        ts.scan(model, corpus, batch_size=args.batch_size, progress=False)
+        return
+    with torch.inference_mode():
+        for b in batches:
+            tokens, mask = b.tokens.to(dev), b.mask.long().to(dev)
+            if mode == "forward":
+                model(tokens, attention_mask=mask)
+            elif mode == "forward_no_logits":
+                model(tokens, attention_mask=mask, return_type=None)
+            else:
+                _, cache = model.run_with_cache(tokens, attention_mask=mask)
+                del cache
+
+
+def _memory_child(mode, args, queue):
+    ts, model, corpus, batches = _setup(args)
+    if str(args.device).startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        _run(mode, ts, model, corpus, batches, args)
+        queue.put((torch.cuda.max_memory_allocated() - base) / 2**20)
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        _run(mode, ts, model, corpus, batches, args)
+        queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+
+
+def peak_memory_mib(mode, args):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_memory_child, args=(mode, args, queue))
+    proc.start()
+    value = queue.get()
+    proc.join()
+    return value
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-mode memory processes")
+    parser.add_argument("--json", help="also write the numbers here")
+    args = parser.parse_args()
+
+    ts, model, corpus, batches = _setup(args)
+    _run("forward", ts, model, corpus, batches, args)  # warm-up
+    times = {m: [] for m in MODES}
+    for _ in range(args.repeats):
+        for mode in MODES:  # interleaved, so drift hits every mode alike
+            _sync(args.device)
+            t0 = time.perf_counter()
+            _run(mode, ts, model, corpus, batches, args)
+            _sync(args.device)
+            times[mode].append(time.perf_counter() - t0)
+    med = {m: statistics.median(v) for m, v in times.items()}
+    print(
+        f"model {args.model} on {args.device}: {corpus.n_tokens} tokens, {len(batches)} batches of "
+        f"{args.batch_size} x <= {args.seq_len}; median of {args.repeats}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(f"{'mode':<20}{'seconds':>10}{'tok/s':>10}{'x forward':>11}")
+    for m in MODES:
+        print(f"{m:<20}{med[m]:>10.3f}{corpus.n_tokens / med[m]:>10.0f}{med[m] / med['forward']:>11.3f}")
+    out = {"settings": vars(args), "n_tokens": corpus.n_tokens, "seconds": med}
+    if not args.no_memory:
+        print(f"\npeak memory above the loaded model (MiB), {'CUDA allocated' if 'cuda' in args.device else 'CPU RSS'}:")
+        print(f"{'mode':<20}{args.tokens:>12}{2 * args.tokens:>12}")
+        mem = {}
+        for m in ("forward", "scan", "run_with_cache"):
+            small = peak_memory_mib(m, args)
+            big = peak_memory_mib(m, argparse.Namespace(**{**vars(args), "tokens": 2 * args.tokens}))
+            mem[m] = (small, big)
+            print(f"{m:<20}{small:>12.1f}{big:>12.1f}")
+        out["peak_memory_mib"] = mem
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
