@@ -164,6 +164,7 @@ def scan(
         >>> result.spikes.channels, result.sinks.sink_ratio  # doctest: +SKIP
     """
     config = replace(config or ScanConfig(), **settings)
+    Anatomy.of(model)  # a clear error before tokenizing, if this is no TransformerLens model
     return scan_corpus(model, _as_corpus(model, texts, config), config, progress=progress)
 
 
