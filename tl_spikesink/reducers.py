@@ -14,21 +14,22 @@ from jaxtyping import Float, Int
 
 N_BINS = 1 << 11
 """Histogram bins: the top 11 bits of a non-negative float32 (exponent + 3 mantissa bits)."""
-_SHIFT = 20
+BIN_SHIFT = 20
 
 
 def log_bins(x: Float[torch.Tensor, "..."]) -> Int[torch.Tensor, "..."]:
-    """Bin of each non-negative value: 8 bins per octave, exact for every float32 range.
+    """Bin of each |x|: 8 bins per octave, exact for every float32 range.
 
-    The bit pattern of a non-negative float32 is monotone in its value, so its high bits are a
-    log-scale bin index that costs one shift, with no range to choose and nothing to clip.
+    The bit pattern of a non-negative float32 is monotone in its value, so with the sign bit
+    cleared its high bits are a log-scale bin index of |x| that costs two integer operations,
+    with no range to choose and nothing to clip.
     """
-    return x.float().contiguous().view(torch.int32) >> _SHIFT
+    return (x.float().contiguous().view(torch.int32) & 0x7FFFFFFF) >> BIN_SHIFT
 
 
 def bin_edges(bins: torch.Tensor) -> torch.Tensor:
     """Lower edge of each bin (the inverse of :func:`log_bins`)."""
-    return (bins.to(torch.int32) << _SHIFT).view(torch.float32)
+    return (bins.to(torch.int32) << BIN_SHIFT).view(torch.float32)
 
 
 def histogram_quantile(counts: Int[torch.Tensor, "... bins"], q: float) -> Float[torch.Tensor, "..."]:

@@ -24,7 +24,8 @@ from jaxtyping import Float, Int
 
 from tl_spikesink.anatomy import Site, hook_name
 from tl_spikesink.corpus import Batch
-from tl_spikesink.reducers import N_BINS, TopEntries, histogram_quantile, log_bins
+
+from tl_spikesink.reducers import BIN_SHIFT, N_BINS, TopEntries, histogram_quantile
 from tl_spikesink.tokens import TokenRef, is_delimiter
 
 SPIKE_SITES: tuple[Site, ...] = ("resid_post", "attn_out", "mlp_out")
@@ -260,6 +261,7 @@ class SpikeProbe:
             s: [TopEntries.empty(len(_META), top_k, self._threshold(s), max_candidates) for _ in range(n_layers)]
             for s in sites
         }
+        self.pending: dict[Site, list[list[TopEntries]]] = {s: [[] for _ in range(n_layers)] for s in sites}
         self.batch: Batch | None = None
 
     def _threshold(self, site: Site) -> float:
@@ -278,6 +280,7 @@ class SpikeProbe:
     def start_batch(self, batch: Batch, mask: torch.Tensor) -> None:
         """Remember which positions are real for the hooks of the next forward pass."""
         self.batch, self.mask = batch, mask
+        self.has_pads = not bool(batch.mask.all())
 
     def _hook(self, site_index: int, site: Site, layer: int) -> Callable:
         def hook(act: Float[torch.Tensor, "batch pos d_model"], hook: Any) -> None:
@@ -286,41 +289,64 @@ class SpikeProbe:
         return hook
 
     def _reduce(self, site_index: int, site: Site, layer: int, act: torch.Tensor) -> None:
-        mag = act.abs().float()
-        counts = torch.bincount(log_bins(mag[self.mask]).flatten(), minlength=N_BINS)
+        x = act.float().contiguous()
+        _, t, d = x.shape
+        # Two passes over the activation, none of them a float copy: |x|'s bit pattern is ordered
+        # like |x|, so its high bits are the histogram bin and its row maximum the token maximum.
+        bits = x.view(torch.int32) & 0x7FFFFFFF
+        tok_max = bits.amax(-1).view(torch.float32).masked_fill(~self.mask, -1.0).flatten()
+        bits >>= BIN_SHIFT
+        if self.has_pads:
+            bits.masked_fill_(~self.mask[..., None], N_BINS)  # an overflow bin, dropped below
+        counts = torch.bincount(bits.flatten(), minlength=N_BINS + 1)[:N_BINS]
         if self.hist is None:
-            self.hist = torch.zeros(len(self.sites), self.n_layers, N_BINS, dtype=torch.long, device=mag.device)
+            self.hist = torch.zeros(len(self.sites), self.n_layers, N_BINS, dtype=torch.long, device=x.device)
         self.hist[site_index, layer] += counts
-        # Exact zeros carry no information and would tie by the million; pads never count.
-        keys = torch.where(self.mask[..., None] & (mag > 0), mag, -1.0).flatten()
+
+        # The top-k entries lie in the k tokens with the largest maxima, and every entry above the
+        # threshold in a token whose maximum is above it: only those rows are searched.
         threshold = self._threshold(site)
+        kth = tok_max.topk(min(self.top_k, tok_max.numel())).values[-1]  # ties with it go on too
+        cut = min(float(kth), threshold)
+        # Pads (-1) and tokens whose activations are all exactly zero are never searched.
+        rows = ((tok_max >= cut) & (tok_max > 0)).nonzero()[:, 0]
+        sub = x.reshape(-1, d)[rows]
+        keys = sub.abs().flatten()
         n_above = int((keys > threshold).sum())
         m = min(max(self.top_k, min(self.capacity, n_above)), keys.numel())
-        cutoff = keys.topk(m).values[-1].clamp(min=0)
+        if m == 0:
+            return
+        cutoff = keys.topk(m).values[-1]
         # Every entry tied with the cutoff goes on, so the reducer (not topk) breaks ties and the
-        # result does not depend on how the corpus was batched.
-        idx = (keys >= cutoff).nonzero().squeeze(1)
-        _, t, d = mag.shape
-        row, pos, channel = idx // (t * d), (idx // d) % t, idx % d
+        # result does not depend on how the corpus was batched. Exact zeros tie by the million and
+        # say nothing; they are never kept.
+        idx = ((keys >= cutoff) & (keys > 0)).nonzero()[:, 0]
+        token = rows[idx // d].cpu()
+        row, pos, channel = token // t, token % t, (idx % d).cpu()
         batch = self.batch
-        row_c, pos_c = row.cpu(), pos.cpu()
         meta = torch.stack(
-            [
-                batch.text_index[row_c],
-                batch.start[row_c],
-                pos_c - batch.first[row_c],
-                channel.cpu(),
-                batch.tokens[row_c, pos_c],
-            ],
+            [batch.text_index[row], batch.start[row], pos - batch.first[row], channel, batch.tokens[row, pos]],
             dim=1,
         )
-        new = TopEntries.select(keys[idx].cpu(), act.flatten()[idx].float().cpu(), meta, self.top_k, threshold, self.capacity)
+        new = TopEntries.select(keys[idx].cpu(), sub.flatten()[idx].cpu(), meta, self.top_k, threshold, self.capacity)
         if n_above > self.capacity:
             new = replace(new, truncated=True)
-        self.entries[site][layer] = self.entries[site][layer].merge(new)
+        pending = self.pending[site][layer]
+        pending.append(new)
+        # Merging sorts; doing it once per many batches keeps the per-batch cost to the search.
+        if sum(map(len, pending)) > 4 * self.capacity or len(pending) > 32:
+            self._fold(site, layer)
+
+    def _fold(self, site: Site, layer: int) -> None:
+        for new in self.pending[site][layer]:
+            self.entries[site][layer] = self.entries[site][layer].merge(new)
+        self.pending[site][layer] = []
 
     def result(self, token_strings: dict[int, str]) -> SpikeStats:
         """Freeze what was seen into :class:`SpikeStats`."""
+        for site in self.sites:
+            for layer in range(self.n_layers):
+                self._fold(site, layer)
         hist = self.hist.cpu() if self.hist is not None else torch.zeros(len(self.sites), self.n_layers, N_BINS, dtype=torch.long)
         return SpikeStats(
             sites=self.sites,
