@@ -25,7 +25,8 @@ def test_lifecycle_step_up_at_11_step_down_late(smollm2_scan):
     assert set(s.step_down_layers) & {27, 28, 29}
     assert {12, 20, 27} <= set(s.massive_layers)
     top = s.top("resid_post", 1)[:, 0]
-    assert top[15] > 1e4 and top[10] < 5e3 and top[29] < 1e3
+    assert top[15] > 1.5e4 and top[10] < 2e3
+    assert top[28] < 0.6 * top[27] and top[29] < 0.4 * top[27]  # cancelled by the last blocks
     med = s.median("resid_post")
     assert (med[11:28] < 2.0).all()
 
@@ -33,10 +34,13 @@ def test_lifecycle_step_up_at_11_step_down_late(smollm2_scan):
 def test_strong_sinks_on_the_first_token(smollm2_scan):
     k = smollm2_scan.sinks
     assert k.scores.shape == (30, 9)
-    assert 0.2 < k.sink_ratio < 0.95
+    assert 0.5 < k.sink_ratio < 0.95  # measured 0.73 on this corpus
     assert k.scores[10:25].max() > 0.9
-    assert k.share_first > 0.8
-    assert smollm2_scan.sink_spike_overlap > 0.8
+    assert (k.scores[:2] < 0.5).all()  # the first blocks are not sinks yet
+    assert k.share_first > 0.4  # every first token, and some secondary sinks
+    first_sinks = {t.token for t in k.tokens if t.token.is_first}
+    assert len(first_sinks) == smollm2_scan.n_sequences
+    assert smollm2_scan.sink_spike_overlap > 0.4
     assert torch.allclose(k.row_mass, torch.ones_like(k.row_mass), atol=1e-4)
 
 
