@@ -103,18 +103,33 @@ class SpikeStats:
     @cached_property
     def massive(self) -> tuple[Activation, ...]:
         """Every massive activation of the residual stream (`hook_resid_post`), layer by layer."""
-        medians = self.median("resid_post")
         found: list[Activation] = []
         for layer, e in enumerate(self.entries["resid_post"]):
-            cut = max(self.abs_threshold, self.rel_threshold * float(medians[layer]))
-            keep = e.keys > cut
-            found += self._records("resid_post", layer, _take(e, keep))
+            found += self._records("resid_post", layer, _take(e, e.keys > self.cut[layer]))
         return tuple(found)
+
+    @cached_property
+    def cut(self) -> Float[torch.Tensor, " layer"]:
+        """The massive-activation threshold of each layer: max(abs, rel x median)."""
+        return (self.rel_threshold * self.median("resid_post")).clamp(min=self.abs_threshold)
 
     @property
     def truncated(self) -> bool:
-        """True if some layer had more candidates than `max_candidates`; raise it to see all."""
-        return any(e.truncated for entries in self.entries.values() for e in entries)
+        """True if `max_candidates` may have hidden an entry the analyses need; raise it then.
+
+        Candidates are kept largest first, so a full list only matters when its smallest entry
+        is still above what counts: the layer's massive cut in the residual stream, and half the
+        smallest spike in the block outputs (the step-up / step-down rule).
+        """
+        smallest_spike = min((abs(a.value) for a in self.massive), default=float("inf"))
+        needs = {"resid_post": self.cut.tolist()}
+        for site in self.sites:
+            needs.setdefault(site, [_STEP_SHARE * smallest_spike] * self.n_layers)
+        return any(
+            e.truncated and len(e) and float(e.keys[-1]) > need
+            for site, entries in self.entries.items()
+            for e, need in zip(entries, needs[site])
+        )
 
     @cached_property
     def tokens(self) -> tuple[SpikeToken, ...]:

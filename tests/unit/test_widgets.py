@@ -1,0 +1,135 @@
+"""Widgets mark the planted sink head and spike, read the model only, and work offline."""
+
+import math
+
+import pytest
+import torch
+from circuitsvis.utils.render import RenderedHTML
+from conftest import assert_untouched, state_snapshot
+from planted import N_HEADS, N_LAYERS, SINK_HEAD, SPIKE, SPIKE_CHANNEL, sentences
+
+import tl_spikesink as ts
+from tl_spikesink import widgets
+from tl_spikesink.widgets import SINK_MARK, widget_props
+
+TEXT = "the cat sat on the mat . then it ran under a big red rug"
+
+
+@pytest.fixture(scope="module")
+def result(planted, texts):
+    return ts.scan(planted, texts, batch_size=8, progress=False)
+
+
+def test_attention_heads_mark_the_planted_sink_head_and_column(planted):
+    before = state_snapshot(planted)
+    w = widgets.attention_heads_widget(planted, TEXT, layer=0)
+    assert_untouched(planted, before)
+    assert isinstance(w, RenderedHTML)
+    name, props = widget_props(w)
+    assert name == "AttentionHeads"
+    n = len(TEXT.split()) + 1  # + BOS
+    attention = torch.tensor(props["attention"])
+    assert attention.shape == (N_HEADS, n, n)
+    assert torch.allclose(attention.sum(-1), torch.ones(N_HEADS, n), atol=0.01)  # rows, 3 decimals
+    sink_name, other_name = props["attentionHeadNames"]
+    assert sink_name == "L0H0 sink 1.00"
+    assert other_name.startswith("L0H1 ") and "sink" not in other_name
+    assert props["tokens"][0] == "<bos>" + SINK_MARK  # canvas labels: not HTML-escaped
+    assert not any(t.endswith(SINK_MARK) for t in props["tokens"][1:])
+
+
+def test_attention_heads_take_scores_from_the_scan(planted, result):
+    _, props = widget_props(widgets.attention_heads_widget(planted, TEXT, 0, result=result))
+    uniform = float(result.sinks.scores[0, 1])
+    assert props["attentionHeadNames"] == ["L0H0 sink 1.00", f"L0H1 {uniform:.2f}"]
+    _, props = widget_props(widgets.attention_heads_widget(planted, TEXT, 1, result=result))
+    assert not any("sink" in h for h in props["attentionHeadNames"])
+    assert not any(t.endswith(SINK_MARK) for t in props["tokens"])
+
+
+def test_attention_heads_truncate_long_texts(planted):
+    _, props = widget_props(widgets.attention_heads_widget(planted, TEXT, 0, max_tokens=5))
+    assert len(props["tokens"]) == 5 and torch.tensor(props["attention"]).shape == (N_HEADS, 5, 5)
+
+
+def test_spike_tokens_are_colored_by_log_magnitude_per_layer(planted):
+    w = widgets.spike_tokens_widget(planted, TEXT)
+    name, props = widget_props(w)
+    assert name == "ColoredTokensMulti"
+    tokens, values = props["tokens"], torch.tensor(props["values"])
+    assert values.shape == (len(tokens), N_LAYERS)
+    assert props["labels"] == ["L0", "L1", "L2"]
+    # ColoredTokensMulti renders tokens as HTML: BOS must be escaped or it vanishes as a tag.
+    assert tokens[0] == "&lt;bos&gt;"
+    spiky = [i for i, t in enumerate(tokens) if t in ("&lt;bos&gt;", ".")]
+    assert spiky == [0, TEXT.split().index(".") + 1]
+    for i in range(len(tokens)):
+        expected = math.log10(1 + SPIKE) if i in spiky else None
+        if expected:
+            assert values[i, 1].item() == pytest.approx(expected, abs=2e-3)
+        else:
+            assert values[i, 1] < 1.0
+    assert values[:, 0].max() < 1.0 and values[:, 2].max() < 1.0  # before step-up, after step-down
+    assert props["positiveBounds"] == [pytest.approx(values.max().item())] * N_LAYERS
+
+
+def test_topk_tokens_of_the_spike_channel(planted, result):
+    texts = sentences(3, seed=7)
+    w = widgets.spike_topk_widget(planted, texts, result=result, k=3)
+    name, props = widget_props(w)
+    assert name == "TopkTokens"
+    assert props["sampleLabels"] == [f"text {i} · ch {SPIKE_CHANNEL}" for i in range(3)]
+    assert props["firstDimensionLabels"] == ["resid_post", "attn_out", "mlp_out"]
+    assert props["thirdDimensionName"] == "Layer"
+    for sample, tokens in enumerate(props["tokens"]):
+        resid = torch.tensor(props["topkVals"][sample][0])  # [rank, layer] of the residual stream
+        assert resid.shape == (3, N_LAYERS)
+        assert resid[0, 1].item() == pytest.approx(SPIKE, rel=1e-3)
+        assert resid[0, 0].item() < 10 and resid[0, 2].item() < 10
+        top_token = tokens[props["topkIdxs"][sample][0][0][1]]
+        assert top_token in ("&lt;bos&gt;", ".")
+        # The MLP of layer 1 writes the spike; the MLP of layer 2 writes its negative.
+        assert props["topkVals"][sample][2][0][1] == pytest.approx(SPIKE, rel=1e-3)
+        # (CircuitsVis lists bottom-k descending: the most negative comes last.)
+        assert props["bottomkVals"][sample][2][-1][2] == pytest.approx(-SPIKE, rel=1e-3)
+
+
+def test_topk_tokens_find_channels_without_a_scan(planted):
+    _, props = widget_props(widgets.spike_topk_widget(planted, TEXT))
+    assert f"text 0 · ch {SPIKE_CHANNEL}" in props["sampleLabels"]
+    assert len(props["sampleLabels"]) == 3
+
+
+def test_sink_scores_widget_is_a_heatmap_of_this_text(planted):
+    fig = widgets.sink_scores_widget(planted, TEXT)
+    z = torch.tensor(fig.data[0].z)
+    assert z.shape == (N_LAYERS, N_HEADS)
+    assert z[SINK_HEAD] == pytest.approx(1.0, abs=1e-4)
+    n = len(TEXT.split()) + 1
+    harmonic = sum(1 / (i + 1) for i in range(n)) / n  # α_0 of a uniform head on one text
+    assert z[1, 0] == pytest.approx(harmonic, abs=1e-4)
+
+
+def test_widgets_leave_the_model_untouched(planted, result):
+    before = state_snapshot(planted)
+    widgets.spike_tokens_widget(planted, TEXT, result=result)
+    widgets.spike_topk_widget(planted, [TEXT, TEXT], result=result)
+    widgets.sink_scores_widget(planted, TEXT)
+    assert_untouched(planted, before)
+
+
+def test_offline_source_embeds_the_bundle(planted):
+    w = widgets.attention_heads_widget(planted, TEXT, 0)
+    assert "unpkg.com" in str(w)  # CircuitsVis's own str() needs the network ...
+    assert (
+        "unpkg.com" not in w.local_src and "var CircuitsVis=" in w.local_src
+    )  # ... local_src does not
+
+
+def test_clear_errors(planted):
+    with pytest.raises(ts.SpikeSinkError, match="layer 7 does not exist"):
+        widgets.attention_heads_widget(planted, TEXT, layer=7)
+    with pytest.raises(ts.SpikeSinkError, match="at least one text"):
+        widgets.spike_topk_widget(planted, [])
+    with pytest.raises(ts.SpikeSinkError, match="cannot read the component"):
+        widget_props(RenderedHTML("<div></div>", "<div></div>"))

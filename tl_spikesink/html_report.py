@@ -1,0 +1,467 @@
+"""One self-contained HTML page of a scan: summary, plots, widgets and extra tables, offline.
+
+The page loads nothing from the network. plotly.js (~4.8 MB) is inlined once in the head and every
+figure is embedded without it (`fig.to_html(include_plotlyjs=False)`). CircuitsVis widgets carry
+the ~1.3 MB CircuitsVis bundle each in `widget.local_src` (and a CDN link in `str(widget)`);
+here the bundle is inlined once as a classic script, which makes `CircuitsVis` a page global,
+and each widget is reduced to its component name and props (:func:`widgets.widget_props`) and
+mounted with the `CircuitsVis.render(...)` call `local_src` itself makes, deferred until the
+widget nears the viewport (CircuitsVis's attention heads draw T² cells per head: seconds).
+
+    >>> write_html(result, "report.html", model=model, texts=["The cat sat."])  # doctest: +SKIP
+
+Extra tables (interventions, claims, ...) are any objects whose `to_dict()` holds `rows`, a list of
+dicts; they are rendered generically, one column per key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tl_spikesink.errors import SpikeSinkError
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+    from circuitsvis.utils.render import RenderedHTML
+
+    from tl_spikesink.scan import ScanResult
+
+_SHOWN_TOKENS = 10
+_SOURCE_MAP = re.compile(r"^//# sourceMappingURL=.*$", re.M)
+_PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
+
+
+def write_html(
+    result: ScanResult,
+    path: str | Path,
+    *,
+    model: Any = None,
+    texts: Sequence[str] | str | None = None,
+    extra_tables: Iterable[Any] = (),
+    title: str | None = None,
+    layers: Sequence[int] | None = None,
+    max_widget_tokens: int = 512,
+    max_attention_tokens: int = 48,
+) -> Path:
+    """Write the report of `result` as one self-contained, offline HTML page.
+
+    Args:
+        result: the scan to report.
+        path: where to write the page.
+        model: the scanned model; when given, the page adds interactive widgets (one forward
+            pass per widget text; the model is only read).
+        texts: texts the widgets read: the first for the attention heads and the spike-colored
+            tokens, all of them for the top-k table (default: two paragraphs of the default
+            corpus).
+        extra_tables: objects with `to_dict()` holding `rows` (a list of dicts), or such dicts,
+            or plain lists of dicts; each becomes a table.
+        title: page title (default: names the model).
+        layers: layers whose attention heads are shown (default: the layer of the strongest
+            sink head).
+        max_widget_tokens: the token widgets (spike colors, top-k, per-text sink scores) read
+            at most this many tokens of each text.
+        max_attention_tokens: the attention widget reads at most this many: CircuitsVis draws
+            heads × T² cells, which took 3 s for T = 32, 6 s for 48 and 11 s for 64 with
+            SmolLM2's 9 heads (headless Chromium, busy 2-core CPU); at T = 500 it would freeze
+            the page for minutes.
+
+    Returns:
+        The path written.
+    """
+    page = render_html(
+        result,
+        model=model,
+        texts=texts,
+        extra_tables=extra_tables,
+        title=title,
+        layers=layers,
+        max_widget_tokens=max_widget_tokens,
+        max_attention_tokens=max_attention_tokens,
+    )
+    path = Path(path)
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def render_html(
+    result: ScanResult,
+    *,
+    model: Any = None,
+    texts: Sequence[str] | str | None = None,
+    extra_tables: Iterable[Any] = (),
+    title: str | None = None,
+    layers: Sequence[int] | None = None,
+    max_widget_tokens: int = 512,
+    max_attention_tokens: int = 48,
+) -> str:
+    """The page :func:`write_html` writes, as a string (same arguments, without `path`)."""
+    from tl_spikesink import plots
+
+    title = title or f"tl_spikesink report: {result.model}"
+    figures = [
+        plots.plot_massive_activations(result),
+        plots.plot_sink_ratio(result),
+        plots.plot_sink_scores(result),
+        plots.plot_alpha(result),
+        plots.plot_attention_distance(result),
+    ]
+    body = [f"<h1>{_esc(title)}</h1>", _summary(result)]
+    body += ["<h2>Plots</h2>", *(_figure(fig, f"plot-{i}") for i, fig in enumerate(figures))]
+    widgets: list[tuple[str, str, RenderedHTML | go.Figure]] = []
+    if model is not None:
+        widgets = _widgets(result, model, texts, layers, max_widget_tokens, max_attention_tokens)
+        body += ["<h2>Widgets</h2>"]
+        for i, (heading, caption, w) in enumerate(widgets):
+            body += [f"<h3>{_esc(heading)}</h3>", f'<p class="caption">{_esc(caption)}</p>']
+            body.append(
+                _figure(w, f"widget-plot-{i}") if _is_figure(w) else _mount(w, f"cv-widget-{i}")
+            )
+    tables = [_extra_table(t) for t in extra_tables]
+    if tables:
+        body += ["<h2>Tables</h2>", *tables]
+    body.append(_settings(result))
+    head = [
+        '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_esc(title)}</title>",
+        f"<style>{_CSS}</style>",
+        "<script>window.PlotlyConfig = {MathJaxConfig: 'local'};</script>",
+        f'<script charset="utf-8">{_inline_js(_plotly_js())}</script>',
+    ]
+    if any(not _is_figure(w) for _, _, w in widgets):
+        head.append(f'<script charset="utf-8">{_inline_js(_circuitsvis_js())}</script>')
+        head.append(f"<script>{_MOUNT_JS}</script>")
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n'
+        + "\n".join(head)
+        + "\n</head>\n<body>\n<main>\n"
+        + "\n".join(body)
+        + "\n</main>\n</body>\n</html>\n"
+    )
+
+
+def _widgets(
+    result: ScanResult,
+    model: Any,
+    texts: Sequence[str] | str | None,
+    layers: Sequence[int] | None,
+    max_tokens: int,
+    max_attention_tokens: int,
+) -> list[tuple[str, str, Any]]:
+    from tl_spikesink import widgets as w
+    from tl_spikesink.corpus import default_texts
+
+    if texts is None:
+        # Two texts: the top-k widget then has two samples (its layer columns need two).
+        texts = default_texts(2)
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise SpikeSinkError("texts is empty; pass at least one text for the widgets, or None")
+    k = result.sinks
+    if layers is None:
+        layers = [int(k.scores.amax(-1).argmax())] if k.scores.numel() else []
+    text, note = texts[0], f"text 0 ({_preview(texts[0])}), at most {max_tokens} tokens"
+    out: list[tuple[str, str, Any]] = []
+    for layer in layers:
+        out.append(
+            (
+                f"Attention heads of layer {layer}",
+                f"On text 0 ({_preview(text)}), at most {max_attention_tokens} tokens (CircuitsVis "
+                "draws every head's T × T cells). "
+                "Head names give the first-token sink score pooled over the scan "
+                f"('sink' when above ε = {k.epsilon}); '{w.SINK_MARK.strip()}' marks key tokens "
+                "that some head of this layer sinks on in this text. Hover a head to zoom, click "
+                "to lock.",
+                w.attention_heads_widget(
+                    model, text, layer, result=result, max_tokens=max_attention_tokens
+                ),
+            )
+        )
+    out.append(
+        (
+            "Tokens colored by spike magnitude",
+            f"On {note}. Value log10(1 + max over channels |x|) of the residual stream after each "
+            "layer (3.5 is about 3,000); pick the layer with the buttons, hover a token for all "
+            "layers.",
+            w.spike_tokens_widget(model, text, result=result, max_tokens=max_tokens),
+        )
+    )
+    channels = ", ".join(map(str, result.spikes.channels)) or "none found; the 3 largest"
+    out.append(
+        (
+            "Top tokens of the spike channels",
+            f"On {len(texts)} text(s), at most {max_tokens} tokens each. Channels: {channels}. "
+            "Sample picks (text, channel); Site picks the residual stream or a block output "
+            "(the MLP output shows the blocks that write and cancel the spike); columns are "
+            "layers.",
+            w.spike_topk_widget(model, texts, result=result, max_tokens=max_tokens),
+        )
+    )
+    out.append(
+        (
+            "Sink scores on this text",
+            f"On {note}: α_0 of every head on this one text (the Plots section pools the corpus).",
+            w.sink_scores_widget(model, text, epsilon=k.epsilon, max_tokens=max_tokens),
+        )
+    )
+    return out
+
+
+def _summary(r: ScanResult) -> str:
+    from tl_spikesink.report import summary
+
+    s, k = r.spikes, r.sinks
+    heads = sorted(k.sink_heads, key=lambda lh: -float(k.scores[lh]))
+    corpus = ", ".join(c["name"] for c in r.corpus)
+    facts = [
+        ("model", f"{r.model} ({r.n_layers} layers × {r.n_heads} heads, d_model {r.d_model})"),
+        (
+            "corpus",
+            f"{corpus}: {r.n_texts:,} texts, {r.n_tokens:,} tokens in {r.n_sequences:,} "
+            f"sequences (prepend_bos={r.prepend_bos})",
+        ),
+        (
+            "spike rule",
+            f"|x| > {_num(s.abs_threshold)} and > {_num(s.rel_threshold)} × layer median "
+            "(hook_resid_post)",
+        ),
+        ("spike channels", ", ".join(map(str, s.channels)) or "none"),
+        ("massive layers", _layer_list(s.massive_layers)),
+        ("step-up blocks", _events(s.lifecycle["step_up"])),
+        ("step-down blocks", _events(s.lifecycle["step_down"])),
+        (
+            "spike tokens",
+            f"{len(s.tokens)} (first token {_pct(s.share_first)}, delimiters "
+            f"{_pct(s.share_delimiter)})"
+            + (" — truncated, raise max_candidates" if s.truncated else ""),
+        ),
+        (
+            "sink ratio",
+            f"{k.sink_ratio:.3f} ({len(k.sink_heads)} of {r.n_layers * r.n_heads} heads "
+            f"with α₀ > ε = {k.epsilon})",
+        ),
+        (
+            "top sink heads",
+            ", ".join(f"L{a}H{b} {float(k.scores[a, b]):.2f}" for a, b in heads[:8]) or "none",
+        ),
+        (
+            "sink tokens",
+            f"{len(k.tokens)} (first token {_pct(k.share_first)}, delimiters "
+            f"{_pct(k.share_delimiter)}; {_pct(r.sink_spike_overlap)} are also spike tokens)",
+        ),
+    ]
+    rows = "".join(f"<tr><th>{_esc(a)}</th><td>{_esc(b)}</td></tr>" for a, b in facts)
+    spike_rows = [
+        {
+            "text": t.token.text_index,
+            "start": t.token.start,
+            "position": t.token.position,
+            "token": repr(t.text),
+            "max value": t.max_value,
+            "channels": t.channels,
+            "layers": t.layers,
+        }
+        for t in s.tokens[:_SHOWN_TOKENS]
+    ]
+    parts = ["<h2>Summary</h2>", f'<table class="facts">{rows}</table>']
+    if spike_rows:
+        parts.append(_rows_table(f"Largest spike tokens (of {len(s.tokens)})", spike_rows))
+    parts.append(f"<details><summary>Text summary</summary><pre>{_esc(summary(r))}</pre></details>")
+    return "\n".join(parts)
+
+
+def _settings(r: ScanResult) -> str:
+    settings = {
+        "config": dataclasses.asdict(r.config),
+        "corpus": list(r.corpus),
+        "environment": r.environment,
+    }
+    text = json.dumps(settings, indent=1, default=str)
+    return f"<details><summary>Settings and environment</summary><pre>{_esc(text)}</pre></details>"
+
+
+def _figure(fig: go.Figure, div_id: str) -> str:
+    inner = fig.to_html(
+        full_html=False, include_plotlyjs=False, div_id=div_id, config=_PLOTLY_CONFIG
+    )
+    return f'<div class="figure">{inner}</div>'
+
+
+def _mount(widget: RenderedHTML, div_id: str) -> str:
+    from tl_spikesink.widgets import widget_props
+
+    name, props = widget_props(widget)
+    # `<` only occurs inside JSON strings, where \u003c means the same and cannot end the script.
+    data = json.dumps(props, separators=(",", ":")).replace("<", "\\u003c")
+    return (
+        f'<div id="{div_id}" class="cv-widget pending" data-component="{name}"></div>\n'
+        f'<script>tlSpikesink.mount("{div_id}", "{name}", {data});</script>'
+    )
+
+
+def _is_figure(x: Any) -> bool:
+    return hasattr(x, "to_html") and hasattr(x, "data")
+
+
+def _extra_table(obj: Any) -> str:
+    data = obj.to_dict() if hasattr(obj, "to_dict") else obj
+    if isinstance(data, list):
+        data = {"rows": data}
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise SpikeSinkError(
+            f"cannot render a {type(obj).__name__} as a table: give an object whose to_dict() "
+            "holds 'rows' (a list of dicts), such a dict, or a list of dicts"
+        )
+    meta = {k: v for k, v in data.items() if k != "rows"}
+    title = str(meta.pop("title", None) or meta.pop("name", None) or type(obj).__name__)
+    scalars = {k: v for k, v in meta.items() if not isinstance(v, (list, dict, tuple))}
+    note = "; ".join(f"{k}: {_cell(v)}" for k, v in scalars.items())
+    return _rows_table(title, data["rows"], note)
+
+
+def _rows_table(title: str, rows: list[dict[str, Any]], note: str = "") -> str:
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(map(str, row)))
+    head = "".join(f"<th>{_esc(c)}</th>" for c in columns)
+    body = []
+    for row in rows:
+        row = {str(k): v for k, v in row.items()}
+        cells = "".join(
+            f'<td class="num">{_esc(_cell(row.get(c)))}</td>'
+            if isinstance(row.get(c), (int, float)) and not isinstance(row.get(c), bool)
+            else f"<td>{_esc(_cell(row.get(c)))}</td>"
+            for c in columns
+        )
+        body.append(f"<tr>{cells}</tr>")
+    caption = f"<h3>{_esc(title)}</h3>" + (f'<p class="caption">{_esc(note)}</p>' if note else "")
+    empty = "" if rows else '<p class="caption">(no rows)</p>'
+    rows_html = "".join(body)
+    table = f'<table class="rows"><thead><tr>{head}</tr></thead><tbody>{rows_html}</tbody></table>'
+    return caption + empty + table
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        return _num(v)
+    if isinstance(v, (list, tuple)):
+        return ", ".join(map(_cell, v))
+    if isinstance(v, dict):
+        return json.dumps(v, default=str)
+    if hasattr(v, "tolist"):  # tensors and arrays
+        return _cell(v.tolist())
+    return str(v)
+
+
+def _num(x: float) -> str:
+    if math.isnan(x):
+        return "–"
+    if x == int(x) and abs(x) < 1e6:
+        return str(int(x))
+    return f"{x:.4g}"
+
+
+def _pct(x: float) -> str:
+    return "–" if x != x else f"{100 * x:.0f}%"
+
+
+def _layer_list(layers: tuple[int, ...]) -> str:
+    return ", ".join(map(str, layers)) if layers else "none"
+
+
+def _events(counter: dict) -> str:
+    if not counter:
+        return "none"
+    return ", ".join(f"{layer} ({comp}, {n})" for (layer, comp), n in sorted(counter.items()))
+
+
+def _preview(text: str, n: int = 40) -> str:
+    text = " ".join(text.split())
+    return repr(text if len(text) <= n else text[: n - 1] + "…")
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _inline_js(source: str) -> str:
+    """A bundle made safe to inline: no early end of the script element, no source-map fetch."""
+    return _SOURCE_MAP.sub("", source).replace("</script", "<\\/script")
+
+
+@cache
+def _plotly_js() -> str:
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs()
+
+
+@cache
+def _circuitsvis_js() -> str:
+    # The file CircuitsVis's own `render_local` inlines into every widget's `local_src`.
+    import circuitsvis
+
+    path = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpikeSinkError(
+            f"the CircuitsVis bundle {path} cannot be read ({e.strerror}); reinstall circuitsvis"
+        ) from None
+
+
+_MOUNT_JS = """
+window.tlSpikesink = {
+  // Mount a CircuitsVis widget when it first comes near the viewport: the page opens at once,
+  // and a heavy widget costs its drawing time only when someone scrolls to it.
+  mount(id, component, props) {
+    const el = document.getElementById(id);
+    const draw = () => {
+      if (el.dataset.mounted) return;
+      el.dataset.mounted = "1";
+      el.classList.remove("pending");
+      CircuitsVis.render(id, CircuitsVis[component], props);
+    };
+    if (!("IntersectionObserver" in window)) return draw();
+    const seen = new IntersectionObserver((entries) => {
+      if (entries.some((e) => e.isIntersecting)) { seen.disconnect(); draw(); }
+    }, { rootMargin: "200px" });
+    seen.observe(el);
+  },
+};
+"""
+
+_CSS = """
+body { font: 15px/1.45 system-ui, sans-serif; color: #222; margin: 0; background: #fafafa; }
+main { max-width: 1200px; margin: 0 auto; padding: 16px 28px 60px; background: white; }
+h1 { font-size: 24px; margin: 8px 0 4px; } h2 { margin-top: 34px; border-bottom: 1px solid #ddd; }
+h3 { margin: 22px 0 4px; font-size: 16px; }
+.caption { color: #555; margin: 2px 0 8px; font-size: 13px; }
+table { border-collapse: collapse; margin: 6px 0 14px; font-size: 13px; }
+th, td { border: 1px solid #e2e2e2; padding: 3px 8px; text-align: left; vertical-align: top; }
+table.facts th { background: #f3f5f8; white-space: nowrap; }
+table.rows thead th { background: #f3f5f8; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+pre { background: #f6f6f6; padding: 10px; overflow-x: auto; font-size: 12px; }
+.figure { margin: 10px 0 18px; }
+.cv-widget { margin: 8px 0 24px; position: relative; }
+.cv-widget.pending { min-height: 80px; background: #f6f7f9; }
+.cv-widget.pending::before { content: "drawn when scrolled into view"; color: #888; padding: 10px;
+  display: block; }
+details { margin: 14px 0; } summary { cursor: pointer; color: #335; }
+"""
+
+
+__all__ = ["render_html", "write_html"]
