@@ -12,7 +12,27 @@ from typing import Any, Literal, get_args
 
 from tl_spikesink.errors import SpikeSinkError
 
-Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_out", "pattern", "attn_scores", "z"]
+Site = Literal[
+    "resid_pre",
+    "resid_post",
+    "attn_out",
+    "mlp_out",
+    "pattern",
+    "attn_scores",
+    "z",
+    # Norm internals, hooked by the norm-swap interventions: `scale` is the divisor
+    # sqrt(mean(x²) + eps), `normalized` is x / scale before the weight.
+    "ln1_scale",
+    "ln1_normalized",
+    "ln2_scale",
+    "ln2_normalized",
+    "ln1_post_scale",
+    "ln1_post_normalized",
+    "ln2_post_scale",
+    "ln2_post_normalized",
+    "ln_final_scale",
+    "ln_final_normalized",
+]
 SITES: tuple[Site, ...] = get_args(Site)
 
 _TEMPLATES: dict[Site, str] = {
@@ -23,20 +43,35 @@ _TEMPLATES: dict[Site, str] = {
     "pattern": "blocks.{layer}.attn.hook_pattern",
     "attn_scores": "blocks.{layer}.attn.hook_attn_scores",
     "z": "blocks.{layer}.attn.hook_z",
+    "ln1_scale": "blocks.{layer}.ln1.hook_scale",
+    "ln1_normalized": "blocks.{layer}.ln1.hook_normalized",
+    "ln2_scale": "blocks.{layer}.ln2.hook_scale",
+    "ln2_normalized": "blocks.{layer}.ln2.hook_normalized",
+    "ln1_post_scale": "blocks.{layer}.ln1_post.hook_scale",
+    "ln1_post_normalized": "blocks.{layer}.ln1_post.hook_normalized",
+    "ln2_post_scale": "blocks.{layer}.ln2_post.hook_scale",
+    "ln2_post_normalized": "blocks.{layer}.ln2_post.hook_normalized",
+    "ln_final_scale": "ln_final.hook_scale",
+    "ln_final_normalized": "ln_final.hook_normalized",
 }
 
 
-def hook_name(site: Site, layer: int) -> str:
-    """The TransformerLens hook name of `site` in block `layer`.
+def hook_name(site: Site, layer: int | None = None) -> str:
+    """The TransformerLens hook name of `site` in block `layer` (None for `ln_final_*` sites).
 
     >>> hook_name("resid_post", 3)
     'blocks.3.hook_resid_post'
     >>> hook_name("pattern", 0)
     'blocks.0.attn.hook_pattern'
+    >>> hook_name("ln_final_scale")
+    'ln_final.hook_scale'
     """
     if site not in _TEMPLATES:
         raise SpikeSinkError(f"unknown hook site {site!r}; choose one of {SITES}")
-    return _TEMPLATES[site].format(layer=layer)
+    template = _TEMPLATES[site]
+    if layer is None and "{layer}" in template:
+        raise SpikeSinkError(f"hook site {site!r} lives in a block; pass its layer")
+    return template.format(layer=layer)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,9 @@ from collections.abc import Sequence
 
 from tl_spikesink.errors import SpikeSinkError
 
+_WIDGET_TEXTS = 3
+"""The HTML report's widgets read at most this many texts of a --text-file."""
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     from tl_spikesink.models import DEFAULT_MODEL, MODELS
@@ -30,6 +33,12 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=None, metavar="L", help="chunk texts to L tokens")
     p.add_argument("--batch-size", type=int, default=8, metavar="B")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_threshold_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epsilon", type=float, default=0.3, help="sink-head threshold (Gu et al.)")
+    p.add_argument("--abs-threshold", type=float, default=100.0, help="a spike exceeds this |x|")
+    p.add_argument("--rel-threshold", type=float, default=1000.0, help="... and this x layer median")
 
 
 def _load_model(args: argparse.Namespace):
@@ -54,7 +63,8 @@ def _texts(args: argparse.Namespace) -> tuple[list[str] | None, str | None]:
     return texts, ", ".join(args.text_file)
 
 
-def _scan(args: argparse.Namespace) -> None:
+def _scan_args(args: argparse.Namespace):
+    """Load the model and scan the requested corpus; returns (model, texts, result)."""
     from tl_spikesink.corpus import tokenize
     from tl_spikesink.scan import ScanConfig, scan
 
@@ -73,10 +83,62 @@ def _scan(args: argparse.Namespace) -> None:
         corpus = tokenize(
             model, texts, name=name, max_seq_len=args.max_seq_len, max_tokens=args.max_tokens
         )
-    result = scan(model, corpus, config, progress=not args.no_progress)
+    return model, texts, scan(model, corpus, config, progress=not args.no_progress)
+
+
+def _scan(args: argparse.Namespace) -> None:
+    model, texts, result = _scan_args(args)
     print(result)
     if args.json:
         result.to_json(args.json)
+        print(f"\nwrote {args.json}")
+    if args.html:
+        _write_html(args.html, result, model, texts)
+
+
+def _claims(args: argparse.Namespace) -> None:
+    from tl_spikesink.claims import claims
+    from tl_spikesink.corpus import default_texts
+
+    model, texts, result = _scan_args(args)
+    table = claims(model, texts or default_texts(), result, max_tokens=args.claim_tokens)
+    print(table)
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump(table.to_dict(), f, indent=1)
+        print(f"\nwrote {args.json}")
+
+
+def _write_html(path: str, result, model, texts: list[str] | None) -> None:
+    from tl_spikesink.html_report import write_html
+
+    # Widgets read a few texts again (one forward each); the scan's corpus may be thousands.
+    write_html(result, path, model=model, texts=texts[:_WIDGET_TEXTS] if texts else None)
+    print(f"\nwrote {path}")
+
+
+def _intervene(args: argparse.Namespace) -> None:
+    from tl_spikesink.corpus import read_text_file
+    from tl_spikesink.experiment import experiment
+    from tl_spikesink.scan import ScanConfig
+
+    config = ScanConfig(batch_size=args.batch_size, max_tokens=args.max_tokens, max_seq_len=args.max_seq_len)
+    calibration = read_text_file(args.calibration_file) if args.calibration_file else None
+    model = _load_model(args)
+    texts, _ = _texts(args)
+    table = experiment(
+        model,
+        texts,
+        calibration=calibration,
+        config=config,
+        calibration_tokens=args.calibration_tokens,
+        progress=not args.no_progress,
+    )
+    print(table)
+    if args.json:
+        table.to_json(args.json)
         print(f"\nwrote {args.json}")
 
 
@@ -92,11 +154,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("scan", help="where are the spikes and sinks? (summary table, JSON)")
     _add_model_args(p)
     _add_corpus_args(p)
-    p.add_argument("--epsilon", type=float, default=0.3, help="sink-head threshold (Gu et al.)")
-    p.add_argument("--abs-threshold", type=float, default=100.0, help="a spike exceeds this |x|")
-    p.add_argument("--rel-threshold", type=float, default=1000.0, help="... and this x layer median")
+    _add_threshold_args(p)
     p.add_argument("--json", metavar="OUT", help="write the full report as JSON")
+    p.add_argument("--html", metavar="OUT", help="also write the report as one offline HTML page")
     p.set_defaults(run=_scan)
+
+    p = sub.add_parser("report", help="scan, then write one offline HTML page (plots, widgets)")
+    _add_model_args(p)
+    _add_corpus_args(p)
+    _add_threshold_args(p)
+    p.add_argument("--html", metavar="OUT", required=True, help="where to write the HTML page")
+    p.add_argument("--json", metavar="OUT", help="also write the full report as JSON")
+    p.set_defaults(run=_scan)
+
+    p = sub.add_parser("claims", help="check each link of the spike-to-sink chain on this model")
+    _add_model_args(p)
+    _add_corpus_args(p)
+    _add_threshold_args(p)
+    p.set_defaults(max_tokens=4096)
+    p.add_argument("--claim-tokens", type=int, default=1024, metavar="N", help="tokens the checks read")
+    p.add_argument("--json", metavar="OUT", help="write the claims table as JSON")
+    p.set_defaults(run=_claims)
+
+    p = sub.add_parser(
+        "intervene", help="zero / mean the spikes, remove sink keys, swap norms: the decoupling table"
+    )
+    _add_model_args(p)
+    _add_corpus_args(p)
+    p.set_defaults(max_tokens=4096)  # every row reads the corpus about three times
+    p.add_argument(
+        "--calibration-file",
+        metavar="F",
+        help="calibration texts, one per line (default: the first quarter of the default corpus)",
+    )
+    p.add_argument("--calibration-tokens", type=int, default=4096, metavar="N")
+    p.add_argument("--json", metavar="OUT", help="write the table as JSON")
+    p.set_defaults(run=_intervene)
     return parser
 
 

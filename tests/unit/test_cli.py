@@ -56,3 +56,15 @@ def test_unknown_model_name_is_refused(capsys):
         cli.main(["scan", "--model", "no-such-model"])
     assert e.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_claims_command_prints_and_writes_the_table(use_planted, tmp_path, capsys):
+    text_file = tmp_path / "texts.txt"
+    text_file.write_text("\n".join(sentences(8)))
+    out = tmp_path / "claims.json"
+    code = cli.main(["claims", "--text-file", str(text_file), "--json", str(out), "--no-progress"])
+    assert code == 0
+    assert "claims for planted" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    quadratic = [r for r in rows if r["link"] == "quadratic"]
+    assert quadratic and all(r["verdict"] == "holds" for r in quadratic)

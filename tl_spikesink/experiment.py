@@ -1,0 +1,355 @@
+"""The decoupling experiment: do spikes and sinks matter to the model, and do they need each other?
+
+One table, one row per intervention, the clean model first: loss, Δloss, perplexity,
+KL(clean ‖ intervened), top-1 agreement, and what is left of the spikes (max top-1/median ratio
+over layers) and the sinks (sink ratio; attention distance of the clean model's sink heads with
+and without their sink key). Zeroing the spikes tells whether the model needs them; setting them
+to their mean tells whether it needs their *value* or only their presence (Sun et al. 2024);
+removing the sink keys, and swapping the norm that turns a spike into a fixed direction, tell
+whether the sinks survive without the spikes and the spikes without the sinks.
+
+Corpora: fitted values (spike means, norm scales) come from a calibration corpus disjoint from
+the evaluation corpus. By default both come from :func:`tl_spikesink.corpus.default_texts`,
+split deterministically: the first quarter of its paragraphs calibrates, the rest evaluates.
+Structural defaults (which block, which channels, which heads) come from the clean scan of the
+evaluation corpus, which the clean row needs anyway: they describe the model, not the texts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tl_spikesink.anatomy import Anatomy
+from tl_spikesink.corpus import Corpus, default_texts, tokenize
+from tl_spikesink.errors import SpikeSinkError
+from tl_spikesink.evaluate import Evaluation, evaluate_all
+from tl_spikesink.interventions import Intervention, sink_key_removal, spike_ablation
+from tl_spikesink.norms import NormKind, norm_scales, norm_swap
+from tl_spikesink.scan import ScanConfig, ScanResult, _environment
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_SHARE = 0.25
+"""Share of the default corpus's paragraphs (the first ones) kept for calibration."""
+DEFAULT_EVAL_TOKENS = 4096
+DEFAULT_CALIBRATION_TOKENS = 4096
+NORM_KINDS: tuple[NormKind, ...] = ("layernorm", "dyt", "fixed_scale", "rms_no_spike")
+
+
+@dataclass(frozen=True)
+class ExperimentRow:
+    """One intervention's line of the table."""
+
+    name: str
+    loss: float
+    delta_loss: float
+    """Loss minus the clean model's loss."""
+    perplexity: float
+    kl: float
+    top1_agreement: float
+    max_spike_ratio: float
+    sink_ratio: float
+    sink_head_distance: float
+    sink_head_distance_without_sink: float
+    n_spike_tokens: int
+    n_nonfinite: int
+    """Positions with non-finite log-probs (the forward overflowed); they make loss and KL NaN."""
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, ev: Evaluation, clean_loss: float) -> ExperimentRow:
+        """The row of one evaluation."""
+        return cls(
+            name=ev.name,
+            loss=ev.loss,
+            delta_loss=ev.loss - clean_loss,
+            perplexity=ev.perplexity,
+            kl=ev.kl,
+            top1_agreement=ev.top1_agreement,
+            max_spike_ratio=ev.max_spike_ratio,
+            sink_ratio=ev.sink_ratio,
+            sink_head_distance=ev.sink_head_distance,
+            sink_head_distance_without_sink=ev.sink_head_distance_without_sink,
+            n_spike_tokens=len(ev.scan.spikes.tokens),
+            n_nonfinite=ev.n_nonfinite,
+            settings=ev.settings,
+        )
+
+
+@dataclass(frozen=True)
+class ExperimentTable:
+    """The decoupling table, with everything needed to say what was run on what."""
+
+    model: str
+    rows: tuple[ExperimentRow, ...]
+    """The clean model first, then one row per intervention."""
+    corpus: dict[str, Any]
+    """The evaluation corpus (name, sizes, sha256)."""
+    calibration: dict[str, Any] | None
+    """The calibration corpus, disjoint from the evaluation corpus."""
+    split: str
+    """How the two corpora were chosen."""
+    config: ScanConfig
+    sink_heads: tuple[tuple[int, int], ...]
+    """The clean model's sink heads (the attention-distance columns average over them)."""
+    spike_channels: tuple[int, ...]
+    """The clean scan's spike channels."""
+    environment: dict[str, str] = field(default_factory=dict)
+    evaluations: tuple[Evaluation, ...] = field(default=(), repr=False, compare=False)
+    """The full evaluations (with their scans), for a closer look."""
+
+    def row(self, name: str) -> ExperimentRow:
+        """The row called `name`."""
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise SpikeSinkError(f"no row {name!r}; rows are {[r.name for r in self.rows]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready record: ``rows`` plus model, corpora, split, settings and seed."""
+        from tl_spikesink.report import _clean
+
+        return _clean(
+            {
+                "model": self.model,
+                "rows": [dataclasses.asdict(r) for r in self.rows],
+                "corpus": self.corpus,
+                "calibration": self.calibration,
+                "split": self.split,
+                "config": dataclasses.asdict(self.config),
+                "seed": self.config.seed,
+                "sink_heads": [list(h) for h in self.sink_heads],
+                "spike_channels": list(self.spike_channels),
+                "environment": self.environment,
+            }
+        )
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The record as JSON text, also written to `path` if given."""
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def __str__(self) -> str:
+        return render(self)
+
+
+def experiment(
+    model: Any,
+    texts: Sequence[str] | Corpus | None = None,
+    interventions: Sequence[Intervention] | None = None,
+    *,
+    calibration: Sequence[str] | Corpus | None = None,
+    config: ScanConfig | None = None,
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
+    progress: bool = True,
+) -> ExperimentTable:
+    """Run the decoupling experiment: the clean model and each intervention on held-out text.
+
+    Args:
+        model: a HookedTransformer-like model; it is only borrowed.
+        texts: evaluation texts or Corpus (default: the later part of the default corpus).
+        interventions: what to compare (default: :func:`standard_interventions`).
+        calibration: texts or Corpus for fitted values (default: the first part of the default
+            corpus); must share no sequence with the evaluation corpus.
+        config: scan settings (default: ``ScanConfig(max_tokens=4096)``).
+        calibration_tokens: tokens of calibration text to read when it is given as texts.
+        progress: show progress bars.
+    """
+    config = config or ScanConfig(max_tokens=DEFAULT_EVAL_TOKENS)
+    Anatomy.of(model)
+    paragraphs = default_texts() if texts is None or calibration is None else []
+    cut = int(len(paragraphs) * CALIBRATION_SHARE)
+    split = []
+    if texts is None:
+        texts = _as_eval_corpus(
+            model, paragraphs[cut:], "pydoc_data.topics (default), evaluation part", config
+        )
+        split.append(f"evaluation: default corpus paragraphs {cut}..{len(paragraphs) - 1}")
+    else:
+        texts = (
+            texts if isinstance(texts, Corpus) else _as_eval_corpus(model, texts, "texts", config)
+        )
+        split.append(f"evaluation: {texts.name}")
+    if calibration is None:
+        calibration = paragraphs[:cut]
+        split.append(f"calibration: default corpus paragraphs 0..{cut - 1}")
+        cal_name = "pydoc_data.topics (default), calibration part"
+    else:
+        cal_name = calibration.name if isinstance(calibration, Corpus) else "calibration"
+        split.append(f"calibration: {cal_name}")
+    if not isinstance(calibration, Corpus):
+        calibration = tokenize(
+            model,
+            calibration,
+            name=cal_name,
+            max_tokens=calibration_tokens,
+            max_seq_len=config.max_seq_len,
+            prepend_bos=config.prepend_bos,
+        )
+    _check_disjoint(texts, calibration)
+
+    clean = evaluate_all(model, texts, [None], config=config, progress=progress)[0]
+    if interventions is None:
+        interventions = standard_interventions(model, clean.scan, calibration)
+    # One call for all interventions, so each batch's clean forward is shared by all of them.
+    evaluations = [
+        clean,
+        *evaluate_all(
+            model,
+            texts,
+            interventions,
+            config=config,
+            sink_heads=clean.sink_heads,
+            progress=progress,
+        ),
+    ]
+    return ExperimentTable(
+        model=clean.scan.model,
+        rows=tuple(ExperimentRow.of(ev, clean.loss) for ev in evaluations),
+        corpus=texts.describe(),
+        calibration=calibration.describe(),
+        split="; ".join(split),
+        config=config,
+        sink_heads=clean.sink_heads,
+        spike_channels=clean.scan.spikes.channels,
+        environment=_environment(model),
+        evaluations=tuple(evaluations),
+    )
+
+
+def standard_interventions(
+    model: Any, scan: ScanResult, calibration: Sequence[str] | Corpus
+) -> list[Intervention]:
+    """The standard set: zero / mean spikes, sink keys removed (all heads, sink heads), norm swaps.
+
+    Interventions that do not apply are left out and logged (no spike: no spike ablation; no
+    sink head: no sink-head removal; no RMSNorm: no norm swap). Norm swaps cover ln1, ln2 and
+    ln_final; the calibration corpus is read once for all of them.
+    """
+    if not isinstance(calibration, Corpus):
+        calibration = tokenize(model, calibration, name="calibration")
+    out: list[Intervention] = []
+    if scan.spikes.massive:
+        out.append(spike_ablation(scan, mode="zero", model=model))
+        out.append(spike_ablation(scan, mode="mean", calibration=calibration, model=model))
+    else:
+        log.info("no massive activation in the scan: spike ablations left out")
+    out.append(sink_key_removal(scan, heads="all", model=model))
+    if scan.sinks.sink_heads:
+        out.append(sink_key_removal(scan, heads="sink", model=model))
+    else:
+        log.info("no sink head in the scan: sink-head key removal left out")
+    if Anatomy.of(model).normalization_type in ("RMS", "RMSPre"):
+        norms = ("ln1", "ln2", "ln_final")
+        scales = norm_scales(model, calibration, norms=norms, scan=scan)
+        for kind in NORM_KINDS:
+            if kind == "rms_no_spike" and not scan.spikes.channels:
+                log.info("no spike channel in the scan: rms_no_spike left out")
+                continue
+            out.append(norm_swap(kind, norms=norms, calibration=scales, scan=scan, model=model))
+    else:
+        log.info("the model has no RMSNorm: norm swaps left out")
+    return out
+
+
+def _as_eval_corpus(model: Any, texts: Sequence[str], name: str, config: ScanConfig) -> Corpus:
+    return tokenize(
+        model,
+        texts,
+        name=name,
+        max_seq_len=config.max_seq_len,
+        max_tokens=config.max_tokens,
+        long_texts=config.long_texts,
+        prepend_bos=config.prepend_bos,
+    )
+
+
+def _check_disjoint(evaluation: Corpus, calibration: Corpus) -> None:
+    # Sequences (chunks) are compared, so the same text given twice is caught however it came in.
+    seen = {c.tokens for c in calibration.chunks}
+    shared = sum(c.tokens in seen for c in evaluation.chunks)
+    if shared:
+        raise SpikeSinkError(
+            f"the calibration corpus {calibration.name!r} and the evaluation corpus "
+            f"{evaluation.name!r} share {shared} sequence(s); calibrate on held-out text"
+        )
+
+
+def _num(x: float) -> str:
+    if x != x:
+        return "nan"
+    if x in (float("inf"), float("-inf")):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 or x == 0 else f"{x:.2e}"
+
+
+def render(t: ExperimentTable) -> str:
+    """The text table `print(table)` and the CLI show."""
+    header = [
+        "intervention",
+        "loss",
+        "Δloss",
+        "ppl",
+        "KL",
+        "top-1",
+        "spike/med",
+        "sink ratio",
+        "sink dist",
+        "w/o sink",
+    ]
+    lines_ = [
+        [
+            r.name,
+            _num(r.loss),
+            _num(r.delta_loss),
+            _num(r.perplexity),
+            _num(r.kl),
+            f"{100 * r.top1_agreement:.1f}%" if r.top1_agreement == r.top1_agreement else "-",
+            _num(r.max_spike_ratio),
+            f"{r.sink_ratio:.3f}",
+            _num(r.sink_head_distance),
+            _num(r.sink_head_distance_without_sink),
+        ]
+        for r in t.rows
+    ]
+    width = [max(len(h), *(len(row[i]) for row in lines_)) for i, h in enumerate(header)]
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, width, strict=True))
+        )
+
+    c = t.corpus
+    out = [
+        f"tl_spikesink decoupling experiment on {t.model}: {c['n_tokens']:,} tokens in "
+        f"{c['n_sequences']:,} sequences of {c['name']!r}",
+        f"  {t.split}",
+        f"  spike channels {', '.join(map(str, t.spike_channels)) or 'none'}; "
+        f"{len(t.sink_heads)} clean sink heads; seed {t.config.seed}",
+        "",
+        fmt(header),
+        fmt(["-" * w for w in width]),
+        *(fmt(row) for row in lines_),
+        "",
+        "KL: mean KL(clean || intervened) per token (nats); spike/med: max over layers of",
+        "resid_post top-1 |x| / median |x|; sink dist: mean attention distance of the clean sink",
+        "heads (tokens); w/o sink: the same with the first-token key removed, rest renormalized.",
+        *(
+            f"{r.name}: {r.n_nonfinite:,} of the scored positions have non-finite logits (overflow)"
+            for r in t.rows
+            if r.n_nonfinite
+        ),
+    ]
+    return "\n".join(out)
+
+
+__all__ = ["ExperimentRow", "ExperimentTable", "experiment", "render", "standard_interventions"]

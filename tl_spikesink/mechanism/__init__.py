@@ -1,0 +1,63 @@
+"""Mechanism: why spikes happen and why they become attention sinks, as checks on any model.
+
+Each analysis takes the spike tokens' defining layer, channels and cut, and the sink heads, from a
+:class:`~tl_spikesink.ScanResult` (running :func:`tl_spikesink.scan` when none is given), then
+runs a few forward passes with read-only hooks over a small corpus (default 1,024 tokens) and
+returns a frozen result. A token is a *spike token* in these passes when |resid_post| at the
+*spike layer* (the first block whose residual top-1 reaches half the largest top-1 of any layer,
+the block that creates the main spike) exceeds the scan's massive-activation cut in one of the
+scan's spike channels.
+
+Links of the chain, each a reconstruction (see /work/shared/science.md):
+
+1. **SiLU regime** (:func:`silu_regime`): in the spike layer's MLP, spike tokens drive a few gate
+   neurons so hard that SiLU(z) ≈ z over the whole gate vector: cos(z, SiLU z) ≈ 1 and
+   ‖SiLU z‖/‖z‖ ≈ 1, while ordinary tokens lose their negative half.
+2. **Quadratic form** (:func:`quadratic_form`): where SiLU(z) ≈ z, output channel k of a gated MLP
+   is y_k ≈ x̂ᵀ S_k x̂ + c_k with S_k = ½ Σ_j W_out[j,k] (g_j u_jᵀ + u_j g_jᵀ), x̂ the normalized
+   input, g_j / u_j the gate / up columns (times the RMSNorm weight γ when it is not folded) and
+   c_k = Σ_j b_in[j] W_out[j,k] + b_out[k]. The eigenvector of the eigenvalue of largest |λ| is
+   the *trigger direction*; spike tokens' x̂ should align with it.
+3. **Near-constant representations** (:func:`representations`): RMSNorm fixes ‖x̂/γ‖ = √d, so a
+   coordinate cannot exceed √d·|γ_i|; once a spike dominates, x̂ puts nearly all its energy in
+   the spike channels and different spike tokens normalize to nearly the same vector.
+4. **Sink geometry** (:func:`sink_geometry`): near-identical inputs give near-identical keys (one
+   direction carries their energy), and sink heads give the first-token key a large logit gap
+   over the other keys.
+5. **Short-range bias** (:func:`short_range`): with the sink key removed, sink heads attend more
+   locally than other heads (read from the scan, no forward pass).
+
+Every hook is read-only, added through ``model.hooks`` (which removes exactly what it added, also
+on error) and run under ``torch.inference_mode``; no parameter is touched. Analyses that need a
+component the model lacks raise :class:`SpikeSinkError` naming it; :mod:`tl_spikesink.claims`
+turns those into "not applicable" rows.
+"""
+
+from tl_spikesink.mechanism._passes import DEFAULT_MAX_TOKENS, SpikeSite, Texts, spike_site
+from tl_spikesink.mechanism.attention import ShortRange, SinkGeometry, short_range, sink_geometry
+from tl_spikesink.mechanism.mlp import (
+    QuadraticForm,
+    SiluRegime,
+    quadratic_form,
+    quadratic_matrix,
+    silu_regime,
+)
+from tl_spikesink.mechanism.representations import Representations, representations
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "Texts",
+    "QuadraticForm",
+    "Representations",
+    "ShortRange",
+    "SiluRegime",
+    "SinkGeometry",
+    "SpikeSite",
+    "quadratic_form",
+    "quadratic_matrix",
+    "representations",
+    "short_range",
+    "silu_regime",
+    "sink_geometry",
+    "spike_site",
+]

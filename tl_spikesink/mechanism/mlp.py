@@ -1,0 +1,303 @@
+"""The spike layer's MLP: SiLU regime and SwiGLU quadratic form (links 1 and 2).
+
+SiLU regime: cos(z, act(z)) and ‖act(z)‖/‖z‖ of the gate pre-activation z = ``mlp.hook_pre``;
+spike tokens drive a few gate neurons so hard that act(z) ≈ z.
+
+Quadratic form (reconstruction, /work/shared/science.md): where SiLU(z) ≈ z, output channel k of
+a gated MLP is y_k ≈ x̂ᵀ S_k x̂ + c_k with S_k = ½ Σ_j W_out[j,k] (g_j u_jᵀ + u_j g_jᵀ), x̂ =
+``ln2.hook_normalized`` and g_j / u_j the columns of W_gate / W_in (times ln2's γ when the norm
+is not folded), c_k = Σ_j b_in[j] W_out[j,k] + b_out[k]. The eigenvector of the largest-|λ|
+eigenvalue is the trigger direction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float
+
+from tl_spikesink.mechanism._passes import (
+    DEFAULT_MAX_TOKENS,
+    SpikeSite,
+    Texts,
+    _as_corpus,
+    _capture,
+    _Captured,
+    _hook,
+    _mean,
+    _require_gated,
+    _scan_of,
+    _spike_mask,
+    spike_site,
+)
+
+# ---------------------------------------------------------------- 1. SiLU regime
+
+
+@dataclass(frozen=True)
+class SiluRegime:
+    """How close the spike layer's MLP activation is to the identity, per token."""
+
+    layer: int
+    cosine: Float[torch.Tensor, " token"]
+    """cos(z, act(z)) of the gate pre-activation z (``mlp.hook_pre``)."""
+    norm_ratio: Float[torch.Tensor, " token"]
+    """‖act(z)‖ / ‖z‖."""
+    channel: int
+    """Spike channel whose writers `linear_share` weighs."""
+    linear_share: Float[torch.Tensor, " token"]
+    """Share of Σ_j |act(z_j)·u_j·W_out[j, channel]| from neurons with act(z_j)/z_j ≥ 0.9."""
+    is_spike: Bool[torch.Tensor, " token"]
+
+    @property
+    def spike_linear_share(self) -> float:
+        """Mean `linear_share` over spike tokens (≈ 1: the spike is written linearly)."""
+        return _mean(self.linear_share[self.is_spike])
+
+    @property
+    def other_linear_share(self) -> float:
+        """Mean `linear_share` over the other tokens."""
+        return _mean(self.linear_share[~self.is_spike])
+
+    @property
+    def spike_cosine(self) -> float:
+        """Mean cosine over spike tokens (≈ 1 in the linear regime)."""
+        return _mean(self.cosine[self.is_spike])
+
+    @property
+    def other_cosine(self) -> float:
+        """Mean cosine over the other tokens."""
+        return _mean(self.cosine[~self.is_spike])
+
+    @property
+    def spike_norm_ratio(self) -> float:
+        """Mean norm ratio over spike tokens."""
+        return _mean(self.norm_ratio[self.is_spike])
+
+    @property
+    def other_norm_ratio(self) -> float:
+        """Mean norm ratio over the other tokens."""
+        return _mean(self.norm_ratio[~self.is_spike])
+
+
+def silu_regime(
+    model: Any, texts: Texts, scan: Any = None, *, max_tokens: int = DEFAULT_MAX_TOKENS
+) -> SiluRegime:
+    """Compare the gate pre-activation with its activation in the spike layer's MLP.
+
+    The cosine over the whole gate vector mixes the few neurons that write the spike with
+    thousands that do not; `linear_share` weighs each neuron by what it writes into the first
+    spike channel, which is the part the quadratic-form reading needs to be linear.
+
+    Args:
+        model: a TransformerLens model; only read.
+        texts: strings or a :class:`Corpus` (raw texts are cut to `max_tokens`).
+        scan: the model's scan; run on `texts` when None.
+        max_tokens: tokens read from raw texts.
+
+    Returns:
+        A :class:`SiluRegime`; `spike_cosine` near 1 means spike tokens see SiLU as the identity.
+    """
+    corpus = _as_corpus(model, texts, max_tokens)
+    site = spike_site(_scan_of(model, corpus, scan))
+    L = site.layer
+    cap = _capture(model, corpus, _silu_names(model, L))
+    return _silu_from(model, cap, site)
+
+
+def _silu_names(model: Any, layer: int) -> list[str]:
+    names = [_hook(layer, "mlp.hook_pre"), _hook(layer, "hook_resid_post")]
+    if getattr(model.cfg, "gated_mlp", False):
+        names.append(_hook(layer, "mlp.hook_pre_linear"))
+    return names
+
+
+def _silu_from(model: Any, cap: _Captured, site: SpikeSite) -> SiluRegime:
+    L = site.layer
+    z = cap.acts[_hook(L, "mlp.hook_pre")]
+    with torch.inference_mode():
+        a = model.blocks[L].mlp.act_fn(z)
+    cos = torch.nn.functional.cosine_similarity(z, a, dim=-1)
+    ratio = a.norm(dim=-1) / z.norm(dim=-1).clamp(min=1e-12)
+    # What each neuron writes into the spike channel; a plain MLP has no up projection (u = 1).
+    k = site.channels[0]
+    up = cap.acts.get(_hook(L, "mlp.hook_pre_linear"))
+    w_out = model.blocks[L].mlp.W_out.detach().float().cpu()[:, k]
+    c = (a * w_out).abs() if up is None else (a * up * w_out).abs()
+    # act(z)/z ≥ 0.9 is SiLU's z ≥ ln 9 ≈ 2.2: within 10 % of the identity.
+    linear = (z > 0) & (a >= 0.9 * z)
+    share = (c * linear).sum(-1) / c.sum(-1).clamp(min=1e-30)
+    return SiluRegime(L, cos, ratio, k, share, _spike_mask(cap, site))
+
+
+# ---------------------------------------------------------------- 2. quadratic form
+
+
+@dataclass(frozen=True)
+class QuadraticForm:
+    """The SwiGLU quadratic form S_k of the spike layer's MLP for each spike channel."""
+
+    layer: int
+    channels: tuple[int, ...]
+    """Spike channels k analysed (rows of the per-channel tensors)."""
+    lambda_star: Float[torch.Tensor, " channel"]
+    """Eigenvalue of S_k with the largest |λ|."""
+    trigger: Float[torch.Tensor, "channel d_model"]
+    """Its unit eigenvector: the trigger direction."""
+    frobenius: Float[torch.Tensor, " channel"]
+    """‖S_k‖_F (= ‖Λ_k‖_F)."""
+    random_channels: tuple[int, ...]
+    random_frobenius: Float[torch.Tensor, " random"]
+    """‖S_k‖_F of seeded random non-spike channels, for comparison."""
+    random_lambda_share: Float[torch.Tensor, " random"]
+    """|λ*| / ‖S_k‖_F of the random channels."""
+    alignment: Float[torch.Tensor, "channel token"]
+    """|cos(x̂, trigger)| per token."""
+    predicted: Float[torch.Tensor, "channel token"]
+    """x̂ᵀ S_k x̂ + c_k."""
+    actual: Float[torch.Tensor, "channel token"]
+    """The MLP's real output in channel k (``hook_mlp_out``)."""
+    is_spike: Bool[torch.Tensor, " token"]
+
+    @property
+    def lambda_share(self) -> Float[torch.Tensor, " channel"]:
+        """|λ*| / ‖S_k‖_F: 1 when one eigenvalue carries the whole form."""
+        return self.lambda_star.abs() / self.frobenius.clamp(min=1e-30)
+
+    @property
+    def spike_alignment(self) -> float:
+        """Mean |cos(x̂, trigger)| of spike tokens, first spike channel."""
+        return _mean(self.alignment[0][self.is_spike])
+
+    @property
+    def other_alignment(self) -> float:
+        """Mean |cos(x̂, trigger)| of the other tokens, first spike channel."""
+        return _mean(self.alignment[0][~self.is_spike])
+
+    @property
+    def spike_relative_error(self) -> float:
+        """Median |predicted − actual| / |actual| over spike tokens, first spike channel."""
+        p, a = self.predicted[0][self.is_spike], self.actual[0][self.is_spike]
+        if not a.numel():
+            return float("nan")
+        return float(((p - a).abs() / a.abs().clamp(min=1e-12)).median())
+
+    @property
+    def frobenius_ratio(self) -> float:
+        """‖S_k‖_F of the first spike channel over the median of the random channels."""
+        if not self.random_frobenius.numel():
+            return float("nan")
+        median = float(self.random_frobenius.median())
+        return float(self.frobenius[0]) / median if median > 0 else math.inf
+
+
+def quadratic_matrix(
+    model: Any, layer: int, channel: int
+) -> Float[torch.Tensor, "d_model d_model"]:
+    """S_k of block `layer`'s gated MLP for output channel `channel`, in x̂'s basis.
+
+    With an unfolded RMSNorm (``normalization_type="RMS"``) the weight γ of ``ln2`` multiplies the
+    gate and up columns; with ``fold_ln`` (``"RMSPre"``) it is already inside them.
+    """
+    _require_gated(model, "the SwiGLU quadratic form")
+    mlp = model.blocks[layer].mlp
+    with torch.inference_mode():
+        g, u = mlp.W_gate.detach().double(), mlp.W_in.detach().double()
+        ln = getattr(model.blocks[layer], "ln2", None)
+        w = getattr(ln, "w", None)
+        if w is not None:
+            g, u = g * w.detach().double()[:, None], u * w.detach().double()[:, None]
+        wk = mlp.W_out.detach().double()[:, channel]
+        s = (g * wk) @ u.T
+        return (0.5 * (s + s.T)).float()
+
+
+def _channel_constant(model: Any, layer: int, channel: int) -> float:
+    mlp = model.blocks[layer].mlp
+    with torch.inference_mode():
+        return float(
+            mlp.b_in.detach().double() @ mlp.W_out.detach().double()[:, channel]
+            + mlp.b_out[channel]
+        )
+
+
+def quadratic_form(
+    model: Any,
+    texts: Texts,
+    scan: Any = None,
+    *,
+    n_random: int = 8,
+    seed: int = 0,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> QuadraticForm:
+    """Eigen-analyse S_k for the spike channels and test x̂ᵀS_k x̂ against the MLP's output.
+
+    Args:
+        model: a TransformerLens model with a gated MLP; only read.
+        texts: strings or a :class:`Corpus`.
+        scan: the model's scan; run on `texts` when None.
+        n_random: non-spike channels drawn (seeded) for the ‖S_k‖_F comparison.
+        seed: seed of that draw.
+        max_tokens: tokens read from raw texts.
+
+    Raises:
+        SpikeSinkError: the model has no gated MLP, or the scan found no spike.
+    """
+    _require_gated(model, "the SwiGLU quadratic form")
+    corpus = _as_corpus(model, texts, max_tokens)
+    site = spike_site(_scan_of(model, corpus, scan))
+    L = site.layer
+    cap = _capture(model, corpus, _quadratic_names(L))
+    return _quadratic_from(model, cap, site, n_random, seed)
+
+
+def _quadratic_names(L: int) -> list[str]:
+    return [_hook(L, "ln2.hook_normalized"), _hook(L, "hook_mlp_out"), _hook(L, "hook_resid_post")]
+
+
+def _spectrum(model: Any, layer: int, channel: int) -> tuple[float, torch.Tensor, float]:
+    s = quadratic_matrix(model, layer, channel).double()
+    vals, vecs = torch.linalg.eigh(s)
+    i = int(vals.abs().argmax())
+    return float(vals[i]), vecs[:, i].float(), float(vals.norm())
+
+
+def _quadratic_from(
+    model: Any, cap: _Captured, site: SpikeSite, n_random: int, seed: int
+) -> QuadraticForm:
+    _require_gated(model, "the SwiGLU quadratic form")
+    L, channels = site.layer, site.channels
+    x = cap.acts[_hook(L, "ln2.hook_normalized")]
+    out = cap.acts[_hook(L, "hook_mlp_out")]
+    lams, trig, frob, align, pred, actual = [], [], [], [], [], []
+    for k in channels:
+        lam, v, f = _spectrum(model, L, k)
+        s = quadratic_matrix(model, L, k)
+        lams.append(lam)
+        trig.append(v)
+        frob.append(f)
+        align.append((x @ v).abs() / x.norm(dim=-1).clamp(min=1e-12))
+        pred.append(((x @ s) * x).sum(-1) + _channel_constant(model, L, k))
+        actual.append(out[:, k])
+    d = int(model.cfg.d_model)
+    gen = torch.Generator().manual_seed(seed)
+    pool = [c for c in torch.randperm(d, generator=gen).tolist() if c not in channels][:n_random]
+    rand = [_spectrum(model, L, c) for c in pool]
+    rf = torch.tensor([r[2] for r in rand])
+    return QuadraticForm(
+        layer=L,
+        channels=channels,
+        lambda_star=torch.tensor(lams),
+        trigger=torch.stack(trig),
+        frobenius=torch.tensor(frob),
+        random_channels=tuple(pool),
+        random_frobenius=rf,
+        random_lambda_share=torch.tensor([abs(r[0]) for r in rand]) / rf.clamp(min=1e-30),
+        alignment=torch.stack(align),
+        predicted=torch.stack(pred),
+        actual=torch.stack(actual),
+        is_spike=_spike_mask(cap, site),
+    )
