@@ -28,7 +28,8 @@ def test_lifecycle_step_up_at_11_step_down_late(smollm2_scan):
     assert top[15] > 1.5e4 and top[10] < 2e3
     assert top[28] < 0.6 * top[27] and top[29] < 0.4 * top[27]  # cancelled by the last blocks
     med = s.median("resid_post")
-    assert (med[11:28] < 2.0).all()
+    # The median grows along the plateau (measured 1.7 at block 11 to 9.7 at block 27).
+    assert (med[11:28] < 20).all() and med[27] > 3 * med[11]
 
 
 def test_strong_sinks_on_the_first_token(smollm2_scan):
