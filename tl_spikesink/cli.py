@@ -29,7 +29,13 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
         metavar="F",
         help="texts, one per line (repeatable); default: Python's pydoc topics",
     )
-    p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="read at most N tokens")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=8192,
+        metavar="N",
+        help="read at most N tokens (default 8192: about a minute for SmolLM2 on 2 CPU cores; 0: all)",
+    )
     p.add_argument("--max-seq-len", type=int, default=None, metavar="L", help="chunk texts to L tokens")
     p.add_argument("--batch-size", type=int, default=8, metavar="B")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -68,6 +74,7 @@ def _scan_args(args: argparse.Namespace):
     from tl_spikesink.corpus import tokenize
     from tl_spikesink.scan import ScanConfig, scan
 
+    args.max_tokens = args.max_tokens or None  # 0 reads the whole corpus
     config = ScanConfig(
         batch_size=args.batch_size,
         max_tokens=args.max_tokens,
