@@ -29,7 +29,11 @@ def _setup(args):
     torch.manual_seed(0)
     model = ts.load(args.model, device=args.device, progress=False)
     corpus = ts.tokenize(
-        model, ts.default_texts(), max_seq_len=args.seq_len, max_tokens=args.tokens, name="pydoc topics"
+        model,
+        ts.default_texts(),
+        max_seq_len=args.seq_len,
+        max_tokens=args.tokens,
+        name="pydoc topics",
     )
     batches = list(corpus.batches(args.batch_size))
     return ts, model, corpus, batches
@@ -89,7 +93,9 @@ def main():
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-memory", action="store_true", help="skip the per-mode memory processes")
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the per-mode memory processes"
+    )
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args()
 
@@ -111,15 +117,21 @@ def main():
     )
     print(f"{'mode':<20}{'seconds':>10}{'tok/s':>10}{'x forward':>11}")
     for m in MODES:
-        print(f"{m:<20}{med[m]:>10.3f}{corpus.n_tokens / med[m]:>10.0f}{med[m] / med['forward']:>11.3f}")
+        print(
+            f"{m:<20}{med[m]:>10.3f}{corpus.n_tokens / med[m]:>10.0f}{med[m] / med['forward']:>11.3f}"
+        )
     out = {"settings": vars(args), "n_tokens": corpus.n_tokens, "seconds": med}
     if not args.no_memory:
-        print(f"\npeak memory above the loaded model (MiB), {'CUDA allocated' if 'cuda' in args.device else 'CPU RSS'}:")
+        print(
+            f"\npeak memory above the loaded model (MiB), {'CUDA allocated' if 'cuda' in args.device else 'CPU RSS'}:"
+        )
         print(f"{'mode':<20}{args.tokens:>12}{2 * args.tokens:>12}")
         mem = {}
         for m in ("forward", "scan", "run_with_cache"):
             small = peak_memory_mib(m, args)
-            big = peak_memory_mib(m, argparse.Namespace(**{**vars(args), "tokens": 2 * args.tokens}))
+            big = peak_memory_mib(
+                m, argparse.Namespace(**{**vars(args), "tokens": 2 * args.tokens})
+            )
             mem[m] = (small, big)
             print(f"{m:<20}{small:>12.1f}{big:>12.1f}")
         out["peak_memory_mib"] = mem

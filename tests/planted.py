@@ -36,7 +36,11 @@ def _tokenizer_dir() -> str:
     tok = Tokenizer(WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
     tok.pre_tokenizer = Whitespace()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>", unk_token="<unk>", eos_token="<pad>"
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="<pad>",
     )
     # TransformerLens reloads tokenizers by path to add BOS, so the tokenizer must live on disk.
     path = tempfile.mkdtemp(prefix="planted-tokenizer-")
@@ -48,7 +52,9 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return AutoTokenizer.from_pretrained(_tokenizer_dir())
 
 
-def planted_model(seed: int = 0, n_ctx: int = 64, positional: str = "standard") -> HookedTransformer:
+def planted_model(
+    seed: int = 0, n_ctx: int = 64, positional: str = "standard"
+) -> HookedTransformer:
     """A 3-layer pre-norm RMS, SwiGLU model with one sink head and one massive activation."""
     cfg = HookedTransformerConfig(
         n_layers=N_LAYERS,

@@ -17,9 +17,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     from tl_spikesink.models import DEFAULT_MODEL, MODELS
 
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS), help="built-in offline model")
-    src.add_argument("--gguf", metavar="PATH", help="a local Llama / Qwen2 / Gemma 3 GGUF file instead")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    src.add_argument(
+        "--model", default=DEFAULT_MODEL, choices=sorted(MODELS), help="built-in offline model"
+    )
+    src.add_argument(
+        "--gguf", metavar="PATH", help="a local Llama / Qwen2 / Gemma 3 GGUF file instead"
+    )
+    p.add_argument(
+        "--device", default=None, help="torch device (default: cuda if available, else cpu)"
+    )
 
 
 def _add_corpus_args(p: argparse.ArgumentParser) -> None:
@@ -36,7 +42,9 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="read at most N tokens (default 8192: about a minute for SmolLM2 on 2 CPU cores; 0: all)",
     )
-    p.add_argument("--max-seq-len", type=int, default=None, metavar="L", help="chunk texts to L tokens")
+    p.add_argument(
+        "--max-seq-len", type=int, default=None, metavar="L", help="chunk texts to L tokens"
+    )
     p.add_argument("--batch-size", type=int, default=8, metavar="B")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -44,7 +52,9 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
 def _add_threshold_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epsilon", type=float, default=0.3, help="sink-head threshold (Gu et al.)")
     p.add_argument("--abs-threshold", type=float, default=100.0, help="a spike exceeds this |x|")
-    p.add_argument("--rel-threshold", type=float, default=1000.0, help="... and this x layer median")
+    p.add_argument(
+        "--rel-threshold", type=float, default=1000.0, help="... and this x layer median"
+    )
 
 
 def _load_model(args: argparse.Namespace):
@@ -111,10 +121,9 @@ def _claims(args: argparse.Namespace) -> None:
     table = claims(model, texts or default_texts(), result, max_tokens=args.claim_tokens)
     print(table)
     if args.json:
-        import json
+        from tl_spikesink.report import json_text
 
-        with open(args.json, "w") as f:
-            json.dump(table.to_dict(), f, indent=1)
+        json_text(table.to_dict(), args.json)
         print(f"\nwrote {args.json}")
 
 
@@ -131,7 +140,9 @@ def _intervene(args: argparse.Namespace) -> None:
     from tl_spikesink.experiment import experiment
     from tl_spikesink.scan import ScanConfig
 
-    config = ScanConfig(batch_size=args.batch_size, max_tokens=args.max_tokens, max_seq_len=args.max_seq_len)
+    config = ScanConfig(
+        batch_size=args.batch_size, max_tokens=args.max_tokens, max_seq_len=args.max_seq_len
+    )
     calibration = read_text_file(args.calibration_file) if args.calibration_file else None
     model = _load_model(args)
     texts, _ = _texts(args)
@@ -179,12 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corpus_args(p)
     _add_threshold_args(p)
     p.set_defaults(max_tokens=4096)
-    p.add_argument("--claim-tokens", type=int, default=1024, metavar="N", help="tokens the checks read")
+    p.add_argument(
+        "--claim-tokens", type=int, default=1024, metavar="N", help="tokens the checks read"
+    )
     p.add_argument("--json", metavar="OUT", help="write the claims table as JSON")
     p.set_defaults(run=_claims)
 
     p = sub.add_parser(
-        "intervene", help="zero / mean the spikes, remove sink keys, swap norms: the decoupling table"
+        "intervene",
+        help="zero / mean the spikes, remove sink keys, swap norms: the decoupling table",
     )
     _add_model_args(p)
     _add_corpus_args(p)
@@ -203,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `tl-spikesink`; returns the exit code (tests call it in-process)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
+    )
     try:
         args.run(args)
     except SpikeSinkError as e:

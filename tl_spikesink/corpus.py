@@ -151,12 +151,16 @@ def tokenize(
     n_ctx = int(model.cfg.n_ctx)
     max_seq_len = n_ctx if max_seq_len is None else int(max_seq_len)
     if not 2 <= max_seq_len <= n_ctx:
-        raise SpikeSinkError(f"max_seq_len must lie in 2..{n_ctx} (the model's n_ctx), got {max_seq_len}")
+        raise SpikeSinkError(
+            f"max_seq_len must lie in 2..{n_ctx} (the model's n_ctx), got {max_seq_len}"
+        )
     if prepend_bos is None:
         prepend_bos = bool(getattr(model.cfg, "default_prepend_bos", True))
     bos = [int(model.tokenizer.bos_token_id)] if prepend_bos else []
     if prepend_bos and model.tokenizer.bos_token_id is None:
-        raise SpikeSinkError("prepend_bos=True but the tokenizer has no BOS token; pass prepend_bos=False")
+        raise SpikeSinkError(
+            "prepend_bos=True but the tokenizer has no BOS token; pass prepend_bos=False"
+        )
     body = max_seq_len - len(bos)
 
     chunks: list[Chunk] = []
@@ -217,7 +221,9 @@ def read_text_file(path: str) -> list[str]:
         with open(path, encoding="utf-8") as f:
             texts = [line.rstrip("\n") for line in f if line.strip()]
     except OSError as e:
-        raise SpikeSinkError(f"cannot read text file {path!r}: {e.strerror}; check the path") from None
+        raise SpikeSinkError(
+            f"cannot read text file {path!r}: {e.strerror}; check the path"
+        ) from None
     except UnicodeDecodeError:
         raise SpikeSinkError(f"text file {path!r} is not UTF-8 text; convert it first") from None
     if not texts:

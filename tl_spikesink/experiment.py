@@ -18,7 +18,6 @@ evaluation corpus, which the clean row needs anyway: they describe the model, no
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -132,10 +131,9 @@ class ExperimentTable:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The record as JSON text, also written to `path` if given."""
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
+        from tl_spikesink.report import json_text
+
+        return json_text(self.to_dict(), path)
 
     def __str__(self) -> str:
         return render(self)

@@ -17,7 +17,7 @@ N_BINS = 1 << 11
 BIN_SHIFT = 20
 
 
-def log_bins(x: Float[torch.Tensor, "..."]) -> Int[torch.Tensor, "..."]:
+def log_bins(x: Float[torch.Tensor, ...]) -> Int[torch.Tensor, ...]:
     """Bin of each |x|: 8 bins per octave, exact for every float32 range.
 
     The bit pattern of a non-negative float32 is monotone in its value, so with the sign bit
@@ -32,7 +32,9 @@ def bin_edges(bins: torch.Tensor) -> torch.Tensor:
     return (bins.to(torch.int32) << BIN_SHIFT).view(torch.float32)
 
 
-def histogram_quantile(counts: Int[torch.Tensor, "... bins"], q: float) -> Float[torch.Tensor, "..."]:
+def histogram_quantile(
+    counts: Int[torch.Tensor, "... bins"], q: float
+) -> Float[torch.Tensor, ...]:
     """The `q`-quantile of each histogram, interpolated geometrically within its bin.
 
     Bins are 9 % wide, so the answer is within about 5 % of the exact quantile.
@@ -73,7 +75,12 @@ class TopEntries:
     def empty(cls, n_meta: int, k: int, threshold: float, capacity: int) -> TopEntries:
         """No entries yet."""
         return cls(
-            torch.zeros(0), torch.zeros(0), torch.zeros(0, n_meta, dtype=torch.long), k, threshold, capacity
+            torch.zeros(0),
+            torch.zeros(0),
+            torch.zeros(0, n_meta, dtype=torch.long),
+            k,
+            threshold,
+            capacity,
         )
 
     @classmethod
@@ -92,7 +99,9 @@ class TopEntries:
         n_above = int((keys > threshold).sum())
         m = max(k, min(capacity, n_above))
         full = cls._sorted(keys, values, meta, k, threshold, capacity, n_above > capacity)
-        return cls(full.keys[:m], full.values[:m], full.meta[:m], k, threshold, capacity, full.truncated)
+        return cls(
+            full.keys[:m], full.values[:m], full.meta[:m], k, threshold, capacity, full.truncated
+        )
 
     @classmethod
     def _sorted(cls, keys, values, meta, k, threshold, capacity, truncated) -> TopEntries:

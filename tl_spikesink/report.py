@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,6 +27,14 @@ def _clean(x: Any) -> Any:
     if isinstance(x, dict):
         return {str(k): _clean(v) for k, v in x.items()}
     return x
+
+
+def json_text(data: dict[str, Any], path: str | Path | None = None) -> str:
+    """`data` as indented JSON text, also written to `path` if given (every report's `to_json`)."""
+    text = json.dumps(data, indent=1)
+    if path is not None:
+        Path(path).write_text(text)
+    return text
 
 
 def to_dict(r: ScanResult) -> dict[str, Any]:
@@ -157,7 +167,10 @@ def summary(r: ScanResult) -> str:
         f"SINKS  first-token sink score > eps = {k.epsilon}",
         f"  sink ratio       {k.sink_ratio:.3f} ({len(k.sink_heads)} of {r.n_layers * r.n_heads} heads)",
         "  top sink heads   "
-        + (", ".join(f"L{layer}H{h} {float(k.scores[layer, h]):.2f}" for layer, h in heads[:8]) or "none"),
+        + (
+            ", ".join(f"L{layer}H{h} {float(k.scores[layer, h]):.2f}" for layer, h in heads[:8])
+            or "none"
+        ),
         f"  sink tokens      {len(k.tokens)} (first token {_pct(k.share_first)}, delimiters "
         f"{_pct(k.share_delimiter)}; {_pct(r.sink_spike_overlap)} are also spike tokens)",
     ]

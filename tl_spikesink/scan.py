@@ -7,7 +7,6 @@ never asks for logits it does not need.
 
 from __future__ import annotations
 
-import json
 import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -63,7 +62,9 @@ class ScanConfig:
         if "resid_post" not in self.spike_sites:
             raise SpikeSinkError("spike_sites must include 'resid_post' (spikes are defined there)")
         if self.top_k < 3:
-            raise SpikeSinkError(f"top_k must be at least 3 (reports show the top 3), got {self.top_k}")
+            raise SpikeSinkError(
+                f"top_k must be at least 3 (reports show the top 3), got {self.top_k}"
+            )
         if self.max_candidates < self.top_k:
             raise SpikeSinkError(
                 f"max_candidates ({self.max_candidates}) must be at least top_k ({self.top_k})"
@@ -96,7 +97,9 @@ class ScanResult:
         Shards of one corpus (:meth:`Corpus.shard`, same fingerprint) keep their text indices;
         scans of different corpora are concatenated, so `other`'s text indices move past ours.
         """
-        _check_same(self, other, ("model", "prepend_bos", "n_layers", "n_heads", "d_model", "config"))
+        _check_same(
+            self, other, ("model", "prepend_bos", "n_layers", "n_heads", "d_model", "config")
+        )
         shards = {c["sha256"] for c in self.corpus} == {c["sha256"] for c in other.corpus}
         offset = 0 if shards else self.n_texts
         return replace(
@@ -128,10 +131,9 @@ class ScanResult:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The report as JSON text, also written to `path` if given."""
-        text = json.dumps(self.to_dict(), indent=1)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
+        from tl_spikesink.report import json_text
+
+        return json_text(self.to_dict(), path)
 
     def __str__(self) -> str:
         from tl_spikesink.report import summary
@@ -215,7 +217,9 @@ def scan_corpus(
             mask = batch.mask.to(device)
             spike_probe.start_batch(batch, mask)
             sink_probe.start_batch(batch, mask)
-            logits = model(batch.tokens.to(device), attention_mask=mask.long(), return_type=return_type)
+            logits = model(
+                batch.tokens.to(device), attention_mask=mask.long(), return_type=return_type
+            )
             sink_probe.end_batch()
             if on_logits is not None:
                 on_logits(batch, logits)
@@ -240,7 +244,9 @@ def scan_corpus(
     )
 
 
-def _as_corpus(model: Any, texts: Sequence[str] | str | Corpus | None, config: ScanConfig) -> Corpus:
+def _as_corpus(
+    model: Any, texts: Sequence[str] | str | Corpus | None, config: ScanConfig
+) -> Corpus:
     if isinstance(texts, Corpus):
         return texts
     name = "texts"
@@ -279,7 +285,9 @@ def _environment(model: Any) -> dict[str, str]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(_device_of(model)),
-        "dtype": str(next(model.parameters()).dtype) if any(True for _ in model.parameters()) else "",
+        "dtype": str(next(model.parameters()).dtype)
+        if any(True for _ in model.parameters())
+        else "",
     }
 
 

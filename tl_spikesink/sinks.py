@@ -184,7 +184,11 @@ class SinkProbe:
         max_candidates: int,
     ):
         self.n_layers, self.n_heads = n_layers, n_heads
-        self.epsilon, self.sink_token_share, self.min_queries = epsilon, sink_token_share, min_queries
+        self.epsilon, self.sink_token_share, self.min_queries = (
+            epsilon,
+            sink_token_share,
+            min_queries,
+        )
         self.alpha_sum = torch.zeros(n_layers, n_heads, 0, dtype=torch.float64)
         self.alpha_count = torch.zeros(0, dtype=torch.float64)
         self.mass_sum = torch.zeros(n_layers, n_heads, dtype=torch.float64)
@@ -192,7 +196,9 @@ class SinkProbe:
         self.distance_nosink_sum = torch.zeros(n_layers, n_heads, dtype=torch.float64)
         self.distance_nosink_count = torch.zeros(n_layers, n_heads, dtype=torch.float64)
         # Keep shares down to just below the cut so `>=` at read time is exact.
-        self.candidates = TopEntries.empty(len(_META), top_k, sink_token_share - 1e-9, max_candidates)
+        self.candidates = TopEntries.empty(
+            len(_META), top_k, sink_token_share - 1e-9, max_candidates
+        )
         self.top_k, self.capacity = top_k, max_candidates
 
     def hooks(self) -> list[tuple[str, Callable]]:
@@ -275,7 +281,9 @@ class SinkProbe:
             dim=-1,
         ).reshape(-1, len(_META))
         keys = torch.where(self.eligible.cpu(), share, -1.0).flatten()
-        new = TopEntries.select(keys, keys.clone(), meta, self.top_k, self.candidates.threshold, self.capacity)
+        new = TopEntries.select(
+            keys, keys.clone(), meta, self.top_k, self.candidates.threshold, self.capacity
+        )
         self.candidates = self.candidates.merge(new)
 
     def result(self) -> SinkStats:

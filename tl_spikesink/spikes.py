@@ -24,7 +24,6 @@ from jaxtyping import Float, Int
 
 from tl_spikesink.anatomy import Site, hook_name
 from tl_spikesink.corpus import Batch
-
 from tl_spikesink.reducers import BIN_SHIFT, N_BINS, TopEntries, histogram_quantile
 from tl_spikesink.tokens import TokenRef, is_delimiter
 
@@ -89,11 +88,15 @@ class SpikeStats:
             out[layer, :m] = e.keys[:m]
         return out
 
-    def top_activations(self, site: Site = "resid_post", layer: int = 0, n: int = 10) -> list[Activation]:
+    def top_activations(
+        self, site: Site = "resid_post", layer: int = 0, n: int = 10
+    ) -> list[Activation]:
         """The `n` largest activations of one layer at `site`, with where they are."""
         return self._records(site, layer, self.entries[site][layer], n)
 
-    def _records(self, site: Site, layer: int, e: TopEntries, n: int | None = None) -> list[Activation]:
+    def _records(
+        self, site: Site, layer: int, e: TopEntries, n: int | None = None
+    ) -> list[Activation]:
         rows = e.meta[:n].tolist()
         return [
             Activation(site, layer, TokenRef(t, s, p), c, tok, v)
@@ -189,14 +192,24 @@ class SpikeStats:
         for site in outputs:
             for layer, e in enumerate(self.entries[site]):
                 for a in self._records(site, layer, e):
-                    written[(layer, a.token, a.channel)].append((site.removesuffix("_out"), a.value))
+                    written[(layer, a.token, a.channel)].append(
+                        (site.removesuffix("_out"), a.value)
+                    )
         for (layer, ref, ch), outs in written.items():
             after = resid.get((layer, ref, ch))
             before = resid.get((layer - 1, ref, ch))
             for component, value in outs:
-                if after is not None and value * after > 0 and abs(value) >= _STEP_SHARE * abs(after):
+                if (
+                    after is not None
+                    and value * after > 0
+                    and abs(value) >= _STEP_SHARE * abs(after)
+                ):
                     events["step_up"][(layer, component)] += 1
-                if before is not None and value * before < 0 and abs(value) >= _STEP_SHARE * abs(before):
+                if (
+                    before is not None
+                    and value * before < 0
+                    and abs(value) >= _STEP_SHARE * abs(before)
+                ):
                     events["step_down"][(layer, component)] += 1
         return events
 
@@ -220,7 +233,8 @@ class SpikeStats:
             rel_threshold=self.rel_threshold,
             histograms=self.histograms + other.histograms,
             entries={
-                s: tuple(a.merge(b) for a, b in zip(self.entries[s], other.entries[s])) for s in self.sites
+                s: tuple(a.merge(b) for a, b in zip(self.entries[s], other.entries[s]))
+                for s in self.sites
             },
             token_strings={**self.token_strings, **other.token_strings},
         )
@@ -229,7 +243,9 @@ class SpikeStats:
         """The same statistics with text indices moved by `offset` (to merge separate corpora)."""
         return replace(
             self,
-            entries={s: tuple(e.shift_column(0, offset) for e in v) for s, v in self.entries.items()},
+            entries={
+                s: tuple(e.shift_column(0, offset) for e in v) for s, v in self.entries.items()
+            },
         )
 
     def token_ids(self) -> set[int]:
@@ -273,10 +289,15 @@ class SpikeProbe:
         self.top_k, self.capacity = top_k, max_candidates
         self.hist: torch.Tensor | None = None
         self.entries = {
-            s: [TopEntries.empty(len(_META), top_k, self._threshold(s), max_candidates) for _ in range(n_layers)]
+            s: [
+                TopEntries.empty(len(_META), top_k, self._threshold(s), max_candidates)
+                for _ in range(n_layers)
+            ]
             for s in sites
         }
-        self.pending: dict[Site, list[list[TopEntries]]] = {s: [[] for _ in range(n_layers)] for s in sites}
+        self.pending: dict[Site, list[list[TopEntries]]] = {
+            s: [[] for _ in range(n_layers)] for s in sites
+        }
         self.batch: Batch | None = None
 
     def _threshold(self, site: Site) -> float:
@@ -315,7 +336,9 @@ class SpikeProbe:
             bits.masked_fill_(~self.mask[..., None], N_BINS)  # an overflow bin, dropped below
         counts = torch.bincount(bits.flatten(), minlength=N_BINS + 1)[:N_BINS]
         if self.hist is None:
-            self.hist = torch.zeros(len(self.sites), self.n_layers, N_BINS, dtype=torch.long, device=x.device)
+            self.hist = torch.zeros(
+                len(self.sites), self.n_layers, N_BINS, dtype=torch.long, device=x.device
+            )
         self.hist[site_index, layer] += counts
 
         # The top-k entries lie in the k tokens with the largest maxima, and every entry above the
@@ -340,10 +363,18 @@ class SpikeProbe:
         row, pos, channel = token // t, token % t, (idx % d).cpu()
         batch = self.batch
         meta = torch.stack(
-            [batch.text_index[row], batch.start[row], pos - batch.first[row], channel, batch.tokens[row, pos]],
+            [
+                batch.text_index[row],
+                batch.start[row],
+                pos - batch.first[row],
+                channel,
+                batch.tokens[row, pos],
+            ],
             dim=1,
         )
-        new = TopEntries.select(keys[idx].cpu(), sub.flatten()[idx].cpu(), meta, self.top_k, threshold, self.capacity)
+        new = TopEntries.select(
+            keys[idx].cpu(), sub.flatten()[idx].cpu(), meta, self.top_k, threshold, self.capacity
+        )
         if n_above > self.capacity:
             new = replace(new, truncated=True)
         pending = self.pending[site][layer]
@@ -362,7 +393,11 @@ class SpikeProbe:
         for site in self.sites:
             for layer in range(self.n_layers):
                 self._fold(site, layer)
-        hist = self.hist.cpu() if self.hist is not None else torch.zeros(len(self.sites), self.n_layers, N_BINS, dtype=torch.long)
+        hist = (
+            self.hist.cpu()
+            if self.hist is not None
+            else torch.zeros(len(self.sites), self.n_layers, N_BINS, dtype=torch.long)
+        )
         return SpikeStats(
             sites=self.sites,
             n_layers=self.n_layers,

@@ -16,9 +16,16 @@ def bridge(tmp_path_factory):
 
     tok = tokenizer()
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
     )
     torch.manual_seed(0)
     hf = LlamaForCausalLM(cfg).eval()
@@ -45,8 +52,14 @@ def test_bridge_scan_matches_its_own_full_cache(bridge):
     for layer in range(2):
         values = torch.cat(
             [
-                bridge.run_with_cache(torch.tensor([c.tokens]))[1][f"blocks.{layer}.hook_resid_post"][0].abs().flatten()
+                bridge.run_with_cache(torch.tensor([c.tokens]))[1][
+                    f"blocks.{layer}.hook_resid_post"
+                ][0]
+                .abs()
+                .flatten()
                 for c in chunks
             ]
         )
-        assert torch.allclose(r.spikes.top("resid_post", 3)[layer], values.topk(3).values, rtol=1e-5)
+        assert torch.allclose(
+            r.spikes.top("resid_post", 3)[layer], values.topk(3).values, rtol=1e-5
+        )

@@ -20,12 +20,32 @@ def test_scan_prints_summary_and_writes_the_documented_json(use_planted, tmp_pat
     out = tmp_path / "scan.json"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        code = cli.main(["scan", "--text-file", str(text_file), "--batch-size", "2", "--json", str(out), "--no-progress"])
+        code = cli.main(
+            [
+                "scan",
+                "--text-file",
+                str(text_file),
+                "--batch-size",
+                "2",
+                "--json",
+                str(out),
+                "--no-progress",
+            ]
+        )
     assert code == 0
     printed = capsys.readouterr().out
     assert "spike channels   7" in printed and "L0H0" in printed
     report = json.loads(out.read_text())
-    for key in ("model", "prepend_bos", "n_layers", "n_heads", "n_tokens", "layers", "spikes", "sinks"):
+    for key in (
+        "model",
+        "prepend_bos",
+        "n_layers",
+        "n_heads",
+        "n_tokens",
+        "layers",
+        "spikes",
+        "sinks",
+    ):
         assert key in report
     assert report["model"] == "planted" and report["prepend_bos"] is True
     assert len(report["layers"]) == report["n_layers"] == 3
@@ -42,7 +62,9 @@ def test_scan_prints_summary_and_writes_the_documented_json(use_planted, tmp_pat
     assert sinks["epsilon"] == 0.3 and sinks["sink_heads"] == [[0, 0]]
     assert len(sinks["scores"]) == 3 and len(sinks["scores"][0]) == 2
     assert sinks["sink_ratio"] == pytest.approx(1 / 6)
-    assert report["corpus"][0]["name"] == str(text_file) and len(report["corpus"][0]["sha256"]) == 64
+    assert (
+        report["corpus"][0]["name"] == str(text_file) and len(report["corpus"][0]["sha256"]) == 64
+    )
 
 
 def test_bad_text_file_is_a_clean_error(use_planted, tmp_path, capsys):

@@ -25,7 +25,9 @@ def assert_same_scan(a, b):
     assert a.sinks.sink_heads == b.sinks.sink_heads
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(cut=st.integers(1, len(TEXTS) - 1), batch=st.integers(1, 5))
 def test_merge_of_two_corpora_equals_scan_of_both(planted, cut, batch):
     whole = ts.scan(planted, TEXTS, batch_size=4, progress=False)

@@ -23,14 +23,23 @@ def test_planted_sink_head_and_uniform_heads(planted, texts):
 
 
 def random_model(positional="rotary"):
+    from planted import tokenizer
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from planted import tokenizer
-
     cfg = HookedTransformerConfig(
-        n_layers=2, d_model=16, n_heads=4, d_head=4, d_mlp=32, d_vocab=len(tokenizer()), n_ctx=64,
-        act_fn="silu", gated_mlp=True, normalization_type="RMS", positional_embedding_type=positional,
-        default_prepend_bos=True, seed=3,
+        n_layers=2,
+        d_model=16,
+        n_heads=4,
+        d_head=4,
+        d_mlp=32,
+        d_vocab=len(tokenizer()),
+        n_ctx=64,
+        act_fn="silu",
+        gated_mlp=True,
+        normalization_type="RMS",
+        positional_embedding_type=positional,
+        default_prepend_bos=True,
+        seed=3,
     )
     model = HookedTransformer(cfg, tokenizer())
     with torch.no_grad():
@@ -67,7 +76,9 @@ def test_alpha_matches_brute_force_and_padding_side_does_not_matter(positional):
     # Padding may change float rounding in the last bit, which can move a value across a bin edge.
     moved = (right.spikes.histograms - left.spikes.histograms).abs().sum()
     assert moved <= 1e-3 * right.spikes.histograms.sum()
-    assert torch.allclose(right.spikes.top("resid_post", 3), left.spikes.top("resid_post", 3), rtol=1e-5)
+    assert torch.allclose(
+        right.spikes.top("resid_post", 3), left.spikes.top("resid_post", 3), rtol=1e-5
+    )
     assert [t.token for t in right.sinks.tokens] == [t.token for t in left.sinks.tokens]
 
 
@@ -116,7 +127,14 @@ def test_planted_sink_head_looks_back_to_the_first_token(planted, texts):
     dist, nosink = r.sinks.attention_distance, r.sinks.attention_distance_without_sink
     lengths = [len(c.tokens) for c in ts.tokenize(planted, texts).chunks]
     # All attention on key 0: the distance of query i is i; mean over tokens is Σ T(T-1)/2 / Σ T.
-    assert dist[SINK_HEAD] == pytest.approx(sum(t * (t - 1) / 2 for t in lengths) / sum(lengths), rel=1e-4)
+    assert dist[SINK_HEAD] == pytest.approx(
+        sum(t * (t - 1) / 2 for t in lengths) / sum(lengths), rel=1e-4
+    )
     # A uniform head looks back i/2 on average, and (i-1)/2 once key 0 is removed.
-    assert dist[1, 0] == pytest.approx(sum(t * (t - 1) / 4 for t in lengths) / sum(lengths), rel=1e-4)
-    assert nosink[1, 0] == pytest.approx(sum((i - 1) / 2 for t in lengths for i in range(1, t)) / sum(t - 1 for t in lengths), rel=1e-4)
+    assert dist[1, 0] == pytest.approx(
+        sum(t * (t - 1) / 4 for t in lengths) / sum(lengths), rel=1e-4
+    )
+    assert nosink[1, 0] == pytest.approx(
+        sum((i - 1) / 2 for t in lengths for i in range(1, t)) / sum(t - 1 for t in lengths),
+        rel=1e-4,
+    )
