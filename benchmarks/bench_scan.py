@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import statistics
 import time
 
@@ -70,9 +69,24 @@ def _memory_child(mode, args, queue):
         _run(mode, ts, model, corpus, batches, args)
         queue.put((torch.cuda.max_memory_allocated() - base) / 2**20)
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        # ru_maxrss is useless here: loading the model peaks above any run. Sample the current RSS.
+        import threading
+
+        import psutil
+
+        proc, peak, done = psutil.Process(), [0], threading.Event()
+        base = proc.memory_info().rss
+
+        def sample():
+            while not done.wait(0.005):
+                peak[0] = max(peak[0], proc.memory_info().rss)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
         _run(mode, ts, model, corpus, batches, args)
-        queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+        done.set()
+        thread.join()
+        queue.put((max(peak[0], base) - base) / 2**20)
 
 
 def peak_memory_mib(mode, args):
@@ -85,20 +99,7 @@ def peak_memory_mib(mode, args):
     return value
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--no-memory", action="store_true", help="skip the per-mode memory processes"
-    )
-    parser.add_argument("--json", help="also write the numbers here")
-    args = parser.parse_args()
-
+def _timings(args):
     ts, model, corpus, batches = _setup(args)
     _run("forward", ts, model, corpus, batches, args)  # warm-up
     times = {m: [] for m in MODES}
@@ -112,29 +113,49 @@ def main():
     med = {m: statistics.median(v) for m, v in times.items()}
     print(
         f"model {args.model} on {args.device}: {corpus.n_tokens} tokens, {len(batches)} batches of "
-        f"{args.batch_size} x <= {args.seq_len}; median of {args.repeats}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
+        f"{args.batch_size} x <= {args.seq_len}; median of {args.repeats}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     print(f"{'mode':<20}{'seconds':>10}{'tok/s':>10}{'x forward':>11}")
     for m in MODES:
-        print(
-            f"{m:<20}{med[m]:>10.3f}{corpus.n_tokens / med[m]:>10.0f}{med[m] / med['forward']:>11.3f}"
-        )
-    out = {"settings": vars(args), "n_tokens": corpus.n_tokens, "seconds": med}
+        rate, ratio = corpus.n_tokens / med[m], med[m] / med["forward"]
+        print(f"{m:<20}{med[m]:>10.3f}{rate:>10.0f}{ratio:>11.3f}")
+    return {"n_tokens": corpus.n_tokens, "seconds": med}
+
+
+def _memory(args):
+    kind = "CUDA allocated" if "cuda" in args.device else "CPU RSS"
+    print(f"\npeak memory above the loaded model (MiB), {kind}:")
+    print(f"{'mode':<20}{args.tokens:>12}{2 * args.tokens:>12}")
+    mem = {}
+    for m in ("forward", "scan", "run_with_cache"):
+        small = peak_memory_mib(m, args)
+        big = peak_memory_mib(m, argparse.Namespace(**{**vars(args), "tokens": 2 * args.tokens}))
+        mem[m] = (small, big)
+        print(f"{m:<20}{small:>12.1f}{big:>12.1f}")
+    return mem
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the per-mode memory processes"
+    )
+    parser.add_argument("--memory-only", action="store_true", help="skip the timings")
+    parser.add_argument("--json", help="also write the numbers here")
+    args = parser.parse_args()
+
+    out = {"settings": vars(args)}
+    if not args.memory_only:
+        out.update(_timings(args))
     if not args.no_memory:
-        print(
-            f"\npeak memory above the loaded model (MiB), {'CUDA allocated' if 'cuda' in args.device else 'CPU RSS'}:"
-        )
-        print(f"{'mode':<20}{args.tokens:>12}{2 * args.tokens:>12}")
-        mem = {}
-        for m in ("forward", "scan", "run_with_cache"):
-            small = peak_memory_mib(m, args)
-            big = peak_memory_mib(
-                m, argparse.Namespace(**{**vars(args), "tokens": 2 * args.tokens})
-            )
-            mem[m] = (small, big)
-            print(f"{m:<20}{small:>12.1f}{big:>12.1f}")
-        out["peak_memory_mib"] = mem
+        out["peak_memory_mib"] = _memory(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
