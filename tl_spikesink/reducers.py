@@ -17,18 +17,18 @@ N_BINS = 1 << 11
 BIN_SHIFT = 20
 
 
-def log_bins(x: Float[torch.Tensor, ...]) -> Int[torch.Tensor, ...]:
-    """Bin of each |x|: 8 bins per octave, exact for every float32 range.
+def abs_bits(x: Float[torch.Tensor, "..."]) -> Int[torch.Tensor, "..."]:
+    """The float32 bit pattern of |x|, as int32: ordered exactly like |x|.
 
     The bit pattern of a non-negative float32 is monotone in its value, so with the sign bit
-    cleared its high bits are a log-scale bin index of |x| that costs two integer operations,
-    with no range to choose and nothing to clip.
+    cleared its high bits (`>> BIN_SHIFT`) are a log-scale bin index of |x|: 8 bins per octave,
+    exact for every float32 range, with no range to choose and nothing to clip.
     """
-    return (x.float().contiguous().view(torch.int32) & 0x7FFFFFFF) >> BIN_SHIFT
+    return x.float().contiguous().view(torch.int32) & 0x7FFFFFFF
 
 
 def bin_edges(bins: torch.Tensor) -> torch.Tensor:
-    """Lower edge of each bin (the inverse of :func:`log_bins`)."""
+    """Lower edge of each bin `abs_bits(x) >> BIN_SHIFT`."""
     return (bins.to(torch.int32) << BIN_SHIFT).view(torch.float32)
 
 

@@ -24,7 +24,7 @@ from jaxtyping import Float, Int
 
 from tl_spikesink.anatomy import Site, hook_name
 from tl_spikesink.corpus import Batch
-from tl_spikesink.reducers import BIN_SHIFT, N_BINS, TopEntries, histogram_quantile
+from tl_spikesink.reducers import BIN_SHIFT, N_BINS, TopEntries, abs_bits, histogram_quantile
 from tl_spikesink.tokens import TokenRef, is_delimiter
 
 SPIKE_SITES: tuple[Site, ...] = ("resid_post", "attn_out", "mlp_out")
@@ -329,7 +329,7 @@ class SpikeProbe:
         _, t, d = x.shape
         # Two passes over the activation, none of them a float copy: |x|'s bit pattern is ordered
         # like |x|, so its high bits are the histogram bin and its row maximum the token maximum.
-        bits = x.view(torch.int32) & 0x7FFFFFFF
+        bits = abs_bits(x)
         tok_max = bits.amax(-1).view(torch.float32).masked_fill(~self.mask, -1.0).flatten()
         bits >>= BIN_SHIFT
         if self.has_pads:
