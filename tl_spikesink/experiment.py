@@ -148,6 +148,7 @@ def experiment(
     config: ScanConfig | None = None,
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
     progress: bool = True,
+    distributed: bool = False,
 ) -> ExperimentTable:
     """Run the decoupling experiment: the clean model and each intervention on held-out text.
 
@@ -160,8 +161,14 @@ def experiment(
         config: scan settings (default: ``ScanConfig(max_tokens=4096)``).
         calibration_tokens: tokens of calibration text to read when it is given as texts.
         progress: show progress bars.
+        distributed: shard the evaluations over the ranks of a torch.distributed process group
+            (:mod:`tl_spikesink.distributed`); every rank returns the same table. Calibration
+            is not sharded: every rank fits the interventions on the whole calibration corpus.
     """
     config = config or ScanConfig(max_tokens=DEFAULT_EVAL_TOKENS)
+    run = evaluate_all
+    if distributed:
+        from tl_spikesink.distributed import evaluate_all_distributed as run
     Anatomy.of(model)
     paragraphs = default_texts() if texts is None or calibration is None else []
     cut = int(len(paragraphs) * CALIBRATION_SHARE)
@@ -194,13 +201,13 @@ def experiment(
         )
     _check_disjoint(texts, calibration)
 
-    clean = evaluate_all(model, texts, [None], config=config, progress=progress)[0]
+    clean = run(model, texts, [None], config=config, progress=progress)[0]
     if interventions is None:
         interventions = standard_interventions(model, clean.scan, calibration)
     # One call for all interventions, so each batch's clean forward is shared by all of them.
     evaluations = [
         clean,
-        *evaluate_all(
+        *run(
             model,
             texts,
             interventions,
