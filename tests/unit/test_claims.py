@@ -24,12 +24,30 @@ def table(planted, texts, scan):
 
 def test_every_claim_holds_on_planted(table):
     assert isinstance(table, ClaimsTable)
-    assert {r.link for r in table.rows} == {"silu", "quadratic", "rmsnorm", "sink", "short-range"}
+    links = {"silu", "quadratic", "rmsnorm", "sink", "short-range", "heads"}
+    assert {r.link for r in table.rows} == links
     # The planted sink head puts ~all attention on BOS, so it has no distance without it.
     (local,) = [r for r in table.rows if r.link == "short-range"]
     assert local.verdict == "not applicable" and "only to the sink key" in local.note
-    assert [r for r in table.rows if r.verdict != "holds" and r is not local] == []
+    # Every W_V / W_O of the planted model is zero: no head writes, nothing to decompose.
+    heads = [r for r in table.rows if r.link == "heads"]
+    assert len(heads) == 2 and all(r.verdict == "not applicable" for r in heads)
+    assert "writes" in heads[0].note
+    assert [
+        r for r in table.rows if r.verdict != "holds" and r.link not in ("short-range", "heads")
+    ] == []
     assert table.n_spike_tokens > 0
+
+
+def test_head_claims_hold_once_heads_write(texts):
+    """Layer 0's heads copy x̂_4, which is 0 on BOS: the sink head writes (almost) nothing."""
+    from test_mechanism_heads import planted_with_values
+
+    table = claims(planted_with_values(), texts[:12])
+    writes, values = [r for r in table.rows if r.link == "heads"]
+    assert writes.verdict == "holds" and writes.measured < 0.02
+    assert writes.threshold == "< 2 (other heads)"  # the uniform head writes for both
+    assert values.verdict == "holds" and values.measured == 0.0
 
 
 def test_renders_and_serializes(table):

@@ -157,3 +157,26 @@ def test_missing_components_raise_clear_errors(planted, texts, scan):
         mech.representations(plain, texts, scan)
     with pytest.raises(SpikeSinkError, match="no massive activation"):
         mech.silu_regime(plain, texts[:4])
+
+
+def test_all_frobenius_equals_the_norm_of_each_matrix():
+    """The closed form ½ wᵀ(GᵀG ∘ UᵀU + M ∘ Mᵀ)w against ‖S_k‖_F built one channel at a time."""
+    model = _plain_model(act_fn="silu", gated_mlp=True, normalization_type="RMS", d_mlp=20)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    expected = torch.stack([mech.quadratic_matrix(model, 1, k).double().norm() for k in range(16)])
+    torch.testing.assert_close(mech.all_frobenius(model, 1).double(), expected, rtol=1e-5, atol=0)
+
+
+def test_quadratic_form_holds_every_channel_and_the_spectrum(planted, texts, scan):
+    q = mech.quadratic_form(planted, texts, scan)
+    w = float(planted.blocks[1].mlp.W_out[0, SPIKE_CHANNEL].detach())
+    # Only channel 7 has a form; it is rank one, λ* = w and every other eigenvalue 0.
+    expected = torch.zeros(16)
+    expected[SPIKE_CHANNEL] = abs(w)
+    torch.testing.assert_close(q.all_frobenius, expected, rtol=1e-5, atol=1e-6)
+    assert q.eigenvalues.shape == (1, 16)
+    torch.testing.assert_close(q.eigenvalues[0].abs().sort().values[:-1], torch.zeros(15))
+    assert float(q.eigenvalues[0].abs().max()) == pytest.approx(abs(w), rel=1e-5)

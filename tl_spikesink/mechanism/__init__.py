@@ -26,6 +26,9 @@ Links of the chain, each a reconstruction (see /work/shared/science.md):
    over the other keys.
 5. **Short-range bias** (:func:`short_range`): with the sink key removed, sink heads attend more
    locally than other heads (read from the scan, no forward pass).
+6. **Head decomposition** (:func:`head_decomposition`): a layer's attention output is a sum over
+   heads; the part of each head's output that flows from the sink tokens' values is small, so
+   sink heads write little at ordinary tokens (near no-ops).
 
 Every hook is read-only, added through ``model.hooks`` (which removes exactly what it added, also
 on error) and run under ``torch.inference_mode``; no parameter is touched. Analyses that need a
@@ -35,9 +38,11 @@ turns those into "not applicable" rows.
 
 from tl_spikesink.mechanism._passes import DEFAULT_MAX_TOKENS, SpikeSite, Texts, spike_site
 from tl_spikesink.mechanism.attention import ShortRange, SinkGeometry, short_range, sink_geometry
+from tl_spikesink.mechanism.heads import HeadDecomposition, head_decomposition
 from tl_spikesink.mechanism.mlp import (
     QuadraticForm,
     SiluRegime,
+    all_frobenius,
     quadratic_form,
     quadratic_matrix,
     silu_regime,
@@ -46,6 +51,7 @@ from tl_spikesink.mechanism.representations import Representations, representati
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
+    "HeadDecomposition",
     "Texts",
     "QuadraticForm",
     "Representations",
@@ -53,6 +59,8 @@ __all__ = [
     "SiluRegime",
     "SinkGeometry",
     "SpikeSite",
+    "all_frobenius",
+    "head_decomposition",
     "quadratic_form",
     "quadratic_matrix",
     "representations",

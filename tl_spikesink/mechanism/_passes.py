@@ -124,11 +124,13 @@ def _capture(
     names: Sequence[str],
     reducers: Sequence[tuple[str, Callable[[torch.Tensor, torch.Tensor], None]]] = (),
     batch_size: int = 8,
+    on_batch: Callable[[int, torch.Tensor], None] | None = None,
 ) -> _Captured:
     """One read-only pass over `corpus` keeping `names` at real tokens.
 
     `reducers` are (hook name, fn(activation, mask)) pairs for activations too big to keep
-    (attention scores); they are called once per batch.
+    (attention scores); they are called once per batch. `on_batch(index, mask)` runs before each
+    batch's forward; batches come in the same order on every pass over the same corpus.
     """
     names = list(dict.fromkeys(names))
     _require(model, names + [n for n, _ in reducers], "this analysis")
@@ -156,10 +158,12 @@ def _capture(
     device = next(model.parameters()).device
     seq = 0
     with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
-        for batch in corpus.batches(batch_size, "right"):
+        for index, batch in enumerate(corpus.batches(batch_size, "right")):
             mask = batch.mask.to(device)
             state["mask"] = mask
             seen.clear()
+            if on_batch is not None:
+                on_batch(index, mask)
             model(batch.tokens.to(device), attention_mask=mask.long(), return_type=None)
             pos = torch.arange(batch.tokens.shape[1]).expand_as(batch.tokens)
             positions.append(pos[batch.mask])

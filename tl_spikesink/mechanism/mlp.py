@@ -149,6 +149,10 @@ class QuadraticForm:
     """Its unit eigenvector: the trigger direction."""
     frobenius: Float[torch.Tensor, " channel"]
     """‖S_k‖_F (= ‖Λ_k‖_F)."""
+    eigenvalues: Float[torch.Tensor, "channel d_model"]
+    """The spectrum of each S_k, ascending (paper Fig. 4)."""
+    all_frobenius: Float[torch.Tensor, " d_model"]
+    """‖S_k‖_F of every output channel k of the MLP (paper Fig. 3)."""
     random_channels: tuple[int, ...]
     random_frobenius: Float[torch.Tensor, " random"]
     """‖S_k‖_F of seeded random non-spike channels, for comparison."""
@@ -159,7 +163,8 @@ class QuadraticForm:
     predicted: Float[torch.Tensor, "channel token"]
     """x̂ᵀ S_k x̂ + c_k."""
     actual: Float[torch.Tensor, "channel token"]
-    """The MLP's real output in channel k (``hook_mlp_out``)."""
+    """The MLP's real output in channel k, act(z)·u·W_out[:, k] + b_out[k] from ``mlp.hook_post``
+    (before ``ln2_post`` on sandwich-norm models, where ``hook_mlp_out`` is normalized again)."""
     is_spike: Bool[torch.Tensor, " token"]
 
     @property
@@ -255,14 +260,38 @@ def quadratic_form(
 
 
 def _quadratic_names(L: int) -> list[str]:
-    return [_hook(L, "ln2.hook_normalized"), _hook(L, "hook_mlp_out"), _hook(L, "hook_resid_post")]
+    return [_hook(L, "ln2.hook_normalized"), _hook(L, "mlp.hook_post"), _hook(L, "hook_resid_post")]
 
 
-def _spectrum(model: Any, layer: int, channel: int) -> tuple[float, torch.Tensor, float]:
-    s = quadratic_matrix(model, layer, channel).double()
-    vals, vecs = torch.linalg.eigh(s)
+def _spectrum(
+    model: Any, layer: int, channel: int
+) -> tuple[float, torch.Tensor, float, torch.Tensor]:
+    """λ* (largest |λ|), its unit eigenvector, ‖S_k‖_F and the ascending spectrum of S_k."""
+    vals, vecs = torch.linalg.eigh(quadratic_matrix(model, layer, channel).double())
     i = int(vals.abs().argmax())
-    return float(vals[i]), vecs[:, i].float(), float(vals.norm())
+    return float(vals[i]), vecs[:, i].float(), float(vals.norm()), vals.float()
+
+
+def all_frobenius(model: Any, layer: int) -> Float[torch.Tensor, " d_model"]:
+    """‖S_k‖_F of every output channel k of block `layer`'s gated MLP, without forming any S_k.
+
+    With A_k = G diag(w_k) Uᵀ (G, U the gate / up columns, w_k = W_out[:, k]) and S_k = ½(A_k +
+    A_kᵀ): ‖S_k‖²_F = ½(‖A_k‖²_F + tr A_k²) = ½ w_kᵀ (GᵀG ∘ UᵀU + M ∘ Mᵀ) w_k with M = UᵀG, so
+    one d_mlp × d_mlp kernel serves all d_model channels.
+    """
+    _require_gated(model, "the SwiGLU quadratic form")
+    mlp = model.blocks[layer].mlp
+    with torch.inference_mode():
+        g, u = mlp.W_gate.detach().double(), mlp.W_in.detach().double()
+        w = getattr(getattr(model.blocks[layer], "ln2", None), "w", None)
+        if w is not None:
+            g, u = g * w.detach().double()[:, None], u * w.detach().double()[:, None]
+        m = u.T @ g
+        kernel = (g.T @ g) * (u.T @ u) + m * m.T
+        del m
+        w_out = mlp.W_out.detach().double()
+        sq = 0.5 * ((kernel @ w_out) * w_out).sum(0)
+        return sq.clamp(min=0).sqrt().float().cpu()
 
 
 def _quadratic_from(
@@ -271,17 +300,20 @@ def _quadratic_from(
     _require_gated(model, "the SwiGLU quadratic form")
     L, channels = site.layer, site.channels
     x = cap.acts[_hook(L, "ln2.hook_normalized")]
-    out = cap.acts[_hook(L, "hook_mlp_out")]
-    lams, trig, frob, align, pred, actual = [], [], [], [], [], []
+    post = cap.acts[_hook(L, "mlp.hook_post")]
+    mlp = model.blocks[L].mlp
+    lams, trig, frob, align, pred, actual, spectra = [], [], [], [], [], [], []
     for k in channels:
-        lam, v, f = _spectrum(model, L, k)
+        lam, v, f, vals = _spectrum(model, L, k)
+        spectra.append(vals)
         s = quadratic_matrix(model, L, k)
         lams.append(lam)
         trig.append(v)
         frob.append(f)
         align.append((x @ v).abs() / x.norm(dim=-1).clamp(min=1e-12))
         pred.append(((x @ s) * x).sum(-1) + _channel_constant(model, L, k))
-        actual.append(out[:, k])
+        with torch.inference_mode():
+            actual.append(post @ mlp.W_out.detach().float().cpu()[:, k] + float(mlp.b_out[k]))
     d = int(model.cfg.d_model)
     gen = torch.Generator().manual_seed(seed)
     pool = [c for c in torch.randperm(d, generator=gen).tolist() if c not in channels][:n_random]
@@ -293,6 +325,8 @@ def _quadratic_from(
         lambda_star=torch.tensor(lams),
         trigger=torch.stack(trig),
         frobenius=torch.tensor(frob),
+        eigenvalues=torch.stack(spectra),
+        all_frobenius=all_frobenius(model, L),
         random_channels=tuple(pool),
         random_frobenius=rf,
         random_lambda_share=torch.tensor([abs(r[0]) for r in rand]) / rf.clamp(min=1e-30),
