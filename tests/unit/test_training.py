@@ -1,0 +1,263 @@
+"""Training variants: each forward pass matches its formula; runs are seeded and round-trip."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, fields, replace
+
+import pytest
+import torch
+
+from tl_spikesink.errors import SpikeSinkError
+from tl_spikesink.training.ablate import AblationTable, SeedStat, ablate
+from tl_spikesink.training.tasks import BigramBackcopy, probe_corpus
+from tl_spikesink.training.train import Snapshot, TrainConfig, load_checkpoint, train
+from tl_spikesink.training.variants import (
+    VARIANTS,
+    DynamicTanh,
+    GatedAttention,
+    PostNormBlock,
+    Variant,
+    build_model,
+    model_config,
+)
+
+TASK = BigramBackcopy(vocab_size=12, n_triggers=2)
+TINY = TrainConfig(
+    n_layers=2,
+    d_model=16,
+    d_head=4,
+    d_mlp=32,
+    seq_len=16,
+    batch_size=4,
+    steps=4,
+    warmup=1,
+    log_every=2,
+    probe_sequences=4,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from intra-op threads; on a busy machine they only contend.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(name: str, seed: int = 0):
+    v = VARIANTS[name]
+    cfg = model_config(
+        v, n_layers=2, d_model=16, d_head=4, d_mlp=32, d_vocab=TASK.d_vocab, n_ctx=16, seed=seed
+    )
+    return build_model(v, cfg, TASK.tokenizer())
+
+
+def tokens(n: int = 3, length: int = 16) -> torch.Tensor:
+    return TASK.sample(n, length, torch.Generator().manual_seed(1))
+
+
+def rms_norm(x: torch.Tensor, module) -> torch.Tensor:
+    return x / (x.pow(2).mean(-1, keepdim=True) + module.eps).sqrt() * module.w
+
+
+def test_dynamic_tanh_is_gamma_tanh_alpha_x_plus_beta():
+    dyt = DynamicTanh(5, alpha=0.7)
+    with torch.no_grad():
+        dyt.w.copy_(torch.tensor([1.0, -2.0, 0.5, 3.0, 1.5]))
+        dyt.b.copy_(torch.tensor([0.1, 0.0, -0.3, 0.2, 1.0]))
+    x = torch.randn(2, 3, 5) * 4
+    expected = dyt.w * torch.tanh(0.7 * x) + dyt.b
+    torch.testing.assert_close(dyt(x), expected)
+
+
+def test_dyt_variant_replaces_every_norm():
+    model = tiny_model("dyt")
+    assert all(
+        isinstance(b.ln1, DynamicTanh) and isinstance(b.ln2, DynamicTanh) for b in model.blocks
+    )
+    assert isinstance(model.ln_final, DynamicTanh)
+    assert "blocks.0.ln1.hook_normalized" in model.hook_dict
+    _, cache = model.run_with_cache(tokens())
+    resid = cache["blocks.1.hook_resid_pre"]
+    torch.testing.assert_close(cache["blocks.1.ln1.hook_normalized"], torch.tanh(0.5 * resid))
+
+
+def test_sandwich_norm_normalizes_each_sublayer_output():
+    model = tiny_model("sandwich")
+    with torch.no_grad():
+        model.blocks[0].ln1_post.w.copy_(torch.linspace(0.5, 2.0, 16))
+    _, cache = model.run_with_cache(tokens())
+    # hook_attn_out is ln1_post(attention output), the attention output being z W_O + b_O.
+    attn = model.blocks[0].attn
+    raw = torch.einsum("bqhd,hdm->bqm", cache["blocks.0.attn.hook_z"], attn.W_O) + attn.b_O
+    expected = rms_norm(raw, model.blocks[0].ln1_post)
+    torch.testing.assert_close(cache["blocks.0.hook_attn_out"], expected)
+    assert "blocks.0.ln2_post.hook_scale" in model.hook_dict
+    assert not hasattr(tiny_model("baseline").blocks[0], "ln1_post")
+
+
+def test_post_norm_normalizes_the_residual_stream_after_each_add():
+    model = tiny_model("post_norm")
+    assert all(isinstance(b, PostNormBlock) for b in model.blocks)
+    _, cache = model.run_with_cache(tokens())
+    b = model.blocks[1]
+    mid = rms_norm(cache["blocks.1.hook_resid_pre"] + cache["blocks.1.hook_attn_out"], b.ln1)
+    torch.testing.assert_close(cache["blocks.1.hook_resid_mid"], mid)
+    post = rms_norm(mid + cache["blocks.1.hook_mlp_out"], b.ln2)
+    torch.testing.assert_close(cache["blocks.1.hook_resid_post"], post)
+
+
+@pytest.mark.parametrize("name", ["gate_input", "gate_constant"])
+def test_gate_multiplies_hook_z_per_head(name):
+    model = tiny_model(name)
+    attn = model.blocks[1].attn
+    assert isinstance(attn, GatedAttention)
+    with torch.no_grad():
+        attn.b_gate.copy_(torch.tensor([-2.0, -0.5, 0.5, 2.0]))
+    _, cache = model.run_with_cache(tokens())
+    x_hat = model.blocks[1].ln1(cache["blocks.1.hook_resid_pre"])
+    logits = attn.b_gate.expand(*x_hat.shape[:-1], -1)
+    if name == "gate_input":
+        logits = x_hat @ attn.W_gate + attn.b_gate
+    gate = torch.sigmoid(logits)
+    torch.testing.assert_close(cache["blocks.1.attn.hook_gate"], gate)
+    ungated = torch.einsum(
+        "bhqk,bkhd->bqhd", cache["blocks.1.attn.hook_pattern"], cache["blocks.1.attn.hook_v"]
+    )
+    torch.testing.assert_close(cache["blocks.1.attn.hook_z"], ungated * gate[..., None])
+    if name == "gate_constant":  # the same gate for every token
+        assert torch.allclose(gate, torch.sigmoid(attn.b_gate).expand_as(gate))
+
+
+def test_head_dimension_sweep_keeps_width():
+    for name, d_head in (("d_head_8", 8), ("d_head_32", 32), ("baseline", 16)):
+        cfg = model_config(
+            VARIANTS[name], n_layers=1, d_model=64, d_head=16, d_mlp=64, d_vocab=12, n_ctx=8, seed=0
+        )
+        assert (cfg.d_head, cfg.n_heads, cfg.d_model) == (d_head, 64 // d_head, 64)
+    with pytest.raises(SpikeSinkError, match="divide"):
+        model_config(Variant("x", d_head=24), n_layers=1, d_model=64, d_head=16, d_mlp=64,
+                     d_vocab=12, n_ctx=8, seed=0)  # fmt: skip
+
+
+def test_bad_variant_names_the_problem():
+    with pytest.raises(SpikeSinkError, match="norm"):
+        Variant("x", norm="layernorm")
+    with pytest.raises(SpikeSinkError, match="unknown variant"):
+        ablate(["nope"], seeds=1, config=TINY, task=TASK, progress=False)
+
+
+def test_task_copy_rule_and_bos():
+    task = BigramBackcopy(vocab_size=20, n_triggers=3, seed=5)
+    x = task.sample(64, 48, torch.Generator().manual_seed(0))
+    assert (x[:, 0] == 0).all() and (x[:, 1:] != 0).all()
+    after_trigger = torch.isin(x[:, 1:-1], torch.tensor(task.triggers))
+    n = int(after_trigger.sum())
+    assert n > 50  # the rule is exercised
+    assert torch.equal(x[:, 2:][after_trigger], x[:, :-2][after_trigger])
+    # Elsewhere the next token follows the bigram table: never a zero-probability transition.
+    free = ~after_trigger
+    probs = task.transitions[x[:, 1:-1][free], x[:, 2:][free]]
+    assert (probs > 0).all()
+    again = task.sample(64, 48, torch.Generator().manual_seed(0))
+    assert torch.equal(x, again)
+    boosted = BigramBackcopy(vocab_size=20, n_triggers=3, seed=5, trigger_rate=0.25).transitions
+    torch.testing.assert_close(boosted.sum(-1), torch.ones(20))
+    torch.testing.assert_close(boosted[1:, 1:4].sum(-1), torch.full((19,), 0.25))
+    assert boosted[0, 1:4].sum() == 0 and (boosted[:, 0] == 0).all()
+    corpus = probe_corpus(task, 4, 16, seed=0)
+    assert corpus.n_tokens == 64 and all(c.tokens[0] == 0 for c in corpus.chunks)
+
+
+def test_seeded_run_is_deterministic_and_history_holds_only_numbers():
+    m1, run1 = train(VARIANTS["gate_input"], TINY, TASK, progress=False)
+    m2, run2 = train(VARIANTS["gate_input"], TINY, TASK, progress=False)
+    s1, s2 = m1.state_dict(), m2.state_dict()
+    assert s1.keys() == s2.keys()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert _without_time(run1.history) == _without_time(run2.history)
+    assert [s.step for s in run1.history] == [0, 2, 4]
+    for snap in run1.history:  # bounded memory: no tensor (or graph) kept per step
+        assert all(isinstance(getattr(snap, f.name), (int, float)) for f in fields(Snapshot))
+    assert not any(h.hook_dict[n].fwd_hooks for h in (m1,) for n in h.hook_dict)
+    m3, _ = train(VARIANTS["gate_input"], replace(TINY, seed=1), TASK, progress=False)
+    assert not torch.equal(m3.state_dict()["embed.W_E"], s1["embed.W_E"])
+
+
+def _without_time(history) -> str:
+    # As JSON text, so NaN (no training loss yet at step 0) compares equal to NaN.
+    return json.dumps([{**asdict(s), "seconds": 0} for s in history])
+
+
+@pytest.mark.parametrize("name", ["dyt", "post_norm", "gate_input", "sandwich"])
+def test_checkpoint_round_trip(name, tmp_path):
+    model, run = train(VARIANTS[name], replace(TINY, steps=2), TASK, out=tmp_path, progress=False)
+    assert run.checkpoint == str(tmp_path)
+    loaded = load_checkpoint(tmp_path)
+    x = tokens()
+    assert torch.equal(model(x), loaded(x))
+    assert sorted(loaded.hook_dict) == sorted(model.hook_dict)
+    assert loaded.training_run["variant"]["name"] == name
+    assert json.loads((tmp_path / "meta.json").read_text())["history"][-1]["step"] == 2
+
+
+def test_load_checkpoint_of_a_wrong_folder(tmp_path):
+    with pytest.raises(SpikeSinkError, match="not a readable"):
+        load_checkpoint(tmp_path)
+
+
+def test_seed_stat():
+    s = SeedStat((1.0, 2.0, math.nan, 3.0))
+    assert s.mean == 2.0 and s.spread == 1.0 and s.present == (1.0, 2.0, 3.0)
+    assert str(s) == "2.000 ± 1.000 (3/4)"
+    assert str(SeedStat((math.nan,))) == "-"
+
+
+def test_ablate_table_and_merge():
+    config = replace(TINY, steps=2, n_layers=1)
+    a = ablate(["baseline", "sandwich"], seeds=[0], config=config, task=TASK, progress=False)
+    b = ablate(["baseline", "sandwich"], seeds=[1], config=replace(config, seed=1), task=TASK,
+               progress=False)  # fmt: skip
+    table = a.merge(b)
+    assert isinstance(table, AblationTable)
+    row = table.row("sandwich")
+    assert [r.config.seed for r in row.runs] == [0, 1]
+    assert row.stat("loss").values == (
+        a.row("sandwich").runs[0].final.loss,
+        b.row("sandwich").runs[0].final.loss,
+    )
+    text = str(table)
+    assert "sandwich" in text and "±" in text and "spike/med" in text
+    data = json.loads(table.to_json())
+    assert [r["variant"]["name"] for r in data["rows"]] == ["baseline", "sandwich"]
+    assert len(data["runs"]) == 4
+    with pytest.raises(SpikeSinkError, match="disjoint"):
+        a.merge(a)
+
+
+def test_plots_read_the_table():
+    from tl_spikesink.training.plots import plot_ablation, plot_emergence
+
+    table = ablate(["baseline"], seeds=2, config=replace(TINY, steps=2, n_layers=1), task=TASK,
+                   progress=False)  # fmt: skip
+    fig = plot_emergence(table)
+    means = [t for t in fig.data if t.name == "baseline"]
+    assert len(means) == 4 and list(means[0].x) == [0, 2]
+    bars = plot_ablation(table)
+    assert {t.name for t in bars.data} >= {"loss", "sink_ratio", "loss seeds"}
+
+
+def test_cli_ablate(tmp_path, capsys):
+    from tl_spikesink.cli import main
+
+    out = tmp_path / "t.json"
+    code = main(["ablate", "--variants", "baseline", "--seeds", "1", "--steps", "2", "--layers",
+                 "1", "--d-model", "16", "--no-progress", "--json", str(out),
+                 "--out", str(tmp_path / "ck")])  # fmt: skip
+    assert code == 0
+    assert "baseline" in capsys.readouterr().out
+    assert json.loads(out.read_text())["rows"][0]["seeds"] == [0]
+    assert (tmp_path / "ck" / "baseline" / "seed0" / "weights.pt").exists()

@@ -1,0 +1,233 @@
+"""The ablation table: train each variant over several seeds and measure it with the scan.
+
+One row per variant; columns the final probe loss, the max spike / median ratio of the residual
+stream, the sink ratio, and the attention distance of the sink heads, each the mean ± standard
+deviation over seeds (seed s trains with TrainConfig.seed = base + s: a new initialization and
+data order on the same task). A value that does not exist for a seed (no sink head: no sink
+distance) is left out of that column's mean, and the column says over how many seeds it is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from tl_spikesink.errors import SpikeSinkError
+from tl_spikesink.training.tasks import BigramBackcopy, Task
+from tl_spikesink.training.train import TrainConfig, TrainingRun, train
+from tl_spikesink.training.variants import Variant, variant
+
+COLUMNS: tuple[str, ...] = ("loss", "max_spike_ratio", "sink_ratio", "sink_head_distance")
+"""The Snapshot fields the table reports."""
+
+
+@dataclass(frozen=True)
+class SeedStat:
+    """A quantity measured once per seed: its mean and standard deviation over seeds."""
+
+    values: tuple[float, ...]
+    """One value per seed (NaN where the quantity does not exist)."""
+
+    @property
+    def present(self) -> tuple[float, ...]:
+        """The values that exist."""
+        return tuple(v for v in self.values if not math.isnan(v))
+
+    @property
+    def mean(self) -> float:
+        """Mean over the seeds where the value exists (NaN if none)."""
+        p = self.present
+        return sum(p) / len(p) if p else math.nan
+
+    @property
+    def spread(self) -> float:
+        """Sample standard deviation over those seeds (0 for one seed)."""
+        p = self.present
+        if len(p) < 2:
+            return 0.0 if p else math.nan
+        m = self.mean
+        return math.sqrt(sum((v - m) ** 2 for v in p) / (len(p) - 1))
+
+    def __str__(self) -> str:
+        p = self.present
+        if not p:
+            return "-"
+        digits = 3 if abs(self.mean) < 10 else 1
+        text = f"{self.mean:.{digits}f} ± {self.spread:.{digits}f}"
+        return text if len(p) == len(self.values) else f"{text} ({len(p)}/{len(self.values)})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Mean, spread and the per-seed values."""
+        return {"mean": self.mean, "spread": self.spread, "values": list(self.values)}
+
+
+@dataclass(frozen=True)
+class AblationRow:
+    """One variant over its seeds."""
+
+    variant: Variant
+    runs: tuple[TrainingRun, ...]
+
+    @property
+    def name(self) -> str:
+        """The variant's name."""
+        return self.variant.name
+
+    def stat(self, column: str) -> SeedStat:
+        """The final value of `column` (a Snapshot field) over seeds."""
+        if column not in COLUMNS:
+            raise SpikeSinkError(f"unknown column {column!r}; choose one of {COLUMNS}")
+        return SeedStat(tuple(float(getattr(r.final, column)) for r in self.runs))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row as plain data (per-seed values and checkpoints included)."""
+        return {
+            "variant": self.variant.to_dict(),
+            "seeds": [r.config.seed for r in self.runs],
+            **{c: self.stat(c).to_dict() for c in COLUMNS},
+            "checkpoints": [r.checkpoint for r in self.runs],
+        }
+
+
+@dataclass(frozen=True)
+class AblationTable:
+    """The ablation table, with every run (and so every emergence curve) it came from."""
+
+    rows: tuple[AblationRow, ...]
+    config: TrainConfig
+    """Settings shared by all rows (the seed is the first seed's)."""
+    task: dict[str, Any]
+
+    def row(self, name: str) -> AblationRow:
+        """The row of variant `name`."""
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise SpikeSinkError(f"no row {name!r}; rows are {[r.name for r in self.rows]}")
+
+    def merge(self, other: AblationTable) -> AblationTable:
+        """The table over both tables' seeds (same variants, settings and task; new seeds)."""
+        if [r.name for r in self.rows] != [r.name for r in other.rows]:
+            raise SpikeSinkError("tables to merge must have the same variants in the same order")
+        if replace(self.config, seed=0) != replace(other.config, seed=0) or self.task != other.task:
+            raise SpikeSinkError("tables to merge must share the training settings and the task")
+        mine = {run.config.seed for run in self.runs}
+        if mine & {run.config.seed for run in other.runs}:
+            raise SpikeSinkError("tables to merge must have disjoint seeds")
+        rows = tuple(
+            AblationRow(a.variant, a.runs + b.runs)
+            for a, b in zip(self.rows, other.rows, strict=True)
+        )
+        return replace(self, rows=rows)
+
+    @property
+    def runs(self) -> tuple[TrainingRun, ...]:
+        """Every training run, row by row."""
+        return tuple(run for r in self.rows for run in r.runs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready table: settings, rows, and every run's emergence history."""
+        from tl_spikesink.report import _clean
+
+        return _clean(
+            {
+                "config": asdict(self.config),
+                "task": self.task,
+                "rows": [r.to_dict() for r in self.rows],
+                "runs": [run.to_dict() for run in self.runs],
+            }
+        )
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The table as JSON text, also written to `path` if given."""
+        from tl_spikesink.report import json_text
+
+        return json_text(self.to_dict(), path)
+
+    def __str__(self) -> str:
+        return render(self)
+
+
+def render(t: AblationTable) -> str:
+    """The text table `print(table)` and the CLI show."""
+    header = ["variant", "seeds", "final loss", "spike/med", "sink ratio", "sink dist"]
+    body = [[r.name, str(len(r.runs)), *(str(r.stat(c)) for c in COLUMNS)] for r in t.rows]
+    width = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(header)]
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, width, strict=True))
+        )
+
+    c = t.config
+    return "\n".join(
+        [
+            f"tl_spikesink ablation on {t.task.get('kind')}: {c.n_layers} layers, d_model "
+            f"{c.d_model}, d_head {c.d_head}, {c.steps} steps of {c.batch_size}x{c.seq_len}, "
+            f"lr {c.lr:g}, wd {c.weight_decay:g}",
+            "",
+            fmt(header),
+            fmt(["-" * w for w in width]),
+            *(fmt(row) for row in body),
+            "",
+            "mean ± sd over seeds (k/n: the value exists for k of n seeds); final probe batch.",
+            "spike/med: max over layers of resid_post top-1 |x| / median |x|; sink ratio: share",
+            f"of heads with first-token score > {c.epsilon}; sink dist: mean attention distance of",
+            "the sink heads (tokens).",
+        ]
+    )
+
+
+def ablate(
+    variants: Sequence[str | Variant] = ("baseline", "sandwich", "gate_input"),
+    *,
+    seeds: int | Sequence[int] = 3,
+    config: TrainConfig | None = None,
+    task: Task | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> AblationTable:
+    """Train every variant over `seeds` seeds and tabulate the final measurements.
+
+    Args:
+        variants: names from :data:`~tl_spikesink.training.variants.VARIANTS` or Variant objects.
+        seeds: how many seeds per variant (config.seed, config.seed + 1, ...), or the seeds
+            themselves (tables of disjoint seeds, e.g. from parallel processes, merge).
+        config: size and optimization settings (default :class:`TrainConfig`).
+        task: the data (default :class:`BigramBackcopy`).
+        out: folder for checkpoints, one subfolder per run (``{variant}/seed{s}``); none if None.
+        progress: show progress bars.
+
+    Returns:
+        The :class:`AblationTable`; `print(table)` shows it.
+    """
+    chosen = [variant(v) for v in variants]
+    names = [v.name for v in chosen]
+    if not chosen or len(set(names)) != len(names):
+        raise SpikeSinkError(f"variants must be non-empty with distinct names, got {names}")
+    config = config or TrainConfig()
+    task = task or BigramBackcopy()
+    if isinstance(seeds, int):
+        seeds = [config.seed + s for s in range(seeds)]
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SpikeSinkError(f"seeds must be a positive count or distinct seeds, got {seeds}")
+    jobs = [(v, s) for v in chosen for s in seeds]
+    bar = tqdm(jobs, desc="ablate", unit="run", disable=not progress)
+    runs: dict[str, list[TrainingRun]] = {v.name: [] for v in chosen}
+    for v, seed in bar:
+        bar.set_postfix_str(f"{v.name} seed {seed}")
+        where = None if out is None else Path(out) / v.name / f"seed{seed}"
+        _, run = train(v, replace(config, seed=seed), task, out=where, progress=progress)
+        runs[v.name].append(run)
+    rows = tuple(AblationRow(v, tuple(runs[v.name])) for v in chosen)
+    return AblationTable(rows, replace(config, seed=seeds[0]), task.to_dict())
+
+
+__all__ = ["AblationRow", "AblationTable", "SeedStat", "ablate"]

@@ -1,0 +1,88 @@
+"""The `tl-spikesink ablate` subcommand (registered by :mod:`tl_spikesink.cli`).
+
+Light on import: argparse only; training code loads when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+_DEFAULT_VARIANTS = ("baseline", "sandwich", "gate_input")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add `ablate` to the subcommands."""
+    p = sub.add_parser(
+        "ablate",
+        help="train small variants (norms, gates, head dim, regime) and tabulate spikes and sinks",
+    )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(_DEFAULT_VARIANTS),
+        metavar="V",
+        help="variant names (see tl_spikesink.training.VARIANTS); 'all' for every one",
+    )
+    p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds per variant")
+    p.add_argument("--steps", type=int, default=None, metavar="N", help="training steps per run")
+    p.add_argument("--layers", type=int, default=None, metavar="N", help="blocks per model")
+    p.add_argument("--d-model", type=int, default=None, metavar="D", help="residual width")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--log-every", type=int, default=None, metavar="N", help="probe every N steps")
+    p.add_argument(
+        "--task",
+        choices=("bigram_backcopy", "natural_text"),
+        default="bigram_backcopy",
+        help="synthetic bigram-backcopy data (fast) or the default corpus with SmolLM2's tokenizer",
+    )
+    p.add_argument(
+        "--trigger-rate",
+        type=float,
+        default=0.15,
+        metavar="R",
+        help="bigram-backcopy: share of tokens followed by a trigger (default 0.15)",
+    )
+    p.add_argument("--out", metavar="DIR", help="save every checkpoint under DIR/variant/seedS")
+    p.add_argument("--json", metavar="OUT", help="write the table (and every run) as JSON")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run the ablation the arguments describe and print the table."""
+    from dataclasses import replace
+
+    from tl_spikesink.training.ablate import ablate
+    from tl_spikesink.training.tasks import BigramBackcopy, NaturalText
+    from tl_spikesink.training.train import TrainConfig
+    from tl_spikesink.training.variants import VARIANTS
+
+    names = list(VARIANTS) if args.variants == ["all"] else args.variants
+    overrides = {
+        "steps": args.steps,
+        "n_layers": args.layers,
+        "d_model": args.d_model,
+        "d_mlp": None if args.d_model is None else 4 * args.d_model,
+        "lr": args.lr,
+        "log_every": args.log_every,
+    }
+    config = replace(TrainConfig(), **{k: v for k, v in overrides.items() if v is not None})
+    if args.task == "natural_text":
+        task = NaturalText()
+    else:
+        task = BigramBackcopy(trigger_rate=args.trigger_rate)
+    table = ablate(
+        names,
+        seeds=args.seeds,
+        config=config,
+        task=task,
+        out=args.out,
+        progress=not args.no_progress,
+    )
+    print(table)
+    if args.json:
+        table.to_json(args.json)
+        print(f"\nwrote {args.json}")
+
+
+__all__ = ["add_parser", "run"]

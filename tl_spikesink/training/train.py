@@ -1,0 +1,367 @@
+"""A seeded, deterministic training loop that logs how spikes and sinks emerge.
+
+AdamW with linear warmup and cosine decay over a fixed number of steps. Every `log_every` steps
+the model is measured on a fixed probe batch with the project's own :func:`~tl_spikesink.evaluate`
+(one forward pass: the next-token loss and the scan), and a :class:`Snapshot` of plain floats is
+kept, so the history never holds a tensor or a graph. The seed fixes the initialization (through
+the TransformerLens config), the data order (one `torch.Generator`) and the probe batch, so two
+runs with the same settings give bit-identical weights on the same machine and thread count.
+
+Checkpoints are folders (``meta.json``: TransformerLens config, variant, task, training settings
+and history; ``weights.pt``; ``tokenizer/``) that :func:`load_checkpoint` turns back into a
+HookedTransformer for every other analysis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from tl_spikesink.errors import SpikeSinkError
+from tl_spikesink.evaluate import evaluate
+from tl_spikesink.scan import ScanConfig
+from tl_spikesink.training.tasks import BigramBackcopy, Task, probe_corpus, task_from_dict
+from tl_spikesink.training.variants import Variant, build_model, model_config
+
+_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Model size and optimization settings shared by every variant of an ablation."""
+
+    n_layers: int = 2
+    d_model: int = 64
+    d_head: int = 16
+    """Head dimension unless the variant sets its own (n_heads = d_model / d_head)."""
+    d_mlp: int = 256
+    seq_len: int = 64
+    """Training (and probe) sequence length, BOS included; also the model's n_ctx."""
+    batch_size: int = 32
+    steps: int = 1000
+    lr: float = 1e-2
+    warmup: int = 200
+    """Linear warmup steps; then cosine decay to `min_lr_ratio` × lr."""
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    """AdamW decay on matrices (not on norm weights, gains or biases) unless the variant sets it."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 250
+    """Measure the probe batch every this many steps (and at step 0 and the last step)."""
+    probe_sequences: int = 32
+    """Sequences in the fixed probe batch."""
+    epsilon: float = 0.3
+    """Sink-head threshold of the probe scan."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_layers", "d_model", "d_head", "d_mlp", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise SpikeSinkError(
+                    f"TrainConfig.{name} must be positive, got {getattr(self, name)}"
+                )
+        if self.seq_len < 8:
+            raise SpikeSinkError(f"TrainConfig.seq_len must be at least 8, got {self.seq_len}")
+        if self.steps < 0 or self.warmup < 0:
+            raise SpikeSinkError("TrainConfig.steps and warmup must be >= 0")
+        if self.lr <= 0:
+            raise SpikeSinkError(f"TrainConfig.lr must be positive, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The probe-batch measurements at one step (plain numbers only)."""
+
+    step: int
+    train_loss: float
+    """Mean training loss over the steps since the last snapshot (NaN at step 0)."""
+    loss: float
+    """Next-token loss on the probe batch (nats)."""
+    max_spike_ratio: float
+    """Max over layers of resid_post top-1 |x| / median |x|."""
+    max_abs: float
+    """Largest |x| of the residual stream (resid_post, any layer)."""
+    sink_ratio: float
+    """Share of heads whose first-token (BOS) sink score exceeds ε."""
+    max_sink_score: float
+    """Largest first-token sink score of any head."""
+    sink_head_distance: float
+    """Mean attention distance of the sink heads (NaN without sink heads)."""
+    seconds: float
+    """Wall time since training started."""
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """What one training run did: settings, emergence history, where the checkpoint is."""
+
+    variant: Variant
+    config: TrainConfig
+    task: dict[str, Any]
+    history: tuple[Snapshot, ...]
+    checkpoint: str | None = None
+    environment: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def final(self) -> Snapshot:
+        """The last snapshot (the end of training)."""
+        return self.history[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready record of the run."""
+        from tl_spikesink.report import _clean
+
+        return _clean(
+            {
+                "variant": self.variant.to_dict(),
+                "config": asdict(self.config),
+                "task": self.task,
+                "history": [asdict(s) for s in self.history],
+                "checkpoint": self.checkpoint,
+                "environment": self.environment,
+            }
+        )
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The record as JSON text, also written to `path` if given."""
+        from tl_spikesink.report import json_text
+
+        return json_text(self.to_dict(), path)
+
+    def __str__(self) -> str:
+        head = f"{self.variant.name} (seed {self.config.seed}, {self.task.get('kind')})"
+        rows = [
+            f"{'step':>6} {'train':>7} {'loss':>7} {'spike':>8} {'max|x|':>8} "
+            f"{'sinks':>6} {'max α0':>7} {'dist':>6}"
+        ]
+        for s in self.history:
+            rows.append(
+                f"{s.step:>6} {s.train_loss:>7.3f} {s.loss:>7.3f} {s.max_spike_ratio:>8.1f} "
+                f"{s.max_abs:>8.1f} {s.sink_ratio:>6.2f} {s.max_sink_score:>7.2f} "
+                f"{s.sink_head_distance:>6.2f}"
+            )
+        return "\n".join([head, *rows])
+
+
+def train(
+    variant: Variant,
+    config: TrainConfig | None = None,
+    task: Task | None = None,
+    *,
+    out: str | Path | None = None,
+    on_snapshot: Callable[[Snapshot], None] | None = None,
+    progress: bool = True,
+) -> tuple[HookedTransformer, TrainingRun]:
+    """Train `variant` on `task` and log the emergence of spikes and sinks.
+
+    Args:
+        variant: the architecture and regime (see :mod:`tl_spikesink.training.variants`).
+        config: size and optimization settings (default :class:`TrainConfig`).
+        task: the data (default :class:`BigramBackcopy`).
+        out: folder to save the checkpoint in (nothing saved when None).
+        on_snapshot: called with each :class:`Snapshot` as it is taken (live logging).
+        progress: show a progress bar.
+
+    Returns:
+        The trained HookedTransformer and the :class:`TrainingRun` record.
+    """
+    config = config or TrainConfig()
+    task = task or BigramBackcopy()
+    model = build_model(variant, _model_cfg(variant, config, task), task.tokenizer())
+    probe = probe_corpus(task, config.probe_sequences, config.seq_len, config.seed)
+    scan_config = ScanConfig(batch_size=config.probe_sequences, epsilon=config.epsilon)
+    optimizer = _optimizer(model, variant, config)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    gen = torch.Generator().manual_seed(config.seed)
+    lengths = _lengths(variant, config)
+
+    history: list[Snapshot] = []
+    start = time.perf_counter()
+    losses: list[float] = []
+
+    def snapshot(step: int) -> None:
+        train_loss = sum(losses) / len(losses) if losses else math.nan
+        history.append(_measure(model, probe, scan_config, step, train_loss, start))
+        losses.clear()
+        if on_snapshot is not None:
+            on_snapshot(history[-1])
+
+    snapshot(0)
+    bar = tqdm(range(1, config.steps + 1), desc=variant.name, disable=not progress, leave=False)
+    model.train()
+    for step in bar:
+        length = lengths[int(torch.randint(len(lengths), (1,), generator=gen))]
+        tokens = task.sample(config.batch_size, length, gen)
+        loss = model(tokens, return_type="loss")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        if step % config.log_every == 0 or step == config.steps:
+            snapshot(step)
+            bar.set_postfix(
+                loss=f"{history[-1].loss:.3f}", spike=f"{history[-1].max_spike_ratio:.0f}"
+            )
+    model.eval()
+    # Free the optimizer's moments before returning: callers keep the model, not the optimizer.
+    optimizer.zero_grad(set_to_none=True)
+    del optimizer, schedule
+
+    run = TrainingRun(variant, config, task.to_dict(), tuple(history), environment=_env())
+    if out is not None:
+        run = dataclasses.replace(run, checkpoint=str(save_checkpoint(model, run, out)))
+    return model, run
+
+
+def _model_cfg(variant: Variant, config: TrainConfig, task: Task) -> HookedTransformerConfig:
+    return model_config(
+        variant,
+        n_layers=config.n_layers,
+        d_model=config.d_model,
+        d_head=config.d_head,
+        d_mlp=config.d_mlp,
+        d_vocab=task.d_vocab,
+        n_ctx=config.seq_len,
+        seed=config.seed,
+        name=f"tl-spikesink/{variant.name}/seed{config.seed}",
+    )
+
+
+def _optimizer(model: torch.nn.Module, variant: Variant, config: TrainConfig) -> torch.optim.AdamW:
+    wd = config.weight_decay if variant.weight_decay is None else variant.weight_decay
+    # Decaying norm gains or gate biases would pull them to 0 (a closed gate, a dead norm).
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=config.betas,
+    )
+
+
+def _lr_factor(step: int, config: TrainConfig) -> float:
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    span = max(1, config.steps - config.warmup)
+    progress = min(1.0, (step - config.warmup) / span)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (
+        1 + math.cos(math.pi * progress)
+    )
+
+
+def _lengths(variant: Variant, config: TrainConfig) -> tuple[int, ...]:
+    if variant.context == "fixed":
+        return (config.seq_len,)
+    return tuple(sorted({max(8, config.seq_len // k) for k in (8, 4, 2, 1)}))
+
+
+def _measure(
+    model: HookedTransformer,
+    probe: Any,
+    scan_config: ScanConfig,
+    step: int,
+    train_loss: float,
+    start: float,
+) -> Snapshot:
+    ev = evaluate(model, probe, config=scan_config, progress=False)
+    scores = ev.scan.sinks.scores
+    return Snapshot(
+        step=step,
+        train_loss=train_loss,
+        loss=ev.loss,
+        max_spike_ratio=ev.max_spike_ratio,
+        max_abs=float(ev.scan.spikes.top("resid_post", 1).max()),
+        sink_ratio=ev.sink_ratio,
+        max_sink_score=float(scores.max()),
+        sink_head_distance=ev.sink_head_distance,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _env() -> dict[str, str]:
+    import platform
+
+    return {
+        "torch": torch.__version__,
+        "threads": str(torch.get_num_threads()),
+        "python": platform.python_version(),
+    }
+
+
+def save_checkpoint(model: HookedTransformer, run: TrainingRun, out: str | Path) -> Path:
+    """Save `model` with its run record into folder `out` (created); returns the folder."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    skip = {"device", "dtype", "n_devices"}  # chosen anew at every load
+    cfg = {
+        f.name: getattr(model.cfg, f.name)
+        for f in dataclasses.fields(model.cfg)
+        if f.init and f.name not in skip
+    }
+    meta = {"format": _FORMAT, "cfg": cfg, **run.to_dict()}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "weights.pt")
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(out / "tokenizer")
+    return out
+
+
+def load_checkpoint(path: str | Path, device: str | None = None) -> HookedTransformer:
+    """Load a checkpoint folder written by :func:`train` back as a HookedTransformer.
+
+    The record of the run is on ``model.training_run`` (a dict: variant, config, task, history).
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        weights = torch.load(path / "weights.pt", "cpu", weights_only=True)
+    except (OSError, ValueError) as e:
+        raise SpikeSinkError(
+            f"{path} is not a readable tl-spikesink training checkpoint ({e}); "
+            "pass the folder that train(..., out=...) wrote"
+        ) from None
+    if meta.get("format") != _FORMAT:
+        raise SpikeSinkError(f"{path}: checkpoint format {meta.get('format')}, expected {_FORMAT}")
+    cfg = HookedTransformerConfig.from_dict(meta["cfg"])
+    tok_dir = path / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir) if tok_dir.exists() else None
+    variant = Variant(**{**meta["variant"]})
+    model = build_model(variant, cfg, tokenizer)
+    model.load_state_dict(weights)
+    model.training_run = {k: meta[k] for k in ("variant", "config", "task", "history")}
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def rebuild_task(run: TrainingRun | dict[str, Any]) -> Task:
+    """The task a run (or a loaded checkpoint's ``training_run``) was trained on."""
+    record = run.task if isinstance(run, TrainingRun) else run["task"]
+    return task_from_dict(record)
+
+
+__all__ = [
+    "Snapshot",
+    "TrainConfig",
+    "TrainingRun",
+    "load_checkpoint",
+    "rebuild_task",
+    "save_checkpoint",
+    "train",
+]
