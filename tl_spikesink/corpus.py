@@ -175,7 +175,8 @@ def tokenize(
         ids = model.to_tokens(text, prepend_bos=False, truncate=False)[0].tolist()
         if len(ids) > body and long_texts == "error":
             raise SpikeSinkError(
-                f"text {index} has {len(ids) + len(bos)} tokens, more than max_seq_len={max_seq_len}; "
+                f"text {index} has {len(ids) + len(bos)} tokens, "
+                f"more than max_seq_len={max_seq_len}; "
                 "pass long_texts='chunk' to split it or long_texts='truncate' to cut it"
             )
         starts = range(0, len(ids), body) if long_texts == "chunk" else range(0, 1)

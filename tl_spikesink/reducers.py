@@ -17,7 +17,7 @@ N_BINS = 1 << 11
 BIN_SHIFT = 20
 
 
-def abs_bits(x: Float[torch.Tensor, "..."]) -> Int[torch.Tensor, "..."]:
+def abs_bits(x: Float[torch.Tensor, ...]) -> Int[torch.Tensor, ...]:
     """The float32 bit pattern of |x|, as int32: ordered exactly like |x|.
 
     The bit pattern of a non-negative float32 is monotone in its value, so with the sign bit
@@ -32,9 +32,7 @@ def bin_edges(bins: torch.Tensor) -> torch.Tensor:
     return (bins.to(torch.int32) << BIN_SHIFT).view(torch.float32)
 
 
-def histogram_quantile(
-    counts: Int[torch.Tensor, "... bins"], q: float
-) -> Float[torch.Tensor, ...]:
+def histogram_quantile(counts: Int[torch.Tensor, "... bins"], q: float) -> Float[torch.Tensor, ...]:
     """The `q`-quantile of each histogram, interpolated geometrically within its bin.
 
     Bins are 9 % wide, so the answer is within about 5 % of the exact quantile.

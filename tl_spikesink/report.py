@@ -138,7 +138,8 @@ def summary(r: ScanResult) -> str:
         f"tl_spikesink scan of {r.model}: {r.n_tokens:,} tokens in {r.n_sequences:,} sequences "
         f"(prepend_bos={r.prepend_bos}; corpus {', '.join(c['name'] for c in r.corpus)})",
         "",
-        f"SPIKES  |x| > {_num(s.abs_threshold)} and > {_num(s.rel_threshold)} x layer median, hook_resid_post",
+        f"SPIKES  |x| > {_num(s.abs_threshold)} and > {_num(s.rel_threshold)} x layer median, "
+        "hook_resid_post",
         f"  spike channels   {', '.join(map(str, s.channels[:8])) or 'none'}",
         f"  massive layers   {_layers(s.massive_layers)}",
         f"  step-up blocks   {_events(s.lifecycle['step_up'])}",
@@ -158,14 +159,16 @@ def summary(r: ScanResult) -> str:
     for layer in range(r.n_layers):
         a, b, c = tops[layer].tolist()
         m = float(med[layer])
+        ratio = a / m if m else float("nan")
         lines.append(
-            f"  {layer:>5} {_num(a):>9} {_num(b):>9} {_num(c):>9} {_num(m):>9} {_num(a / m if m else float('nan')):>13}"
+            f"  {layer:>5} {_num(a):>9} {_num(b):>9} {_num(c):>9} {_num(m):>9} {_num(ratio):>13}"
         )
     heads = sorted(k.sink_heads, key=lambda lh: -float(k.scores[lh]))
     lines += [
         "",
         f"SINKS  first-token sink score > eps = {k.epsilon}",
-        f"  sink ratio       {k.sink_ratio:.3f} ({len(k.sink_heads)} of {r.n_layers * r.n_heads} heads)",
+        f"  sink ratio       {k.sink_ratio:.3f} "
+        f"({len(k.sink_heads)} of {r.n_layers * r.n_heads} heads)",
         "  top sink heads   "
         + (
             ", ".join(f"L{layer}H{h} {float(k.scores[layer, h]):.2f}" for layer, h in heads[:8])

@@ -155,8 +155,9 @@ def scan(
         model: a HookedTransformer (or HookedSAETransformer, or TransformerBridge in
             compatibility mode). It is only read: no parameter changes and no hook stays behind.
         texts: strings, a tokenized :class:`Corpus`, or None for the default offline corpus.
-        config: settings; keyword `settings` override single fields (e.g. `batch_size=4`).
+        config: settings (default :class:`ScanConfig`).
         progress: show a progress bar.
+        **settings: override single fields of `config` (e.g. ``batch_size=4``).
 
     Returns:
         A frozen :class:`ScanResult`; `print(result)` shows the summary.

@@ -124,7 +124,9 @@ class SinkStats:
         return tuple(
             SinkToken(TokenRef(t, s, p), tok, self.token_strings.get(tok, f"<{tok}>"), share)
             for (t, s, p, tok), share in zip(
-                self.candidates.meta[keep].tolist(), self.candidates.keys[keep].tolist()
+                self.candidates.meta[keep].tolist(),
+                self.candidates.keys[keep].tolist(),
+                strict=True,
             )
         )
 
@@ -249,7 +251,7 @@ class SinkProbe:
         self._distance(layer, p)
 
     def _distance(self, layer: int, p: torch.Tensor) -> None:
-        # Σ_j A_ij (i − j) = i·Σ_j A_ij − Σ_j A_ij·j: one matrix-vector product, no [q, k] temporary.
+        # Σ_j A_ij (i − j) = i·Σ_j A_ij − Σ_j A_ij·j: one matrix-vector product, no [q, k] buffer.
         q_rel = self.rel_pos[:, None, :]  # [batch, 1, query]
         mass = p.sum(-1)
         key_pos = (p @ self.rel_pos.clamp(min=0)[:, None, :, None]).squeeze(-1)

@@ -1,4 +1,4 @@
-"""Massive activations: where they are, which channels carry them, which blocks create and cancel them.
+"""Massive activations: where they are, which channels carry them, which blocks make and undo them.
 
 A massive activation (Sun et al. 2024) is a residual-stream value with |x| > `abs_threshold` (100)
 and |x| > `rel_threshold` (1000) times the median |x| of its layer. The scan streams every batch
@@ -100,7 +100,7 @@ class SpikeStats:
         rows = e.meta[:n].tolist()
         return [
             Activation(site, layer, TokenRef(t, s, p), c, tok, v)
-            for (t, s, p, c, tok), v in zip(rows, e.values[:n].tolist())
+            for (t, s, p, c, tok), v in zip(rows, e.values[:n].tolist(), strict=True)
         ]
 
     @cached_property
@@ -131,7 +131,7 @@ class SpikeStats:
         return any(
             e.truncated and len(e) and float(e.keys[-1]) > need
             for site, entries in self.entries.items()
-            for e, need in zip(entries, needs[site])
+            for e, need in zip(entries, needs[site], strict=True)
         )
 
     @cached_property
@@ -233,7 +233,7 @@ class SpikeStats:
             rel_threshold=self.rel_threshold,
             histograms=self.histograms + other.histograms,
             entries={
-                s: tuple(a.merge(b) for a, b in zip(self.entries[s], other.entries[s]))
+                s: tuple(a.merge(b) for a, b in zip(self.entries[s], other.entries[s], strict=True))
                 for s in self.sites
             },
             token_strings={**self.token_strings, **other.token_strings},
@@ -267,7 +267,8 @@ def _check_same(a: Any, b: Any, fields: tuple[str, ...]) -> None:
     for f in fields:
         if getattr(a, f) != getattr(b, f):
             raise SpikeSinkError(
-                f"cannot merge results with different {f} ({getattr(a, f)!r} vs {getattr(b, f)!r}); "
+                f"cannot merge results with different {f} "
+                f"({getattr(a, f)!r} vs {getattr(b, f)!r}); "
                 "scan both shards with the same model and settings"
             )
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 
 def is_delimiter(token: str) -> bool:
-    """True for tokens made only of punctuation and whitespace (".", ",", "\\n", ...).
+    r"""True for tokens made only of punctuation and whitespace (".", ",", "\n", ...).
 
-    >>> is_delimiter(" ."), is_delimiter("\\n"), is_delimiter(" the")
+    >>> is_delimiter(" ."), is_delimiter("\n"), is_delimiter(" the")
     (True, True, False)
     """
     return all(c.isspace() or unicodedata.category(c).startswith("P") for c in token)

@@ -1,4 +1,4 @@
-"""TransformerBridge (TransformerLens 3's successor to HookedTransformer) scans like a HookedTransformer."""
+"""TransformerBridge (the successor to HookedTransformer) scans like a HookedTransformer."""
 
 import pytest
 import torch

@@ -15,7 +15,7 @@ def assert_same_scan(a, b):
     assert a.n_tokens == b.n_tokens and a.n_sequences == b.n_sequences and a.n_texts == b.n_texts
     assert torch.equal(a.spikes.histograms, b.spikes.histograms)
     for site in a.spikes.sites:
-        for ea, eb in zip(a.spikes.entries[site], b.spikes.entries[site]):
+        for ea, eb in zip(a.spikes.entries[site], b.spikes.entries[site], strict=True):
             assert torch.equal(ea.meta, eb.meta)
             assert torch.allclose(ea.values, eb.values)
     assert a.spikes.tokens == b.spikes.tokens
