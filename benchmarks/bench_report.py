@@ -1,12 +1,15 @@
 """Size and load time of the HTML report for a SmolLM2-sized result and a long widget text.
 
 Scans SmolLM2-135M (30 layers × 9 heads) over the default corpus, writes the report with widgets
-on a text of `--widget-tokens` tokens, and opens it in headless Chromium (Debian's `chromium` and
-`chromium-driver`, with selenium): prints the page size by part, the time to build it, and the
-browser's DOMContentLoaded / load times and the time until every widget and plot has drawn.
+on a text of `--widget-tokens` tokens and with the decoupling table and its chart (an experiment
+on `--experiment-tokens` held-out tokens; 0 leaves it out), and opens it in headless Chromium
+(Debian's `chromium` and `chromium-driver`, with selenium): prints the page size by part, the
+time to build it, and the browser's DOMContentLoaded / load times and the time until every
+widget and plot has drawn.
 
     python benchmarks/bench_report.py                      # SmolLM2, 500-token widget text
     python benchmarks/bench_report.py --widget-tokens 256 --scan-tokens 8192
+    python benchmarks/bench_report.py --experiment-tokens 0   # no decoupling table
 """
 
 from __future__ import annotations
@@ -34,6 +37,16 @@ def build(args) -> tuple[Path, dict]:
     model = ts.load(args.model, progress=False)
     result = ts.scan(model, None, max_tokens=args.scan_tokens, batch_size=8, progress=False)
     words = " ".join(ts.default_texts())
+    tables = []
+    t0 = time.perf_counter()
+    if args.experiment_tokens:
+        config = ts.ScanConfig(max_tokens=args.experiment_tokens, max_seq_len=128)
+        tables.append(
+            ts.experiment(
+                model, config=config, calibration_tokens=args.experiment_tokens, progress=False
+            )
+        )
+    experiment_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     path = ts.write_html(
         result,
@@ -42,6 +55,7 @@ def build(args) -> tuple[Path, dict]:
         texts=[words],
         max_widget_tokens=args.widget_tokens,
         max_attention_tokens=args.attention_tokens,
+        extra_tables=tables,
     )
     built = time.perf_counter() - t0
     page = path.read_text()
@@ -57,10 +71,21 @@ def build(args) -> tuple[Path, dict]:
         "circuitsvis_js_MB": len(_circuitsvis_js().encode()) / 1e6,
         "widget_props_MB": {k: round(v / 1e6, 3) for k, v in widget_bytes.items()},
         "build_s": round(built, 2),
+        "experiment_s": round(experiment_s, 1),
+        "experiment_rows": [r.name for t in tables for r in t.rows],
+        "table_chart_kB": _div_kB(page, "table-plot-0"),
         "layers_x_heads": f"{result.n_layers} x {result.n_heads}",
         "scan_tokens": result.n_tokens,
     }
     return path, sizes
+
+
+def _div_kB(page: str, div_id: str) -> float | None:
+    """Size of one plotly figure's div and script in the page (None when absent)."""
+    start = page.find(f'<div id="{div_id}"')
+    if start < 0:
+        return None
+    return round(len(page[start : page.index("</script>", start)].encode()) / 1e3, 1)
 
 
 def load_times(path: Path, runs: int) -> dict:
@@ -120,6 +145,7 @@ def main() -> None:
     p.add_argument("--scan-tokens", type=int, default=4096)
     p.add_argument("--widget-tokens", type=int, default=500)
     p.add_argument("--attention-tokens", type=int, default=48)
+    p.add_argument("--experiment-tokens", type=int, default=512)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument(
         "--out", default=str(Path(tempfile.gettempdir()) / "tl_spikesink_bench_report.html")

@@ -1,9 +1,10 @@
 """tl_spikesink: find, explain and intervene on massive activations and attention sinks."""
 
-from tl_spikesink import mechanism
+from tl_spikesink import distributed, mechanism, saes
 from tl_spikesink.anatomy import Anatomy, hook_name
 from tl_spikesink.claims import Claim, ClaimsTable, claims
 from tl_spikesink.corpus import Corpus, default_texts, tokenize
+from tl_spikesink.distributed import evaluate_distributed, scan_distributed
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.evaluate import Evaluation, evaluate
 from tl_spikesink.experiment import ExperimentTable, experiment, standard_interventions
@@ -15,6 +16,16 @@ from tl_spikesink.interventions import (
     spike_ablation,
 )
 from tl_spikesink.norms import NormScales, norm_scales, norm_swap
+from tl_spikesink.saes import (
+    SAEReport,
+    SpikeRule,
+    bypassed,
+    collect_activations,
+    compare_reports,
+    sae_report,
+    sae_splice,
+    train_sae,
+)
 from tl_spikesink.scan import ScanConfig, ScanResult, scan
 from tl_spikesink.sinks import SinkStats, SinkToken
 from tl_spikesink.spikes import Activation, SpikeStats, SpikeToken
@@ -26,9 +37,16 @@ __version__ = "0.1.0"
 _VIEWS = {
     "plot_alpha": "plots",
     "plot_attention_distance": "plots",
+    "plot_interventions": "plots",
     "plot_massive_activations": "plots",
     "plot_sink_ratio": "plots",
     "plot_sink_scores": "plots",
+    "plot_claims": "mechanism_plots",
+    "plot_head_decomposition": "mechanism_plots",
+    "plot_quadratic_norms": "mechanism_plots",
+    "plot_quadratic_spectrum": "mechanism_plots",
+    "plot_representations": "mechanism_plots",
+    "plot_silu_regime": "mechanism_plots",
     "attention_heads_widget": "widgets",
     "sink_scores_widget": "widgets",
     "spike_tokens_widget": "widgets",
@@ -38,6 +56,21 @@ _VIEWS = {
     "write_html": "html_report",
 }
 """Views and the module holding each; plotly and CircuitsVis load on first use, not on import."""
+
+_TRAINING = {
+    "AblationTable": "training.ablate",
+    "ablate": "training.ablate",
+    "TrainConfig": "training.train",
+    "TrainingRun": "training.train",
+    "load_checkpoint": "training.train",
+    "train": "training.train",
+    "BigramBackcopy": "training.tasks",
+    "VARIANTS": "training.variants",
+    "Variant": "training.variants",
+    "plot_ablation": "training.plots",
+    "plot_emergence": "training.plots",
+}
+"""Training small variants (tl_spikesink.training); TransformerLens loads on first use."""
 
 
 def __getattr__(name: str):
@@ -50,11 +83,35 @@ def __getattr__(name: str):
         from importlib import import_module
 
         return getattr(import_module(f"tl_spikesink.{_VIEWS[name]}"), name)
+    if name in _TRAINING:
+        from importlib import import_module
+
+        return getattr(import_module(f"tl_spikesink.{_TRAINING[name]}"), name)
     raise AttributeError(f"module 'tl_spikesink' has no attribute {name!r}")
 
 
 __all__ = [
+    "AblationTable",
+    "BigramBackcopy",
+    "TrainConfig",
+    "TrainingRun",
+    "VARIANTS",
+    "Variant",
+    "ablate",
+    "load_checkpoint",
+    "plot_ablation",
+    "plot_emergence",
+    "train",
     "Activation",
+    "SAEReport",
+    "SpikeRule",
+    "bypassed",
+    "collect_activations",
+    "compare_reports",
+    "sae_report",
+    "sae_splice",
+    "saes",
+    "train_sae",
     "Claim",
     "ClaimsTable",
     "Anatomy",
@@ -78,7 +135,9 @@ __all__ = [
     "claims",
     "compose",
     "default_texts",
+    "distributed",
     "evaluate",
+    "evaluate_distributed",
     "experiment",
     "hook_name",
     "load",
@@ -88,11 +147,19 @@ __all__ = [
     "norm_swap",
     "plot_alpha",
     "plot_attention_distance",
+    "plot_interventions",
     "plot_massive_activations",
     "plot_sink_ratio",
     "plot_sink_scores",
+    "plot_claims",
+    "plot_head_decomposition",
+    "plot_quadratic_norms",
+    "plot_quadratic_spectrum",
+    "plot_representations",
+    "plot_silu_regime",
     "render_html",
     "scan",
+    "scan_distributed",
     "sink_key_removal",
     "sink_scores_widget",
     "spike_ablation",

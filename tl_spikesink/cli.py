@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import sys
 from collections.abc import Sequence
@@ -14,11 +16,14 @@ _WIDGET_TEXTS = 3
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    from tl_spikesink.models import DEFAULT_MODEL, MODELS
+    from tl_spikesink.models import DEFAULT_MODEL, MODEL_NAMES
 
     src = p.add_mutually_exclusive_group()
     src.add_argument(
-        "--model", default=DEFAULT_MODEL, choices=sorted(MODELS), help="built-in offline model"
+        "--model",
+        default=DEFAULT_MODEL,
+        choices=sorted(MODEL_NAMES),
+        help="built-in offline model",
     )
     src.add_argument(
         "--gguf", metavar="PATH", help="a local Llama / Qwen2 / Gemma 3 GGUF file instead"
@@ -40,7 +45,8 @@ def _add_corpus_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=8192,
         metavar="N",
-        help="read at most N tokens (default 8192: about a minute for SmolLM2 on 2 CPU cores; 0: all)",
+        help="read at most N tokens (default %(default)s; 0: all). The scan reads 8192 tokens "
+        "of SmolLM2 in about a minute on 2 CPU cores",
     )
     p.add_argument(
         "--max-seq-len", type=int, default=None, metavar="L", help="chunk texts to L tokens"
@@ -83,6 +89,9 @@ def _scan_args(args: argparse.Namespace):
     """Load the model and scan the requested corpus; returns (model, texts, result)."""
     from tl_spikesink.corpus import tokenize
     from tl_spikesink.scan import ScanConfig, scan
+
+    if getattr(args, "distributed", False):  # under torchrun: each rank scans its shard
+        from tl_spikesink.distributed import scan_distributed as scan
 
     args.max_tokens = args.max_tokens or None  # 0 reads the whole corpus
     config = ScanConfig(
@@ -153,6 +162,7 @@ def _intervene(args: argparse.Namespace) -> None:
         config=config,
         calibration_tokens=args.calibration_tokens,
         progress=not args.no_progress,
+        distributed=getattr(args, "distributed", False),
     )
     print(table)
     if args.json:
@@ -211,7 +221,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-tokens", type=int, default=4096, metavar="N")
     p.add_argument("--json", metavar="OUT", help="write the table as JSON")
     p.set_defaults(run=_intervene)
+
+    from tl_spikesink.training.cli import add_parser as add_ablate_parser  # argparse only
+
+    add_ablate_parser(sub)
+    from tl_spikesink.saes.cli import add_parser as add_sae_parser
+
+    add_sae_parser(sub)
     return parser
+
+
+def _as_rank(args: argparse.Namespace, rank: int | None) -> contextlib.AbstractContextManager:
+    """Under torchrun every rank computes; ranks other than 0 print, write and show nothing."""
+    args.distributed = rank is not None
+    if not rank:
+        return contextlib.nullcontext()
+    args.no_progress = True
+    for output in ("json", "html"):
+        setattr(args, output, None)
+    return contextlib.redirect_stdout(io.StringIO())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -221,7 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
     )
     try:
-        args.run(args)
+        from tl_spikesink.distributed import torchrun_session
+
+        with torchrun_session() as rank, _as_rank(args, rank):
+            args.run(args)
     except SpikeSinkError as e:
         print(f"tl-spikesink: error: {e}", file=sys.stderr)
         return 2

@@ -11,7 +11,9 @@ widget nears the viewport (CircuitsVis's attention heads draw T² cells per head
     >>> write_html(result, "report.html", model=model, texts=["The cat sat."])  # doctest: +SKIP
 
 Extra tables (interventions, claims, ...) are any objects whose `to_dict()` holds `rows`, a list of
-dicts; they are rendered generically, one column per key.
+dicts; they are rendered generically, one column per key, and the decoupling table
+(:class:`~tl_spikesink.experiment.ExperimentTable`) also as its chart. Extra figures (any plotly
+figures, e.g. of the mechanism checks) follow the scan's plots.
 """
 
 from __future__ import annotations
@@ -39,30 +41,49 @@ _SOURCE_MAP = re.compile(r"^//# sourceMappingURL=.*$", re.M)
 _PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
 
 
-def write_html(
-    result: ScanResult,
-    path: str | Path,
-    *,
-    model: Any = None,
-    texts: Sequence[str] | str | None = None,
-    extra_tables: Iterable[Any] = (),
-    title: str | None = None,
-    layers: Sequence[int] | None = None,
-    max_widget_tokens: int = 512,
-    max_attention_tokens: int = 48,
-) -> Path:
-    """Write the report of `result` as one self-contained, offline HTML page.
+def write_html(result: ScanResult, path: str | Path, **options: Any) -> Path:
+    """Write the report of `result` to `path`: the page :func:`render_html` builds.
 
     Args:
         result: the scan to report.
         path: where to write the page.
+        **options: keyword arguments of :func:`render_html` (`model`, `texts`, `extra_tables`,
+            `extra_figures`, `title`, `layers`, `max_widget_tokens`, `max_attention_tokens`).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.write_text(render_html(result, **options), encoding="utf-8")
+    return path
+
+
+def render_html(
+    result: ScanResult,
+    *,
+    model: Any = None,
+    texts: Sequence[str] | str | None = None,
+    extra_tables: Iterable[Any] = (),
+    extra_figures: Iterable[go.Figure] = (),
+    title: str | None = None,
+    layers: Sequence[int] | None = None,
+    max_widget_tokens: int = 512,
+    max_attention_tokens: int = 48,
+) -> str:
+    """The report of `result` as one self-contained, offline HTML page (a string).
+
+    Args:
+        result: the scan to report.
         model: the scanned model; when given, the page adds interactive widgets (one forward
             pass per widget text; the model is only read).
         texts: texts the widgets read: the first for the attention heads and the spike-colored
             tokens, all of them for the top-k table (default: two paragraphs of the default
             corpus).
         extra_tables: objects with `to_dict()` holding `rows` (a list of dicts), or such dicts,
-            or plain lists of dicts; each becomes a table.
+            or plain lists of dicts; each becomes a table. An
+            :class:`~tl_spikesink.experiment.ExperimentTable` also gets its chart
+            (:func:`tl_spikesink.plots.plot_interventions`).
+        extra_figures: plotly figures drawn after the scan's plots (e.g. mechanism plots).
         title: page title (default: names the model).
         layers: layers whose attention heads are shown (default: the layer of the strongest
             sink head).
@@ -74,35 +95,12 @@ def write_html(
             the page for minutes.
 
     Returns:
-        The path written.
+        The page, ready to write to a file.
+
+    Raises:
+        SpikeSinkError: an extra table holds no `rows` list, or an extra figure is not a plotly
+            figure.
     """
-    page = render_html(
-        result,
-        model=model,
-        texts=texts,
-        extra_tables=extra_tables,
-        title=title,
-        layers=layers,
-        max_widget_tokens=max_widget_tokens,
-        max_attention_tokens=max_attention_tokens,
-    )
-    path = Path(path)
-    path.write_text(page, encoding="utf-8")
-    return path
-
-
-def render_html(
-    result: ScanResult,
-    *,
-    model: Any = None,
-    texts: Sequence[str] | str | None = None,
-    extra_tables: Iterable[Any] = (),
-    title: str | None = None,
-    layers: Sequence[int] | None = None,
-    max_widget_tokens: int = 512,
-    max_attention_tokens: int = 48,
-) -> str:
-    """The page :func:`write_html` writes, as a string (same arguments, without `path`)."""
     from tl_spikesink import plots
 
     title = title or f"tl_spikesink report: {result.model}"
@@ -114,6 +112,13 @@ def render_html(
         plots.plot_attention_distance(result),
     ]
     body = [f"<h1>{_esc(title)}</h1>", _summary(result)]
+    for fig in extra_figures:
+        if not _is_figure(fig):
+            raise SpikeSinkError(
+                f"extra_figures holds a {type(fig).__name__}; pass plotly figures "
+                "(plotly.graph_objects.Figure)"
+            )
+        figures.append(fig)
     body += ["<h2>Plots</h2>", *(_figure(fig, f"plot-{i}") for i, fig in enumerate(figures))]
     widgets: list[tuple[str, str, RenderedHTML | go.Figure]] = []
     if model is not None:
@@ -124,7 +129,7 @@ def render_html(
             body.append(
                 _figure(w, f"widget-plot-{i}") if _is_figure(w) else _mount(w, f"cv-widget-{i}")
             )
-    tables = [_extra_table(t) for t in extra_tables]
+    tables = [_extra_table(t, f"table-plot-{i}") for i, t in enumerate(extra_tables)]
     if tables:
         body += ["<h2>Tables</h2>", *tables]
     body.append(_settings(result))
@@ -311,7 +316,9 @@ def _is_figure(x: Any) -> bool:
     return hasattr(x, "to_html") and hasattr(x, "data")
 
 
-def _extra_table(obj: Any) -> str:
+def _extra_table(obj: Any, plot_id: str) -> str:
+    from tl_spikesink.experiment import ExperimentTable
+
     data = obj.to_dict() if hasattr(obj, "to_dict") else obj
     if isinstance(data, list):
         data = {"rows": data}
@@ -324,7 +331,12 @@ def _extra_table(obj: Any) -> str:
     title = str(meta.pop("title", None) or meta.pop("name", None) or type(obj).__name__)
     scalars = {k: v for k, v in meta.items() if not isinstance(v, (list, dict, tuple))}
     note = "; ".join(f"{k}: {_cell(v)}" for k, v in scalars.items())
-    return _rows_table(title, data["rows"], note)
+    table = _rows_table(title, data["rows"], note)
+    if isinstance(obj, ExperimentTable):
+        from tl_spikesink.plots import plot_interventions
+
+        table += "\n" + _figure(plot_interventions(obj), plot_id)
+    return table
 
 
 def _rows_table(title: str, rows: list[dict[str, Any]], note: str = "") -> str:

@@ -150,3 +150,35 @@ def test_cli_writes_the_report(planted, tmp_path, monkeypatch):
         page = out.read_text()
         assert page.count("var CircuitsVis=") == 1 and "tlSpikesink.mount(" in page
         assert "texts.txt: 5 texts" in page
+
+
+def test_experiment_table_and_extra_figures(planted, texts, result):
+    # A real decoupling table on the planted model (two interventions keep it fast).
+    calibration = sentences(8, seed=11)
+    interventions = [
+        ts.spike_ablation(result, mode="zero", model=planted),
+        ts.sink_key_removal(result, heads="sink", model=planted),
+    ]
+    before = state_snapshot(planted)
+    table = ts.experiment(
+        planted, texts[:8], interventions, calibration=calibration, progress=False
+    )
+    assert_untouched(planted, before)
+    extra = ts.plot_sink_ratio(result).update_layout(title_text="An extra figure")
+    page = render_html(result, extra_tables=[table], extra_figures=[extra])
+
+    assert page.count(get_plotlyjs()[:300]) == 1
+    # 5 scan plots, then the extra figure, in the Plots section; the table's chart below it.
+    assert page.count('class="plotly-graph-div"') == 7
+    assert page.index('id="plot-5"') < page.index("<h2>Tables</h2>") < page.index("table-plot-0")
+    assert "An extra figure" in page[page.index('id="plot-5"') :]
+    assert "<td>zero spikes</td>" in page and "<td>no sink key (sink heads)</td>" in page
+    chart = re.search(r'Plotly\.newPlot\(\s*"table-plot-0",\s*(\[.*?\]),\s*\{', page, re.S)
+    traces = {t["name"]: t for t in json.loads(chart.group(1)) if t.get("meta") != "legend"}
+    assert set(traces) == {"perplexity", "KL", "spike/median", "sink ratio"}
+    assert traces["perplexity"]["y"] == ["clean", "zero spikes", "no sink key (sink heads)"]
+    assert traces["perplexity"]["x"][0] == pytest.approx(table.rows[0].perplexity)
+    assert traces["sink ratio"]["x"][2] == 0.0
+
+    with pytest.raises(ts.SpikeSinkError, match="extra_figures holds a dict"):
+        render_html(result, extra_figures=[{"data": []}])

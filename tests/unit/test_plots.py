@@ -109,3 +109,79 @@ def test_figures_serialize_without_nan(result):
         for t in fig.data:
             ys = getattr(t, "y", None) or ()
             assert not any(isinstance(v, float) and math.isnan(v) for v in ys)
+
+
+# ---------------------------------------------------------------- the decoupling table
+
+
+def known_table():
+    """A decoupling table with hand-picked numbers, one row per kind of intervention."""
+    from tl_spikesink.experiment import ExperimentRow, ExperimentTable
+
+    def row(name, ppl, kl, ratio, sink, kind=None, n_nonfinite=0):
+        loss = math.log(ppl) if ppl == ppl else float("nan")
+        return ExperimentRow(
+            name=name,
+            loss=loss,
+            delta_loss=loss - math.log(20.0),
+            perplexity=ppl,
+            kl=kl,
+            top1_agreement=1.0,
+            max_spike_ratio=ratio,
+            sink_ratio=sink,
+            sink_head_distance=5.0,
+            sink_head_distance_without_sink=2.0,
+            n_spike_tokens=3,
+            n_nonfinite=n_nonfinite,
+            settings={"kind": kind} if kind else {},
+        )
+
+    nan = float("nan")
+    return ExperimentTable(
+        model="toy",
+        rows=(
+            row("clean", 20.0, 0.0, 1.5e4, 0.75),
+            row("zero spikes", 9.0e6, 13.0, 900.0, 0.5, "spike_ablation"),
+            row("mean spikes", 21.0, 0.002, 1.4e4, 0.74, "spike_ablation"),
+            row("no sink key (all heads)", 30.0, 0.4, 1.5e4, 0.0, "sink_key_removal"),
+            row("norm: fixed_scale", nan, nan, nan, 0.25, "norm_swap", n_nonfinite=7),
+        ),
+        corpus={"name": "toy corpus", "n_tokens": 1234},
+        calibration=None,
+        split="by hand",
+        config=ts.ScanConfig(rel_threshold=1000.0),
+        sink_heads=((0, 0),),
+        spike_channels=(7,),
+    )
+
+
+def test_interventions_chart_reads_back_the_table():
+    fig = ts.plot_interventions(known_table())
+    labels = [
+        "clean",
+        "zero spikes",
+        "mean spikes",
+        "no sink key (all heads)",
+        "norm: fixed_scale (overflow)",
+    ]
+    ppl, kl = trace(fig, "perplexity"), trace(fig, "KL")
+    spikes, sinks = trace(fig, "spike/median"), trace(fig, "sink ratio")
+    for t in (ppl, kl, spikes, sinks):
+        assert list(t.y) == labels and t.orientation == "h"
+    # Non-finite values, and the clean KL of 0 on a log axis, have no bar.
+    assert list(ppl.x) == [20.0, 9.0e6, 21.0, 30.0, None]
+    assert list(kl.x) == [None, 13.0, 0.002, 0.4, None]
+    assert list(spikes.x) == [1.5e4, 900.0, 1.4e4, 1.5e4, None]
+    assert list(sinks.x) == [0.75, 0.5, 0.74, 0.0, 0.25]  # linear axis: 0 is a bar
+    axes = [fig.layout[f"xaxis{i}"].type for i in ("", "2", "3", "4")]
+    assert axes == ["log", "log", "log", "linear"]
+    assert fig.layout.yaxis.autorange == "reversed"  # clean on top
+    lines = {s.name: s.x0 for s in fig.layout.shapes}
+    assert lines == {"clean perplexity": 20.0, "massive ratio": 1000.0, "clean sink ratio": 0.75}
+    # Colored by kind: the two spike ablations alike, clean and the others each their own.
+    colors = list(ppl.marker.color)
+    assert colors[1] == colors[2] and len({colors[0], colors[1], colors[3], colors[4]}) == 4
+    legend = [t.name for t in fig.data if t.meta == "legend"]
+    assert legend == ["clean", "spike ablation", "sink key removal", "norm swap"]
+    assert "toy" in fig.layout.title.text and "1,234 tokens" in fig.layout.title.text
+    assert "NaN" not in fig.to_json()

@@ -92,8 +92,16 @@ def test_report_renders_offline_in_chromium(browser, planted, texts, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     result = ts.scan(planted, texts, batch_size=8, progress=False)
+    interventions = [ts.spike_ablation(result, mode="zero", model=planted)]
+    table = ts.experiment(
+        planted, texts[:8], interventions, calibration=sentences(8, seed=11), progress=False
+    )
     page = ts.write_html(
-        result, tmp_path / "report.html", model=planted, texts=sentences(2, seed=3)
+        result,
+        tmp_path / "report.html",
+        model=planted,
+        texts=sentences(2, seed=3),
+        extra_tables=[table],
     )
     url = page.resolve().as_uri()
 
@@ -101,7 +109,8 @@ def test_report_renders_offline_in_chromium(browser, planted, texts, tmp_path):
     browser.get_log("performance"), browser.get_log("browser")  # start both logs clean
     browser.get(url)
     wait = WebDriverWait(browser, 120)
-    wait.until(lambda d: d.execute_script(PLOTS_DRAWN, 6))
+    # 5 scan plots, the per-text sink scores and the decoupling table's chart.
+    wait.until(lambda d: d.execute_script(PLOTS_DRAWN, 7))
     widgets = [e.get_attribute("id") for e in browser.find_elements("css selector", ".cv-widget")]
     assert widgets == ["cv-widget-0", "cv-widget-1", "cv-widget-2"]
     # Widgets mount as they near the viewport, as a reader scrolls.
@@ -121,6 +130,11 @@ def test_report_renders_offline_in_chromium(browser, planted, texts, tmp_path):
         ".filter(t => t.name === 'top 1' && t.meta === 'resid_post')[0].y"
     )
     assert 2990 < traces[1] < 3010
+    bars = browser.execute_script(
+        "return document.getElementById('table-plot-0').data"
+        ".filter(t => t.name === 'perplexity')[0].y"
+    )
+    assert bars == ["clean", "zero spikes"]
 
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, f"console errors: {errors}"
