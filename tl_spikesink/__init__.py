@@ -72,6 +72,8 @@ _TRAINING = {
 }
 """Training small variants (tl_spikesink.training); TransformerLens loads on first use."""
 
+_LAZY = {**_VIEWS, **_TRAINING}
+
 
 def __getattr__(name: str):
     # Loading models pulls in transformers' GGUF stack; keep `import tl_spikesink` light.
@@ -79,42 +81,20 @@ def __getattr__(name: str):
         from tl_spikesink import models
 
         return getattr(models, name)
-    if name in _VIEWS:
+    if name in _LAZY:
         from importlib import import_module
 
-        return getattr(import_module(f"tl_spikesink.{_VIEWS[name]}"), name)
-    if name in _TRAINING:
-        from importlib import import_module
-
-        return getattr(import_module(f"tl_spikesink.{_TRAINING[name]}"), name)
+        return getattr(import_module(f"tl_spikesink.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'tl_spikesink' has no attribute {name!r}")
 
 
 __all__ = [
     "AblationTable",
-    "BigramBackcopy",
-    "TrainConfig",
-    "TrainingRun",
-    "VARIANTS",
-    "Variant",
-    "ablate",
-    "load_checkpoint",
-    "plot_ablation",
-    "plot_emergence",
-    "train",
     "Activation",
-    "SAEReport",
-    "SpikeRule",
-    "bypassed",
-    "collect_activations",
-    "compare_reports",
-    "sae_report",
-    "sae_splice",
-    "saes",
-    "train_sae",
+    "Anatomy",
+    "BigramBackcopy",
     "Claim",
     "ClaimsTable",
-    "Anatomy",
     "Corpus",
     "DEFAULT_MODEL",
     "Evaluation",
@@ -122,17 +102,27 @@ __all__ = [
     "Intervention",
     "MODELS",
     "NormScales",
+    "SAEReport",
     "ScanConfig",
     "ScanResult",
     "SinkStats",
     "SinkToken",
+    "SpikeRule",
     "SpikeSinkError",
     "SpikeStats",
     "SpikeToken",
     "TokenRef",
+    "TrainConfig",
+    "TrainingRun",
+    "VARIANTS",
+    "Variant",
+    "ablate",
     "attention_gate",
     "attention_heads_widget",
+    "bypassed",
     "claims",
+    "collect_activations",
+    "compare_reports",
     "compose",
     "default_texts",
     "distributed",
@@ -141,23 +131,29 @@ __all__ = [
     "experiment",
     "hook_name",
     "load",
+    "load_checkpoint",
     "load_gguf",
     "mechanism",
     "norm_scales",
     "norm_swap",
+    "plot_ablation",
     "plot_alpha",
     "plot_attention_distance",
+    "plot_claims",
+    "plot_emergence",
+    "plot_head_decomposition",
     "plot_interventions",
     "plot_massive_activations",
-    "plot_sink_ratio",
-    "plot_sink_scores",
-    "plot_claims",
-    "plot_head_decomposition",
     "plot_quadratic_norms",
     "plot_quadratic_spectrum",
     "plot_representations",
     "plot_silu_regime",
+    "plot_sink_ratio",
+    "plot_sink_scores",
     "render_html",
+    "sae_report",
+    "sae_splice",
+    "saes",
     "scan",
     "scan_distributed",
     "sink_key_removal",
@@ -167,6 +163,8 @@ __all__ = [
     "spike_topk_widget",
     "standard_interventions",
     "tokenize",
+    "train",
+    "train_sae",
     "widget_props",
     "write_html",
 ]
