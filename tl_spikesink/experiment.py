@@ -30,6 +30,7 @@ from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.evaluate import Evaluation, evaluate_all
 from tl_spikesink.interventions import Intervention, sink_key_removal, spike_ablation
 from tl_spikesink.norms import NormKind, norm_scales, norm_swap
+from tl_spikesink.report import text_table
 from tl_spikesink.scan import ScanConfig, ScanResult, _environment
 
 log = logging.getLogger(__name__)
@@ -325,13 +326,6 @@ def render(t: ExperimentTable) -> str:
         ]
         for r in t.rows
     ]
-    width = [max(len(h), *(len(row[i]) for row in lines_)) for i, h in enumerate(header)]
-
-    def fmt(cells: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, width, strict=True))
-        )
 
     c = t.corpus
     out = [
@@ -341,9 +335,7 @@ def render(t: ExperimentTable) -> str:
         f"  spike channels {', '.join(map(str, t.spike_channels)) or 'none'}; "
         f"{len(t.sink_heads)} clean sink heads; seed {t.config.seed}",
         "",
-        fmt(header),
-        fmt(["-" * w for w in width]),
-        *(fmt(row) for row in lines_),
+        *text_table(header, lines_),
         "",
         "KL: mean KL(clean || intervened) per token (nats); spike/med: max over layers of",
         "resid_post top-1 |x| / median |x|; sink dist: mean attention distance of the clean sink",

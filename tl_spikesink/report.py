@@ -117,6 +117,17 @@ def to_dict(r: ScanResult) -> dict[str, Any]:
     )
 
 
+def text_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Lines of a plain-text table: first column left-aligned, the rest right-aligned."""
+    width = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+
+    def fmt(cells: list[str]) -> str:
+        pairs = enumerate(zip(cells, width, strict=True))
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs)
+
+    return [fmt(header), fmt(["-" * w for w in width]), *(fmt(r) for r in rows)]
+
+
 def _num(x: float) -> str:
     if x != x:
         return "-"

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from tl_spikesink.report import text_table
+
 if TYPE_CHECKING:
     from tl_spikesink.saes.evaluation import SAEReport
 
@@ -33,16 +35,6 @@ def _signed(x: float) -> str:
     return "-" if x != x else f"{x:+.3g}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    width = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-
-    def fmt(cells: list[str]) -> str:
-        pairs = enumerate(zip(cells, width, strict=True))
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs)
-
-    return [fmt(header), fmt(["-" * w for w in width]), *(fmt(r) for r in rows)]
-
-
 def render_report(r: SAEReport) -> str:
     """The text table ``print(report)`` shows."""
     from tl_spikesink.saes.evaluation import GROUPS
@@ -68,7 +60,7 @@ def render_report(r: SAEReport) -> str:
         f"  corpus {c['name']!r}{' + more' if len(r.corpus) > 1 else ''}: {n_tokens:,} tokens; "
         f"spike channels {', '.join(map(str, r.spike_channels)) or 'none'}",
         "",
-        *_table(header, rows),
+        *text_table(header, rows),
         "",
         "normal = delimiter + other; sink = sink tokens that are not spike tokens "
         f"({r.n_sink_spike:,} sink tokens are also spike tokens);",
@@ -126,7 +118,7 @@ def compare_reports(reports: Mapping[str, SAEReport]) -> str:
         )
     return "\n".join(
         [
-            *_table(header, rows),
+            *text_table(header, rows),
             "",
             "EV: explained variance (all: pooled over every token, as training logs report it);",
             "normal: tokens neither spike nor sink; dead: latents that never fire on these texts;",

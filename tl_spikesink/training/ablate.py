@@ -18,6 +18,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tl_spikesink.errors import SpikeSinkError
+from tl_spikesink.report import text_table
 from tl_spikesink.training.tasks import BigramBackcopy, Task
 from tl_spikesink.training.train import TrainConfig, TrainingRun, train
 from tl_spikesink.training.variants import Variant, variant
@@ -157,14 +158,6 @@ def render(t: AblationTable) -> str:
     """The text table `print(table)` and the CLI show."""
     header = ["variant", "seeds", "final loss", "spike/med", "sink ratio", "sink dist"]
     body = [[r.name, str(len(r.runs)), *(str(r.stat(c)) for c in COLUMNS)] for r in t.rows]
-    width = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(header)]
-
-    def fmt(cells: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, width, strict=True))
-        )
-
     c = t.config
     return "\n".join(
         [
@@ -172,9 +165,7 @@ def render(t: AblationTable) -> str:
             f"{c.d_model}, d_head {c.d_head}, {c.steps} steps of {c.batch_size}x{c.seq_len}, "
             f"lr {c.lr:g}, wd {c.weight_decay:g}",
             "",
-            fmt(header),
-            fmt(["-" * w for w in width]),
-            *(fmt(row) for row in body),
+            *text_table(header, body),
             "",
             "mean ± sd over seeds (k/n: the value exists for k of n seeds); final probe batch.",
             "spike/med: max over layers of resid_post top-1 |x| / median |x|; sink ratio: share",
