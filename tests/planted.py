@@ -106,6 +106,25 @@ def planted_model(
     return model
 
 
+UNIFORM_HEAD = (0, 1)
+"""Layer 0's other head: its query and key weights are zero, so it attends uniformly."""
+
+
+def planted_with_values(seed: int = 0) -> HookedTransformer:
+    """The planted model whose layer-0 heads copy channel 4 (zero on BOS and ".") into 5 and 6.
+
+    The sink head (0, 0) then writes almost nothing (it attends to BOS, whose value is 0) while
+    the uniform head (0, 1) writes the mean channel-4 value of the tokens it sees.
+    """
+    model = planted_model(seed)
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        for head, out in ((0, 5), (1, 6)):
+            attn.W_V[head, 4, 0] = 1.0
+            attn.W_O[head, 0, out] = 1.0
+    return model
+
+
 def sentences(n: int, seed: int = 0, min_words: int = 14, max_words: int = 30) -> list[str]:
     """Seeded random texts of ordinary words with a few "." delimiters."""
     gen = torch.Generator().manual_seed(seed)

@@ -41,7 +41,7 @@ def test_every_claim_holds_on_planted(table):
 
 def test_head_claims_hold_once_heads_write(texts):
     """Layer 0's heads copy x̂_4, which is 0 on BOS: the sink head writes (almost) nothing."""
-    from test_mechanism_heads import planted_with_values
+    from planted import planted_with_values
 
     table = claims(planted_with_values(), texts[:12])
     writes, values = [r for r in table.rows if r.link == "heads"]

@@ -12,22 +12,10 @@ import json
 import pytest
 import torch
 from conftest import assert_untouched, state_snapshot
-from planted import SINK_HEAD, VOCAB, planted_model
+from planted import SINK_HEAD, UNIFORM_HEAD, VOCAB, planted_with_values
 
 import tl_spikesink as ts
 from tl_spikesink import mechanism as mech
-
-UNIFORM_HEAD = (0, 1)
-
-
-def planted_with_values():
-    model = planted_model()
-    attn = model.blocks[0].attn
-    with torch.no_grad():
-        for head, out in ((0, 5), (1, 6)):
-            attn.W_V[head, 4, 0] = 1.0
-            attn.W_O[head, 0, out] = 1.0
-    return model
 
 
 @pytest.fixture(scope="module")

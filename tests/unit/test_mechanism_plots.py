@@ -2,8 +2,7 @@
 
 import plotly.graph_objects as go
 import pytest
-from planted import SINK_HEAD, SPIKE_CHANNEL
-from test_mechanism_heads import UNIFORM_HEAD, planted_with_values
+from planted import SINK_HEAD, SPIKE_CHANNEL, UNIFORM_HEAD, planted_with_values
 
 import tl_spikesink as ts
 from tl_spikesink import mechanism as mech
