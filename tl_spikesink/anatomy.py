@@ -84,10 +84,15 @@ class Anatomy:
     d_model: int
     n_ctx: int
     normalization_type: str | None
+    """The config's norm ("RMS", "LN", ...), or the class name of a norm module that replaced
+    it after construction (a DynamicTanh variant reports "DynamicTanh", not "RMS")."""
     gated_mlp: bool
     prepend_bos: bool
     causal: bool = True
     """False for encoders (BERT), whose queries also attend to later keys."""
+    norm_placement: str = "pre"
+    """Where the norms sit: "pre" (x + f(norm(x))), "sandwich" (x + norm(f(norm(x)))) or
+    "post" (norm(x + f(x)), the original Transformer and BERT)."""
 
     @classmethod
     def of(cls, model: Any) -> Anatomy:
@@ -105,11 +110,41 @@ class Anatomy:
             n_heads=int(cfg.n_heads),
             d_model=int(cfg.d_model),
             n_ctx=int(cfg.n_ctx),
-            normalization_type=getattr(cfg, "normalization_type", None),
+            normalization_type=_norm_type(model, cfg),
             gated_mlp=bool(getattr(cfg, "gated_mlp", False)),
             prepend_bos=bool(getattr(cfg, "default_prepend_bos", True)),
             causal=getattr(cfg, "attention_dir", "causal") != "bidirectional",
+            norm_placement=_norm_placement(model, cfg),
         )
+
+
+_TL_NORMS = {"RMSNorm", "RMSNormPre", "LayerNorm", "LayerNormPre", "Identity"}
+"""Norm classes the config's normalization_type describes (TransformerLens's own)."""
+
+
+def _first_block(model: Any) -> Any:
+    blocks = getattr(model, "blocks", None)
+    return blocks[0] if blocks is not None and len(blocks) else None
+
+
+def _norm_type(model: Any, cfg: Any) -> str | None:
+    # A module swapped in after construction (training variants) leaves the config unchanged;
+    # an analysis that trusts the config would treat DynamicTanh as RMSNorm.
+    ln = getattr(_first_block(model), "ln1", None)
+    name = type(ln).__name__
+    if ln is not None and name not in _TL_NORMS and "Norm" not in name:
+        return name
+    return getattr(cfg, "normalization_type", None)
+
+
+def _norm_placement(model: Any, cfg: Any) -> str:
+    block = _first_block(model)
+    declared = getattr(block, "norm_placement", None)
+    if declared is not None:
+        return str(declared)
+    if type(block).__name__ == "BertBlock":
+        return "post"
+    return "sandwich" if getattr(cfg, "use_normalization_before_and_after", False) else "pre"
 
 
 def require_hooks(model: Any, sites: tuple[Site, ...], layers: range, analysis: str) -> None:

@@ -82,7 +82,8 @@ def render_html(
         extra_tables: objects with `to_dict()` holding `rows` (a list of dicts), or such dicts,
             or plain lists of dicts; each becomes a table. An
             :class:`~tl_spikesink.experiment.ExperimentTable` also gets its chart
-            (:func:`tl_spikesink.plots.plot_interventions`).
+            (:func:`tl_spikesink.plots.plot_interventions`), and an
+            :class:`~tl_spikesink.training.AblationTable` its bars and emergence curves.
         extra_figures: plotly figures drawn after the scan's plots (e.g. mechanism plots).
         title: page title (default: names the model).
         layers: layers whose attention heads are shown (default: the layer of the strongest
@@ -318,7 +319,10 @@ def _is_figure(x: Any) -> bool:
 
 def _extra_table(obj: Any, plot_id: str) -> str:
     from tl_spikesink.experiment import ExperimentTable
+    from tl_spikesink.training.ablate import AblationTable
 
+    if isinstance(obj, AblationTable):
+        return _ablation_table(obj, plot_id)
     data = obj.to_dict() if hasattr(obj, "to_dict") else obj
     if isinstance(data, list):
         data = {"rows": data}
@@ -337,6 +341,21 @@ def _extra_table(obj: Any, plot_id: str) -> str:
 
         table += "\n" + _figure(plot_interventions(obj), plot_id)
     return table
+
+
+def _ablation_table(table: Any, plot_id: str) -> str:
+    from tl_spikesink.training.ablate import settings_line, summary_rows
+    from tl_spikesink.training.plots import plot_ablation, plot_emergence
+
+    return "\n".join(
+        [
+            _rows_table(
+                "Ablation (mean ± sd over seeds)", summary_rows(table), settings_line(table)
+            ),
+            _figure(plot_ablation(table), f"{plot_id}-bars"),
+            _figure(plot_emergence(table), f"{plot_id}-emergence"),
+        ]
+    )
 
 
 def _rows_table(title: str, rows: list[dict[str, Any]], note: str = "") -> str:

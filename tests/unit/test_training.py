@@ -9,10 +9,17 @@ from dataclasses import asdict, fields, replace
 import pytest
 import torch
 
+from tl_spikesink import mechanism as mech
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.training.ablate import AblationTable, SeedStat, ablate
 from tl_spikesink.training.tasks import BigramBackcopy, probe_corpus
-from tl_spikesink.training.train import Snapshot, TrainConfig, load_checkpoint, train
+from tl_spikesink.training.train import (
+    Snapshot,
+    TrainConfig,
+    first_token_profile,
+    load_checkpoint,
+    train,
+)
 from tl_spikesink.training.variants import (
     VARIANTS,
     DynamicTanh,
@@ -110,6 +117,31 @@ def test_post_norm_normalizes_the_residual_stream_after_each_add():
     torch.testing.assert_close(cache["blocks.1.hook_resid_post"], post)
 
 
+@pytest.mark.parametrize(
+    ("name", "norm", "placement"),
+    [
+        ("baseline", "RMS", "pre"),
+        ("sandwich", "RMS", "sandwich"),
+        ("post_norm", "RMS", "post"),
+        ("dyt", "DynamicTanh", "pre"),
+    ],
+)
+def test_anatomy_sees_the_swapped_norms(name, norm, placement):
+    from tl_spikesink.anatomy import Anatomy
+    from tl_spikesink.norms import norm_swap
+
+    model = tiny_model(name)
+    anatomy = Anatomy.of(model)
+    assert (anatomy.normalization_type, anatomy.norm_placement) == (norm, placement)
+    if name in ("dyt", "post_norm"):
+        # Analyses written for pre-norm RMSNorm refuse, naming what they found.
+        with pytest.raises(SpikeSinkError, match=f"{norm}.*{placement}"):
+            mech.representations(model, ["w5 w6 w7"])
+    if name == "dyt":
+        with pytest.raises(SpikeSinkError, match="DynamicTanh"):
+            norm_swap("layernorm", model=model)
+
+
 @pytest.mark.parametrize("name", ["gate_input", "gate_constant"])
 def test_gate_multiplies_hook_z_per_head(name):
     model = tiny_model(name)
@@ -187,6 +219,38 @@ def test_seeded_run_is_deterministic_and_history_holds_only_numbers():
     assert not torch.equal(m3.state_dict()["embed.W_E"], s1["embed.W_E"])
 
 
+@pytest.mark.parametrize("planted_on", ["bos", "other"])
+def test_first_token_profile_tells_a_bos_spike_from_an_ordinary_outlier(planted_on):
+    model = tiny_model("baseline")
+    probe = probe_corpus(TASK, 8, 16, seed=0)
+    before = first_token_profile(model, probe)
+    assert max(before.bos_spike_ratio, before.other_spike_ratio) < 30
+    # The embedding of one token gets a value far above the rest in channel 3; the residual
+    # stream carries it through every block (pre-norm blocks add to it, never rescale it).
+    token = 0 if planted_on == "bos" else TASK.triggers[0]
+    with torch.no_grad():
+        model.embed.W_E[token, 3] = 1e4
+    after = first_token_profile(model, probe)
+    if planted_on == "bos":
+        assert after.bos_spike_ratio > 1e3 and after.bos_norm_ratio > 100
+        assert after.other_spike_ratio < 30
+    else:
+        assert after.other_spike_ratio > 1e3 and after.bos_spike_ratio < 30
+        assert after.bos_norm_ratio < 5
+
+
+def test_every_run_is_probed_on_the_same_batch():
+    # The probe batch depends on probe_seed only, so seeds differ by their models alone.
+    runs = [train(VARIANTS["baseline"], replace(TINY, steps=0, seed=s), TASK, progress=False)[1]
+            for s in (0, 1)]  # fmt: skip
+    model_0 = tiny_model("baseline", seed=0)
+    probe = probe_corpus(TASK, TINY.probe_sequences, TINY.seq_len, seed=TINY.probe_seed)
+    assert runs[0].final.bos_spike_ratio == first_token_profile(model_0, probe).bos_spike_ratio
+    moved = train(VARIANTS["baseline"], replace(TINY, steps=0, probe_seed=7), TASK,
+                  progress=False)[1]  # fmt: skip
+    assert moved.final.loss != runs[0].final.loss
+
+
 def _without_time(history) -> str:
     # As JSON text, so NaN (no training loss yet at step 0) compares equal to NaN.
     return json.dumps([{**asdict(s), "seconds": 0} for s in history])
@@ -238,6 +302,20 @@ def test_ablate_table_and_merge():
         a.merge(a)
 
 
+def test_parallel_workers_give_the_serial_table(tmp_path):
+    config = replace(TINY, steps=2, n_layers=1)
+    kwargs = {"seeds": [0, 1], "config": config, "task": TASK, "progress": False}
+    serial = ablate(["baseline", "dyt"], **kwargs)
+    parallel = ablate(["baseline", "dyt"], **kwargs, workers=2, out=tmp_path)
+    assert [r.name for r in parallel.rows] == ["baseline", "dyt"]
+    for a, b in zip(serial.runs, parallel.runs, strict=True):
+        assert (a.variant, a.config.seed) == (b.variant, b.config.seed)
+        assert _without_time(a.history) == _without_time(b.history)
+    assert load_checkpoint(tmp_path / "dyt" / "seed1").training_run["config"]["seed"] == 1
+    with pytest.raises(SpikeSinkError, match="workers"):
+        ablate(["baseline"], **kwargs, workers=0)
+
+
 def test_plots_read_the_table():
     from tl_spikesink.training.plots import plot_ablation, plot_emergence
 
@@ -245,19 +323,43 @@ def test_plots_read_the_table():
                    progress=False)  # fmt: skip
     fig = plot_emergence(table)
     means = [t for t in fig.data if t.name == "baseline"]
-    assert len(means) == 4 and list(means[0].x) == [0, 2]
+    assert [t.meta for t in means] == [
+        "loss",
+        "max_spike_ratio",
+        "bos_spike_ratio",
+        "sink_ratio",
+        "max_sink_score",
+    ]
+    assert list(means[0].x) == [0, 2]
+    assert list(means[2].y) == [
+        sum(r.history[k].bos_spike_ratio for r in table.runs) / 2 for k in range(2)
+    ]
     bars = plot_ablation(table)
-    assert {t.name for t in bars.data} >= {"loss", "sink_ratio", "loss seeds"}
+    assert {t.name for t in bars.data} >= {"loss", "bos_spike_ratio", "sink_ratio", "loss seeds"}
 
 
 def test_cli_ablate(tmp_path, capsys):
     from tl_spikesink.cli import main
 
     out = tmp_path / "t.json"
-    code = main(["ablate", "--variants", "baseline", "--seeds", "1", "--steps", "2", "--layers",
-                 "1", "--d-model", "16", "--no-progress", "--json", str(out),
-                 "--out", str(tmp_path / "ck")])  # fmt: skip
+    code = main(["ablate", "--variants", "baseline", "sandwich", "--seeds", "1", "--steps", "2",
+                 "--layers", "1", "--d-model", "16", "--d-mlp", "16", "--no-progress",
+                 "--json", str(out), "--out", str(tmp_path / "ck")])  # fmt: skip
     assert code == 0
     assert "baseline" in capsys.readouterr().out
-    assert json.loads(out.read_text())["rows"][0]["seeds"] == [0]
-    assert (tmp_path / "ck" / "baseline" / "seed0" / "weights.pt").exists()
+    data = json.loads(out.read_text())
+    assert data["rows"][0]["seeds"] == [0] and data["config"]["d_mlp"] == 16
+    assert (tmp_path / "ck" / "sandwich" / "seed0" / "weights.pt").exists()
+
+
+def test_cli_ablate_html_report(tmp_path):
+    from tl_spikesink.cli import main
+
+    page = tmp_path / "ablation.html"
+    args = ["--variants", "baseline", "dyt", "--seeds", "2", "--steps", "2", "--layers", "1"]
+    code = main(["ablate", *args, "--d-model", "16", "--no-progress", "--html", str(page)])
+    assert code == 0
+    html = page.read_text()
+    assert "Ablation (mean ± sd over seeds)" in html and "Emergence over training" in html
+    assert html.count("<tr>") >= 3 and "dyt" in html and "BOS spike/med" in html
+    assert "unpkg.com" not in html and "cdn.plot.ly/plotly" not in html  # offline page

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from tl_spikesink.anatomy import Anatomy
 from tl_spikesink.corpus import Corpus, tokenize
 from tl_spikesink.errors import SpikeSinkError
 
@@ -101,10 +102,11 @@ def _require_gated(model: Any, analysis: str) -> None:
 
 
 def _require_rms(model: Any, analysis: str) -> None:
-    norm = getattr(model.cfg, "normalization_type", None)
-    if norm not in ("RMS", "RMSPre"):
+    anatomy = Anatomy.of(model)
+    if anatomy.normalization_type not in ("RMS", "RMSPre") or anatomy.norm_placement == "post":
         raise SpikeSinkError(
-            f"{analysis} needs RMSNorm; this model has normalization_type={norm!r}"
+            f"{analysis} needs pre-norm RMSNorm; this model has normalization_type="
+            f"{anatomy.normalization_type!r}, placed {anatomy.norm_placement!r}"
         )
 
 

@@ -1,7 +1,8 @@
 """The ablation table: train each variant over several seeds and measure it with the scan.
 
 One row per variant; columns the final probe loss, the max spike / median ratio of the residual
-stream, the sink ratio, and the attention distance of the sink heads, each the mean ± standard
+stream (any token, then the first token's alone), the sink ratio, the largest first-token sink
+score, and the attention distance of the sink heads, each the mean ± standard
 deviation over seeds (seed s trains with TrainConfig.seed = base + s: a new initialization and
 data order on the same task). A value that does not exist for a seed (no sink head: no sink
 distance) is left out of that column's mean, and the column says over how many seeds it is.
@@ -23,7 +24,14 @@ from tl_spikesink.training.tasks import BigramBackcopy, Task
 from tl_spikesink.training.train import TrainConfig, TrainingRun, train
 from tl_spikesink.training.variants import Variant, variant
 
-COLUMNS: tuple[str, ...] = ("loss", "max_spike_ratio", "sink_ratio", "sink_head_distance")
+COLUMNS: tuple[str, ...] = (
+    "loss",
+    "max_spike_ratio",
+    "bos_spike_ratio",
+    "sink_ratio",
+    "max_sink_score",
+    "sink_head_distance",
+)
 """The Snapshot fields the table reports."""
 
 
@@ -154,23 +162,53 @@ class AblationTable:
         return render(self)
 
 
+HEADER: dict[str, str] = {
+    "loss": "final loss",
+    "max_spike_ratio": "spike/med",
+    "bos_spike_ratio": "BOS spike/med",
+    "sink_ratio": "sink ratio",
+    "max_sink_score": "max BOS α",
+    "sink_head_distance": "sink dist",
+}
+"""Short column titles of the text and HTML tables."""
+
+
+def summary_rows(t: AblationTable) -> list[dict[str, str]]:
+    """One dict per variant: the columns as "mean ± sd" text (the text and HTML tables)."""
+    return [
+        {
+            "variant": r.name,
+            "seeds": str(len(r.runs)),
+            **{HEADER[c]: str(r.stat(c)) for c in COLUMNS},
+        }
+        for r in t.rows
+    ]
+
+
+def settings_line(t: AblationTable) -> str:
+    """The shared training settings, in one line."""
+    c = t.config
+    return (
+        f"{t.task.get('kind')}: {c.n_layers} layers, d_model {c.d_model}, d_head {c.d_head}, "
+        f"d_mlp {c.d_mlp}, {c.steps} steps of {c.batch_size}x{c.seq_len}, lr {c.lr:g}, "
+        f"wd {c.weight_decay:g}"
+    )
+
+
 def render(t: AblationTable) -> str:
     """The text table `print(table)` and the CLI show."""
-    header = ["variant", "seeds", "final loss", "spike/med", "sink ratio", "sink dist"]
-    body = [[r.name, str(len(r.runs)), *(str(r.stat(c)) for c in COLUMNS)] for r in t.rows]
-    c = t.config
+    rows = summary_rows(t)
     return "\n".join(
         [
-            f"tl_spikesink ablation on {t.task.get('kind')}: {c.n_layers} layers, d_model "
-            f"{c.d_model}, d_head {c.d_head}, {c.steps} steps of {c.batch_size}x{c.seq_len}, "
-            f"lr {c.lr:g}, wd {c.weight_decay:g}",
+            f"tl_spikesink ablation on {settings_line(t)}",
             "",
-            *text_table(header, body),
+            *text_table(list(rows[0]), [list(r.values()) for r in rows]),
             "",
             "mean ± sd over seeds (k/n: the value exists for k of n seeds); final probe batch.",
-            "spike/med: max over layers of resid_post top-1 |x| / median |x|; sink ratio: share",
-            f"of heads with first-token score > {c.epsilon}; sink dist: mean attention distance of",
-            "the sink heads (tokens).",
+            "spike/med: max over layers of resid_post top-1 |x| / median |x| (any token); BOS",
+            "spike/med: the same on the first token only; sink ratio: share of heads with",
+            f"first-token score > {t.config.epsilon}; max BOS α: the largest first-token score of",
+            "any head; sink dist: mean attention distance of the sink heads (tokens).",
         ]
     )
 
@@ -183,6 +221,7 @@ def ablate(
     task: Task | None = None,
     out: str | Path | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> AblationTable:
     """Train every variant over `seeds` seeds and tabulate the final measurements.
 
@@ -194,6 +233,10 @@ def ablate(
         task: the data (default :class:`BigramBackcopy`).
         out: folder for checkpoints, one subfolder per run (``{variant}/seed{s}``); none if None.
         progress: show progress bars.
+        workers: train this many runs at once, each in its own process with one thread (tiny
+            models train faster as parallel single-threaded runs than as one multi-threaded
+            run). Runs are seeded, so the table does not depend on the number of workers, up
+            to the floating-point differences of thread counts.
 
     Returns:
         The :class:`AblationTable`; `print(table)` shows it.
@@ -209,16 +252,52 @@ def ablate(
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise SpikeSinkError(f"seeds must be a positive count or distinct seeds, got {seeds}")
-    jobs = [(v, s) for v in chosen for s in seeds]
-    bar = tqdm(jobs, desc="ablate", unit="run", disable=not progress)
-    runs: dict[str, list[TrainingRun]] = {v.name: [] for v in chosen}
-    for v, seed in bar:
-        bar.set_postfix_str(f"{v.name} seed {seed}")
-        where = None if out is None else Path(out) / v.name / f"seed{seed}"
-        _, run = train(v, replace(config, seed=seed), task, out=where, progress=progress)
-        runs[v.name].append(run)
-    rows = tuple(AblationRow(v, tuple(runs[v.name])) for v in chosen)
+    if workers < 1:
+        raise SpikeSinkError(f"workers must be at least 1, got {workers}")
+    jobs = [
+        (v, replace(config, seed=s), task, None if out is None else Path(out) / v.name / f"seed{s}")
+        for v in chosen
+        for s in seeds
+    ]
+    bar = tqdm(total=len(jobs), desc="ablate", unit="run", disable=not progress)
+    done: dict[tuple[str, int], TrainingRun] = {}
+    if workers == 1:
+        for job in jobs:
+            bar.set_postfix_str(f"{job[0].name} seed {job[1].seed}")
+            done[job[0].name, job[1].seed] = _train_job(*job, progress=progress)
+            bar.update()
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # spawn, not fork: a forked child inherits the parent's torch thread pools and locks.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+            futures = [pool.submit(_train_job, *job, progress=False, threads=1) for job in jobs]
+            for future in as_completed(futures):
+                run = future.result()
+                done[run.variant.name, run.config.seed] = run
+                bar.set_postfix_str(f"{run.variant.name} seed {run.config.seed}")
+                bar.update()
+    bar.close()
+    rows = tuple(AblationRow(v, tuple(done[v.name, s] for s in seeds)) for v in chosen)
     return AblationTable(rows, replace(config, seed=seeds[0]), task.to_dict())
+
+
+def _train_job(
+    v: Variant,
+    config: TrainConfig,
+    task: Task,
+    out: Path | None,
+    *,
+    progress: bool,
+    threads: int | None = None,
+) -> TrainingRun:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    return train(v, config, task, out=out, progress=progress)[1]
 
 
 __all__ = ["AblationRow", "AblationTable", "SeedStat", "ablate"]

@@ -6,6 +6,9 @@ Light on import: argparse only; training code loads when the command runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import tempfile
+from typing import Any
 
 _DEFAULT_VARIANTS = ("baseline", "sandwich", "gate_input")
 
@@ -27,6 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, metavar="N", help="training steps per run")
     p.add_argument("--layers", type=int, default=None, metavar="N", help="blocks per model")
     p.add_argument("--d-model", type=int, default=None, metavar="D", help="residual width")
+    p.add_argument("--d-mlp", type=int, default=None, metavar="D", help="MLP hidden width")
+    p.add_argument("--weight-decay", type=float, default=None, metavar="W", help="AdamW decay")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--log-every", type=int, default=None, metavar="N", help="probe every N steps")
     p.add_argument(
@@ -44,6 +49,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", metavar="DIR", help="save every checkpoint under DIR/variant/seedS")
     p.add_argument("--json", metavar="OUT", help="write the table (and every run) as JSON")
+    p.add_argument(
+        "--html",
+        metavar="OUT",
+        help="write an offline HTML report: the scan of the first variant's first seed, the "
+        "table as bars and every emergence curve",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train N runs at once, one process and one thread each (default 1)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(run=run)
 
@@ -62,8 +80,9 @@ def run(args: argparse.Namespace) -> None:
         "steps": args.steps,
         "n_layers": args.layers,
         "d_model": args.d_model,
-        "d_mlp": None if args.d_model is None else 4 * args.d_model,
+        "d_mlp": args.d_mlp,
         "lr": args.lr,
+        "weight_decay": args.weight_decay,
         "log_every": args.log_every,
     }
     config = replace(TrainConfig(), **{k: v for k, v in overrides.items() if v is not None})
@@ -71,18 +90,41 @@ def run(args: argparse.Namespace) -> None:
         task = NaturalText()
     else:
         task = BigramBackcopy(trigger_rate=args.trigger_rate)
-    table = ablate(
-        names,
-        seeds=args.seeds,
-        config=config,
-        task=task,
-        out=args.out,
-        progress=not args.no_progress,
-    )
-    print(table)
-    if args.json:
-        table.to_json(args.json)
-        print(f"\nwrote {args.json}")
+    with contextlib.ExitStack() as stack:
+        out = args.out
+        if args.html and out is None:  # the report scans a trained model: keep it until then
+            out = stack.enter_context(tempfile.TemporaryDirectory(prefix="tl-spikesink-ablate-"))
+        table = ablate(
+            names,
+            seeds=args.seeds,
+            config=config,
+            task=task,
+            out=out,
+            progress=not args.no_progress,
+            workers=args.workers,
+        )
+        print(table)
+        if args.json:
+            table.to_json(args.json)
+            print(f"\nwrote {args.json}")
+        if args.html:
+            _write_report(table, task, args.html)
+            print(f"wrote {args.html}")
+
+
+def _write_report(table: Any, task: Any, path: str) -> None:
+    from tl_spikesink.html_report import write_html
+    from tl_spikesink.scan import scan
+    from tl_spikesink.training.tasks import probe_corpus
+    from tl_spikesink.training.train import load_checkpoint
+
+    run = table.rows[0].runs[0]
+    c = run.config
+    model = load_checkpoint(run.checkpoint)
+    probe = probe_corpus(task, c.probe_sequences, c.seq_len, c.probe_seed)
+    result = scan(model, probe, progress=False)
+    title = f"tl_spikesink ablation ({run.variant.name}, seed {c.seed}, scanned on the probe batch)"
+    write_html(result, path, extra_tables=[table], title=title)
 
 
 __all__ = ["add_parser", "run"]

@@ -20,12 +20,15 @@ _TEMPLATE = "plotly_white"
 _PANELS = (
     ("loss", "probe loss (nats)", "linear"),
     ("max_spike_ratio", "max |x| / median |x|", "log"),
+    ("bos_spike_ratio", "first token: max |x| / median |x|", "log"),
     ("sink_ratio", "sink ratio", "linear"),
     ("max_sink_score", "largest BOS sink score", "linear"),
 )
 _TITLES = {
     "loss": "final loss",
     "max_spike_ratio": "spike / median",
+    "bos_spike_ratio": "BOS spike / median",
+    "max_sink_score": "largest BOS sink score",
     "sink_ratio": "sink ratio",
     "sink_head_distance": "sink-head distance",
 }
@@ -99,9 +102,12 @@ def plot_ablation(table: AblationTable) -> go.Figure:
         A figure with one bar trace per column (named after the column) and one dot trace of
         the per-seed values per column (named "<column> seeds").
     """
-    fig = make_subplots(rows=1, cols=len(COLUMNS), subplot_titles=[_TITLES[c] for c in COLUMNS])
+    cols = math.ceil(len(COLUMNS) / 2)
+    fig = make_subplots(rows=2, cols=cols, subplot_titles=[_TITLES[c] for c in COLUMNS])
     names = [r.name for r in table.rows]
-    for col, column in enumerate(COLUMNS, start=1):
+    for i, column in enumerate(COLUMNS):
+        row, col = divmod(i, cols)
+        row, col = row + 1, col + 1
         stats = [r.stat(column) for r in table.rows]
         fig.add_trace(
             go.Bar(
@@ -112,7 +118,7 @@ def plot_ablation(table: AblationTable) -> go.Figure:
                 showlegend=False,
                 marker_color="#4c78a8",
             ),
-            row=1,
+            row=row,
             col=col,
         )
         xs = [n for n, s in zip(names, stats, strict=True) for _ in s.values]
@@ -126,11 +132,13 @@ def plot_ablation(table: AblationTable) -> go.Figure:
                 showlegend=False,
                 marker={"color": "#222", "size": 5},
             ),
-            row=1,
+            row=row,
             col=col,
         )
-    fig.update_yaxes(type="log", row=1, col=COLUMNS.index("max_spike_ratio") + 1)
-    fig.update_layout(template=_TEMPLATE, title="Ablation (mean ± sd over seeds)", height=380)
+    for column in ("max_spike_ratio", "bos_spike_ratio"):
+        row, col = divmod(COLUMNS.index(column), cols)
+        fig.update_yaxes(type="log", row=row + 1, col=col + 1)
+    fig.update_layout(template=_TEMPLATE, title="Ablation (mean ± sd over seeds)", height=640)
     return fig
 
 

@@ -33,7 +33,7 @@ from tl_spikesink.scan import ScanConfig
 from tl_spikesink.training.tasks import BigramBackcopy, Task, probe_corpus, task_from_dict
 from tl_spikesink.training.variants import Variant, build_model, model_config
 
-_FORMAT = 1
+_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,13 @@ class TrainConfig:
     d_model: int = 64
     d_head: int = 16
     """Head dimension unless the variant sets its own (n_heads = d_model / d_head)."""
-    d_mlp: int = 256
+    d_mlp: int = 64
+    """MLP hidden width. As wide as the stream: with 4× (256) the SwiGLU MLP gates the copy
+    head's output by itself, so no head needs a sink (measured: no sink head in 20k steps)."""
     seq_len: int = 64
     """Training (and probe) sequence length, BOS included; also the model's n_ctx."""
     batch_size: int = 32
-    steps: int = 1000
+    steps: int = 8000
     lr: float = 1e-2
     warmup: int = 200
     """Linear warmup steps; then cosine decay to `min_lr_ratio` × lr."""
@@ -58,10 +60,13 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     seed: int = 0
-    log_every: int = 250
+    log_every: int = 500
     """Measure the probe batch every this many steps (and at step 0 and the last step)."""
     probe_sequences: int = 32
     """Sequences in the fixed probe batch."""
+    probe_seed: int = 0
+    """Seed of the probe batch. Not the training seed: every run of an ablation is measured on
+    the same sequences, so the spread over seeds is the models', not the probe batches'."""
     epsilon: float = 0.3
     """Sink-head threshold of the probe scan."""
 
@@ -89,7 +94,16 @@ class Snapshot:
     loss: float
     """Next-token loss on the probe batch (nats)."""
     max_spike_ratio: float
-    """Max over layers of resid_post top-1 |x| / median |x|."""
+    """Max over layers of resid_post top-1 |x| / median |x| (any token)."""
+    bos_spike_ratio: float
+    """Max over layers of the first token's largest |x_c| / median |x| (resid_post): the
+    massive activation of the paper, which sits on the first token."""
+    other_spike_ratio: float
+    """The same for every other position: outliers on ordinary tokens, which are not the
+    paper's spike."""
+    bos_norm_ratio: float
+    """Max over layers of ‖x_BOS‖ / median ‖x_t‖ over the other positions (Guo et al.'s
+    residual-state peak)."""
     max_abs: float
     """Largest |x| of the residual stream (resid_post, any layer)."""
     sink_ratio: float
@@ -142,14 +156,14 @@ class TrainingRun:
     def __str__(self) -> str:
         head = f"{self.variant.name} (seed {self.config.seed}, {self.task.get('kind')})"
         rows = [
-            f"{'step':>6} {'train':>7} {'loss':>7} {'spike':>8} {'max|x|':>8} "
-            f"{'sinks':>6} {'max α0':>7} {'dist':>6}"
+            f"{'step':>6} {'train':>7} {'loss':>7} {'BOS/med':>8} {'other/med':>9} "
+            f"{'BOS‖x‖':>7} {'sinks':>6} {'max α0':>7} {'dist':>6}"
         ]
         for s in self.history:
             rows.append(
-                f"{s.step:>6} {s.train_loss:>7.3f} {s.loss:>7.3f} {s.max_spike_ratio:>8.1f} "
-                f"{s.max_abs:>8.1f} {s.sink_ratio:>6.2f} {s.max_sink_score:>7.2f} "
-                f"{s.sink_head_distance:>6.2f}"
+                f"{s.step:>6} {s.train_loss:>7.3f} {s.loss:>7.3f} {s.bos_spike_ratio:>8.1f} "
+                f"{s.other_spike_ratio:>9.1f} {s.bos_norm_ratio:>7.1f} {s.sink_ratio:>6.2f} "
+                f"{s.max_sink_score:>7.2f} {s.sink_head_distance:>6.2f}"
             )
         return "\n".join([head, *rows])
 
@@ -179,7 +193,7 @@ def train(
     config = config or TrainConfig()
     task = task or BigramBackcopy()
     model = build_model(variant, _model_cfg(variant, config, task), task.tokenizer())
-    probe = probe_corpus(task, config.probe_sequences, config.seq_len, config.seed)
+    probe = probe_corpus(task, config.probe_sequences, config.seq_len, config.probe_seed)
     scan_config = ScanConfig(batch_size=config.probe_sequences, epsilon=config.epsilon)
     optimizer = _optimizer(model, variant, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
@@ -213,7 +227,9 @@ def train(
         if step % config.log_every == 0 or step == config.steps:
             snapshot(step)
             bar.set_postfix(
-                loss=f"{history[-1].loss:.3f}", spike=f"{history[-1].max_spike_ratio:.0f}"
+                loss=f"{history[-1].loss:.3f}",
+                bos=f"{history[-1].bos_spike_ratio:.0f}",
+                sink=f"{history[-1].max_sink_score:.2f}",
             )
     model.eval()
     # Free the optimizer's moments before returning: callers keep the model, not the optimizer.
@@ -264,7 +280,7 @@ def _lr_factor(step: int, config: TrainConfig) -> float:
 
 
 def _lengths(variant: Variant, config: TrainConfig) -> tuple[int, ...]:
-    if variant.context == "fixed":
+    if variant.context == "long":
         return (config.seq_len,)
     return tuple(sorted({max(8, config.seq_len // k) for k in (8, 4, 2, 1)}))
 
@@ -279,17 +295,52 @@ def _measure(
 ) -> Snapshot:
     ev = evaluate(model, probe, config=scan_config, progress=False)
     scores = ev.scan.sinks.scores
+    first = first_token_profile(model, probe)
     return Snapshot(
         step=step,
         train_loss=train_loss,
         loss=ev.loss,
         max_spike_ratio=ev.max_spike_ratio,
+        bos_spike_ratio=first.bos_spike_ratio,
+        other_spike_ratio=first.other_spike_ratio,
+        bos_norm_ratio=first.bos_norm_ratio,
         max_abs=float(ev.scan.spikes.top("resid_post", 1).max()),
         sink_ratio=ev.sink_ratio,
         max_sink_score=float(scores.max()),
         sink_head_distance=ev.sink_head_distance,
         seconds=time.perf_counter() - start,
     )
+
+
+@dataclass(frozen=True)
+class FirstTokenProfile:
+    """Where the residual stream's large values sit: on the first token or elsewhere."""
+
+    bos_spike_ratio: float
+    other_spike_ratio: float
+    bos_norm_ratio: float
+
+
+@torch.no_grad()
+def first_token_profile(model: HookedTransformer, probe: Any) -> FirstTokenProfile:
+    """Split the probe batch's residual outliers into first-token and other positions.
+
+    The scan's top-k names the largest values but cannot say how large the first token's are
+    when others are larger; the probe batch is small (a few thousand tokens at d_model 64), so
+    one more forward reading every ``hook_resid_post`` answers exactly.
+    """
+    tokens = torch.tensor([c.tokens for c in probe.chunks])
+    names = [f"blocks.{i}.hook_resid_post" for i in range(model.cfg.n_layers)]
+    _, cache = model.run_with_cache(tokens, names_filter=names.__contains__)
+    bos = other = peak = 0.0
+    for name in names:
+        x = cache[name].abs().float()
+        median = float(x.median())
+        norms = x.norm(dim=-1)
+        bos = max(bos, float(x[:, 0].amax()) / median)
+        other = max(other, float(x[:, 1:].amax()) / median)
+        peak = max(peak, float(norms[:, 0].median() / norms[:, 1:].median()))
+    return FirstTokenProfile(bos, other, peak)
 
 
 def _env() -> dict[str, str]:

@@ -18,7 +18,8 @@ the sink probe, the interventions and every view work on a variant unchanged.
   ``hook_z``, so ``hook_z`` shows what the output projection reads.
 * ``gate="constant"``: the input-independent control, σ(b_gate) per head.
 * ``d_head``: head dimension at fixed width (n_heads = d_model / d_head).
-* ``context`` and ``weight_decay``: training-regime knobs read by the training loop.
+* ``context`` and ``weight_decay``: training-regime knobs read by the training loop (mixed
+  short and long sequences, or long ones only; AdamW decay on or off).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from tl_spikesink.errors import SpikeSinkError
 
 NormPlacement = Literal["pre", "sandwich", "post", "dyt"]
 Gate = Literal["none", "input", "constant"]
-Context = Literal["fixed", "mixed"]
+Context = Literal["mixed", "long"]
 NORMS: tuple[str, ...] = get_args(NormPlacement)
 GATES: tuple[str, ...] = get_args(Gate)
 CONTEXTS: tuple[str, ...] = get_args(Context)
@@ -54,9 +55,10 @@ class Variant:
     """Sigmoid gate on each head's output: none, input-dependent, or a learned constant."""
     d_head: int | None = None
     """Head dimension (default: the training config's); n_heads = d_model / d_head."""
-    context: Context = "fixed"
-    """"fixed": every sequence has the full training length; "mixed": each step draws a length
-    from {L/8, L/4, L/2, L} (short and long contexts mixed)."""
+    context: Context = "mixed"
+    """"mixed": each step draws a sequence length from {L/8, L/4, L/2, L} (short and long
+    contexts, as in pretraining on documents of every length); "long": every sequence has the
+    full training length L (the paper's long-context-only regime, which collapses sinks)."""
     weight_decay: float | None = None
     """AdamW weight decay (default: the training config's)."""
     dyt_alpha: float = 0.5
@@ -94,11 +96,12 @@ VARIANTS: dict[str, Variant] = {
         Variant("d_head_8", d_head=8),
         Variant("d_head_32", d_head=32),
         Variant("d_head_64", d_head=64),
-        Variant("context_mixed", context="mixed"),
+        Variant("context_long", context="long"),
         Variant("no_weight_decay", weight_decay=0.0),
     )
 }
-"""The named variants `tl-spikesink ablate --variants` knows (baseline: pre-norm, d_head 16)."""
+"""The named variants `tl-spikesink ablate --variants` knows (baseline: pre-norm RMSNorm, no gate,
+the config's d_head, mixed context lengths, the config's weight decay)."""
 
 
 def variant(name_or_variant: str | Variant) -> Variant:
@@ -186,6 +189,9 @@ class PostNormBlock(TransformerBlock):
     ``ln1`` and ``ln2`` keep their names but act after the residual add, so
     ``hook_resid_mid`` and ``hook_resid_post`` see the normalized stream.
     """
+
+    norm_placement = "post"
+    """Read by :class:`~tl_spikesink.anatomy.Anatomy`: the config still says pre-norm."""
 
     def forward(
         self,
