@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import torch
 
-from tl_spikesink.training.train import TrainConfig, train
+from tl_spikesink.training.runs import TrainConfig, train
 from tl_spikesink.training.variants import VARIANTS
 
 

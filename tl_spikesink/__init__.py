@@ -58,12 +58,12 @@ _VIEWS = {
 """Views and the module holding each; plotly and CircuitsVis load on first use, not on import."""
 
 _TRAINING = {
-    "AblationTable": "training.ablate",
-    "ablate": "training.ablate",
-    "TrainConfig": "training.train",
-    "TrainingRun": "training.train",
-    "load_checkpoint": "training.train",
-    "train": "training.train",
+    "AblationTable": "training.ablation",
+    "ablate": "training.ablation",
+    "TrainConfig": "training.runs",
+    "TrainingRun": "training.runs",
+    "load_checkpoint": "training.runs",
+    "train": "training.runs",
     "BigramBackcopy": "training.tasks",
     "VARIANTS": "training.variants",
     "Variant": "training.variants",

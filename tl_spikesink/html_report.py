@@ -319,7 +319,7 @@ def _is_figure(x: Any) -> bool:
 
 def _extra_table(obj: Any, plot_id: str) -> str:
     from tl_spikesink.experiment import ExperimentTable
-    from tl_spikesink.training.ablate import AblationTable
+    from tl_spikesink.training.ablation import AblationTable
 
     if isinstance(obj, AblationTable):
         return _ablation_table(obj, plot_id)
@@ -344,7 +344,7 @@ def _extra_table(obj: Any, plot_id: str) -> str:
 
 
 def _ablation_table(table: Any, plot_id: str) -> str:
-    from tl_spikesink.training.ablate import settings_line, summary_rows
+    from tl_spikesink.training.ablation import settings_line, summary_rows
     from tl_spikesink.training.plots import plot_ablation, plot_emergence
 
     return "\n".join(

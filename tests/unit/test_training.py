@@ -11,15 +11,15 @@ import torch
 
 from tl_spikesink import mechanism as mech
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.training.ablate import AblationTable, SeedStat, ablate
-from tl_spikesink.training.tasks import BigramBackcopy, probe_corpus
-from tl_spikesink.training.train import (
+from tl_spikesink.training.ablation import AblationTable, SeedStat, ablate
+from tl_spikesink.training.runs import (
     Snapshot,
     TrainConfig,
     first_token_profile,
     load_checkpoint,
     train,
 )
+from tl_spikesink.training.tasks import BigramBackcopy, probe_corpus
 from tl_spikesink.training.variants import (
     VARIANTS,
     DynamicTanh,
@@ -363,3 +363,11 @@ def test_cli_ablate_html_report(tmp_path):
     assert "Ablation (mean ± sd over seeds)" in html and "Emergence over training" in html
     assert html.count("<tr>") >= 3 and "dyt" in html and "BOS spike/med" in html
     assert "unpkg.com" not in html and "cdn.plot.ly/plotly" not in html  # offline page
+
+
+def test_functions_are_reached_from_the_package():
+    import tl_spikesink as ts
+    from tl_spikesink import training
+
+    assert callable(training.train) and callable(training.ablate)
+    assert ts.train is training.train and ts.ablate is training.ablate

@@ -1,25 +1,31 @@
 """Train small variants yourself: the paper's ablations in miniature, on HookedTransformer models.
 
-Names load on first use, so `import tl_spikesink` (and the CLI's parser) stays light. The
-functions `train` and `ablate` share their modules' names, so they are reached as
-`tl_spikesink.train` / `tl_spikesink.ablate` (or from `tl_spikesink.training.train` / `.ablate`).
+Names load on first use, so `import tl_spikesink` (and the CLI's parser) stays light:
+
+* ``variants``: the architectures (norm placement, gates, head dimension) and regimes;
+* ``tasks``: the data (bigram-backcopy, natural text) and the fixed probe batch;
+* ``runs``: :func:`train`, its config, the emergence snapshots and checkpoints;
+* ``ablation``: :func:`ablate`, the table over variants and seeds;
+* ``plots``: emergence curves and the table as bars.
 """
 
 from importlib import import_module
 from typing import Any
 
 _NAMES = {
-    "AblationRow": "ablate",
-    "AblationTable": "ablate",
-    "SeedStat": "ablate",
+    "AblationRow": "ablation",
+    "AblationTable": "ablation",
+    "ablate": "ablation",
+    "SeedStat": "ablation",
     "BigramBackcopy": "tasks",
     "NaturalText": "tasks",
     "probe_corpus": "tasks",
-    "Snapshot": "train",
-    "TrainConfig": "train",
-    "TrainingRun": "train",
-    "load_checkpoint": "train",
-    "save_checkpoint": "train",
+    "Snapshot": "runs",
+    "TrainConfig": "runs",
+    "TrainingRun": "runs",
+    "train": "runs",
+    "load_checkpoint": "runs",
+    "save_checkpoint": "runs",
     "DynamicTanh": "variants",
     "GatedAttention": "variants",
     "PostNormBlock": "variants",

@@ -70,9 +70,9 @@ def run(args: argparse.Namespace) -> None:
     """Run the ablation the arguments describe and print the table."""
     from dataclasses import replace
 
-    from tl_spikesink.training.ablate import ablate
+    from tl_spikesink.training.ablation import ablate
+    from tl_spikesink.training.runs import TrainConfig
     from tl_spikesink.training.tasks import BigramBackcopy, NaturalText
-    from tl_spikesink.training.train import TrainConfig
     from tl_spikesink.training.variants import VARIANTS
 
     names = list(VARIANTS) if args.variants == ["all"] else args.variants
@@ -115,8 +115,8 @@ def run(args: argparse.Namespace) -> None:
 def _write_report(table: Any, task: Any, path: str) -> None:
     from tl_spikesink.html_report import write_html
     from tl_spikesink.scan import scan
+    from tl_spikesink.training.runs import load_checkpoint
     from tl_spikesink.training.tasks import probe_corpus
-    from tl_spikesink.training.train import load_checkpoint
 
     run = table.rows[0].runs[0]
     c = run.config

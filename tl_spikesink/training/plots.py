@@ -13,8 +13,8 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from tl_spikesink.training.ablate import COLUMNS, AblationTable
-from tl_spikesink.training.train import TrainingRun
+from tl_spikesink.training.ablation import COLUMNS, AblationTable
+from tl_spikesink.training.runs import TrainingRun
 
 _TEMPLATE = "plotly_white"
 _PANELS = (

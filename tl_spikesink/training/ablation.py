@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.report import text_table
+from tl_spikesink.training.runs import TrainConfig, TrainingRun, train
 from tl_spikesink.training.tasks import BigramBackcopy, Task
-from tl_spikesink.training.train import TrainConfig, TrainingRun, train
 from tl_spikesink.training.variants import Variant, variant
 
 COLUMNS: tuple[str, ...] = (
