@@ -365,6 +365,33 @@ def test_cli_ablate_html_report(tmp_path):
     assert "unpkg.com" not in html and "cdn.plot.ly/plotly" not in html  # offline page
 
 
+def test_table_json_round_trip_and_cli_load(tmp_path, capsys):
+    from tl_spikesink.cli import main
+    from tl_spikesink.training.ablation import load_table
+
+    config = replace(TINY, steps=2, n_layers=1)
+    table = ablate(["baseline", "dyt"], seeds=[0, 1], config=config, task=TASK, progress=False,
+                   out=tmp_path / "ck")  # fmt: skip
+    path = tmp_path / "t.json"
+    table.to_json(path)
+    loaded = load_table(path)
+    assert loaded.to_json() == table.to_json() and str(loaded) == str(table)
+    assert math.isnan(loaded.runs[0].history[0].train_loss)  # null in JSON, NaN again
+    more = ablate(["baseline", "dyt"], seeds=[2], config=config, task=TASK, progress=False)
+    assert [r.config.seed for r in loaded.merge(more).row("dyt").runs] == [0, 1, 2]
+    assert main(["ablate", "--load", str(path), "--html", str(tmp_path / "t.html")]) == 0
+    assert str(table) in capsys.readouterr().out and (tmp_path / "t.html").exists()
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SpikeSinkError, match="not an ablation table"):
+        load_table(tmp_path / "bad.json")
+    bare = ablate(["baseline"], seeds=1, config=config, task=TASK, progress=False)
+    bare.to_json(tmp_path / "bare.json")
+    code = main(
+        ["ablate", "--load", str(tmp_path / "bare.json"), "--html", str(tmp_path / "b.html")]
+    )
+    assert code != 0 and not (tmp_path / "b.html").exists()
+
+
 def test_functions_are_reached_from_the_package():
     import tl_spikesink as ts
     from tl_spikesink import training

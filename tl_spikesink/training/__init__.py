@@ -16,6 +16,7 @@ _NAMES = {
     "AblationRow": "ablation",
     "AblationTable": "ablation",
     "ablate": "ablation",
+    "load_table": "ablation",
     "SeedStat": "ablation",
     "BigramBackcopy": "tasks",
     "NaturalText": "tasks",

@@ -158,6 +158,23 @@ class AblationTable:
 
         return json_text(self.to_dict(), path)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AblationTable:
+        """The table :meth:`to_dict` wrote, every run and emergence curve included."""
+        runs = {}
+        for r in d["runs"]:
+            run = TrainingRun.from_dict(r)
+            runs[run.variant.name, run.config.seed] = run
+        rows = tuple(
+            AblationRow(
+                Variant(**row["variant"]),
+                tuple(runs[row["variant"]["name"], s] for s in row["seeds"]),
+            )
+            for row in d["rows"]
+        )
+        config = {**d["config"], "betas": tuple(d["config"]["betas"])}
+        return cls(rows, TrainConfig(**config), dict(d["task"]))
+
     def __str__(self) -> str:
         return render(self)
 
@@ -211,6 +228,19 @@ def render(t: AblationTable) -> str:
             "any head; sink dist: mean attention distance of the sink heads (tokens).",
         ]
     )
+
+
+def load_table(path: str | Path) -> AblationTable:
+    """Read a table written by :meth:`AblationTable.to_json` (or ``tl-spikesink ablate --json``)."""
+    import json
+
+    try:
+        return AblationTable.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SpikeSinkError(
+            f"{path} is not an ablation table ({type(e).__name__}: {e}); pass the file that "
+            "AblationTable.to_json or `tl-spikesink ablate --json` wrote"
+        ) from None
 
 
 def ablate(
@@ -300,4 +330,4 @@ def _train_job(
     return train(v, config, task, out=out, progress=progress)[1]
 
 
-__all__ = ["AblationRow", "AblationTable", "SeedStat", "ablate"]
+__all__ = ["AblationRow", "AblationTable", "SeedStat", "ablate", "load_table"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import tempfile
+from pathlib import Path
 from typing import Any
 
 _DEFAULT_VARIANTS = ("baseline", "sandwich", "gate_input")
@@ -50,6 +51,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="DIR", help="save every checkpoint under DIR/variant/seedS")
     p.add_argument("--json", metavar="OUT", help="write the table (and every run) as JSON")
     p.add_argument(
+        "--load",
+        metavar="JSON",
+        help="train nothing: read a table --json wrote, print it (and --html it)",
+    )
+    p.add_argument(
         "--html",
         metavar="OUT",
         help="write an offline HTML report: the scan of the first variant's first seed, the "
@@ -70,11 +76,18 @@ def run(args: argparse.Namespace) -> None:
     """Run the ablation the arguments describe and print the table."""
     from dataclasses import replace
 
-    from tl_spikesink.training.ablation import ablate
+    from tl_spikesink.training.ablation import ablate, load_table
     from tl_spikesink.training.runs import TrainConfig
-    from tl_spikesink.training.tasks import BigramBackcopy, NaturalText
+    from tl_spikesink.training.tasks import BigramBackcopy, NaturalText, task_from_dict
     from tl_spikesink.training.variants import VARIANTS
 
+    if args.load:
+        table = load_table(args.load)
+        print(table)
+        if args.html:
+            _write_report(table, task_from_dict(table.task), args.html)
+            print(f"wrote {args.html}")
+        return
     names = list(VARIANTS) if args.variants == ["all"] else args.variants
     overrides = {
         "steps": args.steps,
@@ -113,6 +126,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _write_report(table: Any, task: Any, path: str) -> None:
+    from tl_spikesink.errors import SpikeSinkError
     from tl_spikesink.html_report import write_html
     from tl_spikesink.scan import scan
     from tl_spikesink.training.runs import load_checkpoint
@@ -120,6 +134,11 @@ def _write_report(table: Any, task: Any, path: str) -> None:
 
     run = table.rows[0].runs[0]
     c = run.config
+    if run.checkpoint is None or not Path(run.checkpoint).exists():
+        raise SpikeSinkError(
+            f"the report scans the first run's checkpoint, which was not kept ({run.checkpoint}); "
+            "train with --out DIR (or --html) so checkpoints are saved"
+        )
     model = load_checkpoint(run.checkpoint)
     probe = probe_corpus(task, c.probe_sequences, c.seq_len, c.probe_seed)
     result = scan(model, probe, progress=False)

@@ -153,6 +153,23 @@ class TrainingRun:
 
         return json_text(self.to_dict(), path)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainingRun:
+        """The run :meth:`to_dict` wrote (JSON's nulls become NaN again)."""
+        config = {**d["config"], "betas": tuple(d["config"]["betas"])}
+        history = tuple(
+            Snapshot(**{k: math.nan if v is None else v for k, v in h.items()})
+            for h in d["history"]
+        )
+        return cls(
+            Variant(**d["variant"]),
+            TrainConfig(**config),
+            dict(d["task"]),
+            history,
+            d.get("checkpoint"),
+            dict(d.get("environment", {})),
+        )
+
     def __str__(self) -> str:
         head = f"{self.variant.name} (seed {self.config.seed}, {self.task.get('kind')})"
         rows = [
