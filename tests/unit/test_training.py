@@ -398,3 +398,9 @@ def test_functions_are_reached_from_the_package():
 
     assert callable(training.train) and callable(training.ablate)
     assert ts.train is training.train and ts.ablate is training.ablate
+
+
+def test_ablate_all_names_every_variant():
+    config = replace(TINY, d_model=64, d_head=16, steps=0, n_layers=1)
+    table = ablate("all", seeds=1, config=config, task=TASK, progress=False)
+    assert [r.name for r in table.rows] == list(VARIANTS)

@@ -22,7 +22,7 @@ from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.report import text_table
 from tl_spikesink.training.runs import TrainConfig, TrainingRun, train
 from tl_spikesink.training.tasks import BigramBackcopy, Task
-from tl_spikesink.training.variants import Variant, variant
+from tl_spikesink.training.variants import VARIANTS, Variant, variant
 
 COLUMNS: tuple[str, ...] = (
     "loss",
@@ -244,7 +244,7 @@ def load_table(path: str | Path) -> AblationTable:
 
 
 def ablate(
-    variants: Sequence[str | Variant] = ("baseline", "sandwich", "gate_input"),
+    variants: Sequence[str | Variant] | str = ("baseline", "sandwich", "gate_input"),
     *,
     seeds: int | Sequence[int] = 3,
     config: TrainConfig | None = None,
@@ -256,7 +256,8 @@ def ablate(
     """Train every variant over `seeds` seeds and tabulate the final measurements.
 
     Args:
-        variants: names from :data:`~tl_spikesink.training.variants.VARIANTS` or Variant objects.
+        variants: names from :data:`~tl_spikesink.training.variants.VARIANTS` or Variant objects,
+            or "all" for every named variant.
         seeds: how many seeds per variant (config.seed, config.seed + 1, ...), or the seeds
             themselves (tables of disjoint seeds, e.g. from parallel processes, merge).
         config: size and optimization settings (default :class:`TrainConfig`).
@@ -271,6 +272,8 @@ def ablate(
     Returns:
         The :class:`AblationTable`; `print(table)` shows it.
     """
+    if isinstance(variants, str):
+        variants = list(VARIANTS) if variants == "all" else [variants]
     chosen = [variant(v) for v in variants]
     names = [v.name for v in chosen]
     if not chosen or len(set(names)) != len(names):

@@ -79,7 +79,6 @@ def run(args: argparse.Namespace) -> None:
     from tl_spikesink.training.ablation import ablate, load_table
     from tl_spikesink.training.runs import TrainConfig
     from tl_spikesink.training.tasks import BigramBackcopy, NaturalText, task_from_dict
-    from tl_spikesink.training.variants import VARIANTS
 
     if args.load:
         table = load_table(args.load)
@@ -88,7 +87,7 @@ def run(args: argparse.Namespace) -> None:
             _write_report(table, task_from_dict(table.task), args.html)
             print(f"wrote {args.html}")
         return
-    names = list(VARIANTS) if args.variants == ["all"] else args.variants
+    names = "all" if args.variants == ["all"] else args.variants
     overrides = {
         "steps": args.steps,
         "n_layers": args.layers,
