@@ -172,8 +172,7 @@ class AblationTable:
             )
             for row in d["rows"]
         )
-        config = {**d["config"], "betas": tuple(d["config"]["betas"])}
-        return cls(rows, TrainConfig(**config), dict(d["task"]))
+        return cls(rows, TrainConfig.from_dict(d["config"]), dict(d["task"]))
 
     def __str__(self) -> str:
         return render(self)

@@ -82,10 +82,7 @@ def run(args: argparse.Namespace) -> None:
 
     if args.load:
         table = load_table(args.load)
-        print(table)
-        if args.html:
-            _write_report(table, task_from_dict(table.task), args.html)
-            print(f"wrote {args.html}")
+        _emit(table, task_from_dict(table.task), args)
         return
     names = "all" if args.variants == ["all"] else args.variants
     overrides = {
@@ -115,13 +112,17 @@ def run(args: argparse.Namespace) -> None:
             progress=not args.no_progress,
             workers=args.workers,
         )
-        print(table)
-        if args.json:
-            table.to_json(args.json)
-            print(f"\nwrote {args.json}")
-        if args.html:
-            _write_report(table, task, args.html)
-            print(f"wrote {args.html}")
+        _emit(table, task, args)
+
+
+def _emit(table: Any, task: Any, args: argparse.Namespace) -> None:
+    print(table)
+    if args.json:
+        table.to_json(args.json)
+        print(f"\nwrote {args.json}")
+    if args.html:
+        _write_report(table, task, args.html)
+        print(f"wrote {args.html}")
 
 
 def _write_report(table: Any, task: Any, path: str) -> None:
@@ -136,7 +137,7 @@ def _write_report(table: Any, task: Any, path: str) -> None:
     if run.checkpoint is None or not Path(run.checkpoint).exists():
         raise SpikeSinkError(
             f"the report scans the first run's checkpoint, which was not kept ({run.checkpoint}); "
-            "train with --out DIR (or --html) so checkpoints are saved"
+            "train with --out DIR so that checkpoints are kept"
         )
     model = load_checkpoint(run.checkpoint)
     probe = probe_corpus(task, c.probe_sequences, c.seq_len, c.probe_seed)
