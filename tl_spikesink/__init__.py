@@ -60,6 +60,7 @@ _VIEWS = {
 _TRAINING = {
     "AblationTable": "training.ablation",
     "ablate": "training.ablation",
+    "load_table": "training.ablation",
     "TrainConfig": "training.runs",
     "TrainingRun": "training.runs",
     "load_checkpoint": "training.runs",
@@ -133,6 +134,7 @@ __all__ = [
     "load",
     "load_checkpoint",
     "load_gguf",
+    "load_table",
     "mechanism",
     "norm_scales",
     "norm_swap",

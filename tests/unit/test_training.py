@@ -404,3 +404,21 @@ def test_ablate_all_names_every_variant():
     config = replace(TINY, d_model=64, d_head=16, steps=0, n_layers=1)
     table = ablate("all", seeds=1, config=config, task=TASK, progress=False)
     assert [r.name for r in table.rows] == list(VARIANTS)
+
+
+def test_workers_from_an_unguarded_script_fail_clearly(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import tl_spikesink as ts\n"
+        "cfg = ts.TrainConfig(steps=1, log_every=1, d_model=16, d_mlp=16, n_layers=1, seq_len=16,"
+        " batch_size=2, probe_sequences=2)\n"
+        "ts.ablate(['baseline', 'dyt'], seeds=1, config=cfg, workers=2, progress=False)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode != 0
+    assert "SpikeSinkError" in done.stderr and "if __name__ == '__main__'" in done.stderr

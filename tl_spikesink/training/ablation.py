@@ -266,7 +266,9 @@ def ablate(
         workers: train this many runs at once, each in its own process with one thread (tiny
             models train faster as parallel single-threaded runs than as one multi-threaded
             run). Runs are seeded, so the table does not depend on the number of workers, up
-            to the floating-point differences of thread counts.
+            to the floating-point differences of thread counts. Workers are spawned and
+            re-import the calling script, which therefore needs an
+            ``if __name__ == "__main__":`` guard (notebooks and the CLI need nothing).
 
     Returns:
         The :class:`AblationTable`; `print(table)` shows it.
@@ -301,16 +303,24 @@ def ablate(
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures.process import BrokenProcessPool
 
         # spawn, not fork: a forked child inherits the parent's torch thread pools and locks.
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
-            futures = [pool.submit(_train_job, *job, progress=False, threads=1) for job in jobs]
-            for future in as_completed(futures):
-                run = future.result()
-                done[run.variant.name, run.config.seed] = run
-                bar.set_postfix_str(f"{run.variant.name} seed {run.config.seed}")
-                bar.update()
+        try:
+            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+                futures = [pool.submit(_train_job, *job, progress=False, threads=1) for job in jobs]
+                for future in as_completed(futures):
+                    run = future.result()
+                    done[run.variant.name, run.config.seed] = run
+                    bar.set_postfix_str(f"{run.variant.name} seed {run.config.seed}")
+                    bar.update()
+        except BrokenProcessPool:
+            raise SpikeSinkError(
+                "a training worker died before finishing. Spawned workers re-import the calling "
+                "script: call ablate(..., workers=N) from a notebook, the CLI, or a script "
+                "file under `if __name__ == '__main__':` (not from stdin), or use workers=1"
+            ) from None
     bar.close()
     rows = tuple(AblationRow(v, tuple(done[v.name, s] for s in seeds)) for v in chosen)
     return AblationTable(rows, replace(config, seed=seeds[0]), task.to_dict())
