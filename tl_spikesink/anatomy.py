@@ -94,6 +94,11 @@ class Anatomy:
     """Where the norms sit: "pre" (x + f(norm(x))), "sandwich" (x + norm(f(norm(x)))) or
     "post" (norm(x + f(x)), the original Transformer and BERT)."""
 
+    @property
+    def rms_norm(self) -> bool:
+        """Whether the norms are RMSNorm (gains folded into the weights or not)."""
+        return self.normalization_type in ("RMS", "RMSPre")
+
     @classmethod
     def of(cls, model: Any) -> Anatomy:
         """Read the anatomy of a HookedTransformer-like model (anything with `cfg` and hooks)."""
@@ -118,10 +123,6 @@ class Anatomy:
         )
 
 
-_TL_NORMS = {"RMSNorm", "RMSNormPre", "LayerNorm", "LayerNormPre", "Identity"}
-"""Norm classes the config's normalization_type describes (TransformerLens's own)."""
-
-
 def _first_block(model: Any) -> Any:
     blocks = getattr(model, "blocks", None)
     return blocks[0] if blocks is not None and len(blocks) else None
@@ -130,9 +131,11 @@ def _first_block(model: Any) -> Any:
 def _norm_type(model: Any, cfg: Any) -> str | None:
     # A module swapped in after construction (training variants) leaves the config unchanged;
     # an analysis that trusts the config would treat DynamicTanh as RMSNorm.
+    # TransformerLens's own norms (RMSNorm, LayerNormPre, ...; Identity without one) are what
+    # the config says.
     ln = getattr(_first_block(model), "ln1", None)
     name = type(ln).__name__
-    if ln is not None and name not in _TL_NORMS and "Norm" not in name:
+    if ln is not None and "Norm" not in name and name != "Identity":
         return name
     return getattr(cfg, "normalization_type", None)
 

@@ -253,7 +253,7 @@ def standard_interventions(
         out.append(sink_key_removal(scan, heads="sink", model=model))
     else:
         log.info("no sink head in the scan: sink-head key removal left out")
-    if Anatomy.of(model).normalization_type in ("RMS", "RMSPre"):
+    if Anatomy.of(model).rms_norm:
         norms = ("ln1", "ln2", "ln_final")
         scales = norm_scales(model, calibration, norms=norms, scan=scan)
         for kind in NORM_KINDS:

@@ -274,7 +274,7 @@ def _norm_targets(
     if model is None:
         raise SpikeSinkError("norm interventions need model= (its norm type and hook points)")
     anatomy = Anatomy.of(model)
-    if anatomy.normalization_type not in ("RMS", "RMSPre"):
+    if not anatomy.rms_norm:
         raise SpikeSinkError(
             f"norm swaps replace RMSNorm, but {anatomy.model_name} uses normalization_type="
             f"{anatomy.normalization_type!r}; they need an RMSNorm model (Llama, Qwen2, Gemma)"

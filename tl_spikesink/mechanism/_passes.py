@@ -103,7 +103,7 @@ def _require_gated(model: Any, analysis: str) -> None:
 
 def _require_rms(model: Any, analysis: str) -> None:
     anatomy = Anatomy.of(model)
-    if anatomy.normalization_type not in ("RMS", "RMSPre") or anatomy.norm_placement == "post":
+    if not anatomy.rms_norm or anatomy.norm_placement == "post":
         raise SpikeSinkError(
             f"{analysis} needs pre-norm RMSNorm; this model has normalization_type="
             f"{anatomy.normalization_type!r}, placed {anatomy.norm_placement!r}"

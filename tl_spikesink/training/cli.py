@@ -78,11 +78,10 @@ def run(args: argparse.Namespace) -> None:
 
     from tl_spikesink.training.ablation import ablate, load_table
     from tl_spikesink.training.runs import TrainConfig
-    from tl_spikesink.training.tasks import BigramBackcopy, NaturalText, task_from_dict
+    from tl_spikesink.training.tasks import BigramBackcopy, NaturalText
 
     if args.load:
-        table = load_table(args.load)
-        _emit(table, task_from_dict(table.task), args)
+        _emit(load_table(args.load), args)
         return
     names = "all" if args.variants == ["all"] else args.variants
     overrides = {
@@ -112,25 +111,25 @@ def run(args: argparse.Namespace) -> None:
             progress=not args.no_progress,
             workers=args.workers,
         )
-        _emit(table, task, args)
+        _emit(table, args)
 
 
-def _emit(table: Any, task: Any, args: argparse.Namespace) -> None:
+def _emit(table: Any, args: argparse.Namespace) -> None:
     print(table)
     if args.json:
         table.to_json(args.json)
         print(f"\nwrote {args.json}")
     if args.html:
-        _write_report(table, task, args.html)
+        _write_report(table, args.html)
         print(f"wrote {args.html}")
 
 
-def _write_report(table: Any, task: Any, path: str) -> None:
+def _write_report(table: Any, path: str) -> None:
     from tl_spikesink.errors import SpikeSinkError
     from tl_spikesink.html_report import write_html
     from tl_spikesink.scan import scan
-    from tl_spikesink.training.runs import load_checkpoint
-    from tl_spikesink.training.tasks import probe_corpus
+    from tl_spikesink.training.runs import load_checkpoint, probe_batch
+    from tl_spikesink.training.tasks import task_from_dict
 
     run = table.rows[0].runs[0]
     c = run.config
@@ -140,7 +139,7 @@ def _write_report(table: Any, task: Any, path: str) -> None:
             "train with --out DIR so that checkpoints are kept"
         )
     model = load_checkpoint(run.checkpoint)
-    probe = probe_corpus(task, c.probe_sequences, c.seq_len, c.probe_seed)
+    probe = probe_batch(task_from_dict(table.task), c)
     result = scan(model, probe, progress=False)
     title = f"tl_spikesink ablation ({run.variant.name}, seed {c.seed}, scanned on the probe batch)"
     write_html(result, path, extra_tables=[table], title=title)

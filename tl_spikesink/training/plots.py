@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from tl_spikesink.training.ablation import COLUMNS, AblationTable
+from tl_spikesink.training.ablation import COLUMNS, HEADER, AblationTable
 from tl_spikesink.training.runs import TrainingRun
 
 _TEMPLATE = "plotly_white"
@@ -24,14 +24,6 @@ _PANELS = (
     ("sink_ratio", "sink ratio", "linear"),
     ("max_sink_score", "largest BOS sink score", "linear"),
 )
-_TITLES = {
-    "loss": "final loss",
-    "max_spike_ratio": "spike / median",
-    "bos_spike_ratio": "BOS spike / median",
-    "max_sink_score": "largest BOS sink score",
-    "sink_ratio": "sink ratio",
-    "sink_head_distance": "sink-head distance",
-}
 
 
 def plot_emergence(runs: AblationTable | Sequence[TrainingRun]) -> go.Figure:
@@ -103,11 +95,12 @@ def plot_ablation(table: AblationTable) -> go.Figure:
         the per-seed values per column (named "<column> seeds").
     """
     cols = math.ceil(len(COLUMNS) / 2)
-    fig = make_subplots(rows=2, cols=cols, subplot_titles=[_TITLES[c] for c in COLUMNS])
+    fig = make_subplots(rows=2, cols=cols, subplot_titles=[HEADER[c] for c in COLUMNS])
     names = [r.name for r in table.rows]
     for i, column in enumerate(COLUMNS):
-        row, col = divmod(i, cols)
-        row, col = row + 1, col + 1
+        row, col = i // cols + 1, i % cols + 1
+        if column in ("max_spike_ratio", "bos_spike_ratio"):
+            fig.update_yaxes(type="log", row=row, col=col)
         stats = [r.stat(column) for r in table.rows]
         fig.add_trace(
             go.Bar(
@@ -135,9 +128,6 @@ def plot_ablation(table: AblationTable) -> go.Figure:
             row=row,
             col=col,
         )
-    for column in ("max_spike_ratio", "bos_spike_ratio"):
-        row, col = divmod(COLUMNS.index(column), cols)
-        fig.update_yaxes(type="log", row=row + 1, col=col + 1)
     fig.update_layout(template=_TEMPLATE, title="Ablation (mean ± sd over seeds)", height=640)
     return fig
 

@@ -2,7 +2,8 @@
 
 AdamW with linear warmup and cosine decay over a fixed number of steps. Every `log_every` steps
 the model is measured on a fixed probe batch with the project's own :func:`~tl_spikesink.evaluate`
-(one forward pass: the next-token loss and the scan), and a :class:`Snapshot` of plain floats is
+(the next-token loss and the scan) and :func:`first_token_profile` (one more forward of the small
+probe batch), and a :class:`Snapshot` of plain floats is
 kept, so the history never holds a tensor or a graph. The seed fixes the initialization (through
 the TransformerLens config) and the data order (one `torch.Generator`), so two runs with the same
 settings give bit-identical weights on the same machine and thread count; the probe batch has a
@@ -28,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from tl_spikesink.corpus import Corpus
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.evaluate import evaluate
 from tl_spikesink.scan import ScanConfig
@@ -216,7 +218,7 @@ def train(
     config = config or TrainConfig()
     task = task or BigramBackcopy()
     model = build_model(variant, _model_cfg(variant, config, task), task.tokenizer())
-    probe = probe_corpus(task, config.probe_sequences, config.seq_len, config.probe_seed)
+    probe = probe_batch(task, config)
     scan_config = ScanConfig(batch_size=config.probe_sequences, epsilon=config.epsilon)
     optimizer = _optimizer(model, variant, config)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
@@ -263,6 +265,11 @@ def train(
     if out is not None:
         run = dataclasses.replace(run, checkpoint=str(save_checkpoint(model, run, out)))
     return model, run
+
+
+def probe_batch(task: Task, config: TrainConfig) -> Corpus:
+    """The fixed batch a run with `config` is measured on (the same for every training seed)."""
+    return probe_corpus(task, config.probe_sequences, config.seq_len, config.probe_seed)
 
 
 def _model_cfg(variant: Variant, config: TrainConfig, task: Task) -> HookedTransformerConfig:
@@ -435,6 +442,7 @@ __all__ = [
     "TrainConfig",
     "TrainingRun",
     "load_checkpoint",
+    "probe_batch",
     "rebuild_task",
     "save_checkpoint",
     "train",
