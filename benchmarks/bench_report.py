@@ -32,7 +32,7 @@ MOUNTED = "const w = document.getElementById(arguments[0]); return w.children.le
 
 def build(args) -> tuple[Path, dict]:
     import tl_spikesink as ts
-    from tl_spikesink.html_report import _circuitsvis_js, _plotly_js
+    from tl_spikesink.views.html import _circuitsvis_js, _plotly_js
 
     model = ts.load(args.model, progress=False)
     result = ts.scan(model, None, max_tokens=args.scan_tokens, batch_size=8, progress=False)

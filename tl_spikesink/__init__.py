@@ -2,20 +2,20 @@
 
 from tl_spikesink import distributed, mechanism, saes
 from tl_spikesink.anatomy import Anatomy, hook_name
-from tl_spikesink.claims import Claim, ClaimsTable, claims
+from tl_spikesink.mechanism.claims import Claim, ClaimsTable, claims
 from tl_spikesink.corpus import Corpus, default_texts, tokenize
 from tl_spikesink.distributed import evaluate_distributed, scan_distributed
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.evaluate import Evaluation, evaluate
-from tl_spikesink.experiment import ExperimentTable, experiment, standard_interventions
-from tl_spikesink.interventions import (
+from tl_spikesink.evaluation.evaluate import Evaluation, evaluate
+from tl_spikesink.evaluation.experiment import ExperimentTable, experiment, standard_interventions
+from tl_spikesink.interventions.base import (
     Intervention,
     attention_gate,
     compose,
     sink_key_removal,
     spike_ablation,
 )
-from tl_spikesink.norms import NormScales, norm_scales, norm_swap
+from tl_spikesink.interventions.norms import NormScales, norm_scales, norm_swap
 from tl_spikesink.saes import (
     SAEReport,
     SpikeRule,
@@ -26,34 +26,34 @@ from tl_spikesink.saes import (
     sae_splice,
     train_sae,
 )
-from tl_spikesink.scan import ScanConfig, ScanResult, scan
-from tl_spikesink.sinks import SinkStats, SinkToken
-from tl_spikesink.spikes import Activation, SpikeStats, SpikeToken
+from tl_spikesink.probes.scan import ScanConfig, ScanResult, scan
+from tl_spikesink.probes.sinks import SinkStats, SinkToken
+from tl_spikesink.probes.spikes import Activation, SpikeStats, SpikeToken
 from tl_spikesink.tokens import TokenRef
 
 __version__ = "0.1.0"
 
 
 _VIEWS = {
-    "plot_alpha": "plots",
-    "plot_attention_distance": "plots",
-    "plot_interventions": "plots",
-    "plot_massive_activations": "plots",
-    "plot_sink_ratio": "plots",
-    "plot_sink_scores": "plots",
-    "plot_claims": "mechanism_plots",
-    "plot_head_decomposition": "mechanism_plots",
-    "plot_quadratic_norms": "mechanism_plots",
-    "plot_quadratic_spectrum": "mechanism_plots",
-    "plot_representations": "mechanism_plots",
-    "plot_silu_regime": "mechanism_plots",
-    "attention_heads_widget": "widgets",
-    "sink_scores_widget": "widgets",
-    "spike_tokens_widget": "widgets",
-    "spike_topk_widget": "widgets",
-    "widget_props": "widgets",
-    "render_html": "html_report",
-    "write_html": "html_report",
+    "plot_alpha": "views.plots",
+    "plot_attention_distance": "views.plots",
+    "plot_interventions": "views.plots",
+    "plot_massive_activations": "views.plots",
+    "plot_sink_ratio": "views.plots",
+    "plot_sink_scores": "views.plots",
+    "plot_claims": "views.mechanism",
+    "plot_head_decomposition": "views.mechanism",
+    "plot_quadratic_norms": "views.mechanism",
+    "plot_quadratic_spectrum": "views.mechanism",
+    "plot_representations": "views.mechanism",
+    "plot_silu_regime": "views.mechanism",
+    "attention_heads_widget": "views.widgets",
+    "sink_scores_widget": "views.widgets",
+    "spike_tokens_widget": "views.widgets",
+    "spike_topk_widget": "views.widgets",
+    "widget_props": "views.widgets",
+    "render_html": "views.html",
+    "write_html": "views.html",
 }
 """Views and the module holding each; plotly and CircuitsVis load on first use, not on import."""
 
@@ -68,8 +68,8 @@ _TRAINING = {
     "BigramBackcopy": "training.tasks",
     "VARIANTS": "training.variants",
     "Variant": "training.variants",
-    "plot_ablation": "training.plots",
-    "plot_emergence": "training.plots",
+    "plot_ablation": "views.training",
+    "plot_emergence": "views.training",
 }
 """Training small variants (tl_spikesink.training); TransformerLens loads on first use."""
 

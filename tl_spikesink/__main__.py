@@ -2,6 +2,6 @@
 
 import sys
 
-from tl_spikesink.cli import main
+from tl_spikesink.cli.commands import main
 
 sys.exit(main())

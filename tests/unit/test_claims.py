@@ -9,7 +9,7 @@ from planted import VOCAB, tokenizer
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import tl_spikesink as ts
-from tl_spikesink.claims import ClaimsTable, claims
+from tl_spikesink.mechanism.claims import ClaimsTable, claims
 
 
 @pytest.fixture(scope="module")

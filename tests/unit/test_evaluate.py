@@ -10,11 +10,11 @@ from conftest import assert_untouched, state_snapshot
 from planted import SINK_HEAD, SPIKE_CHANNEL, planted_model, sentences
 
 import tl_spikesink as ts
-from tl_spikesink.evaluate import evaluate
-from tl_spikesink.experiment import experiment, standard_interventions
-from tl_spikesink.interventions import attention_gate, sink_key_removal, spike_ablation
-from tl_spikesink.norms import norm_swap
-from tl_spikesink.scan import ScanConfig
+from tl_spikesink.evaluation.evaluate import evaluate
+from tl_spikesink.evaluation.experiment import experiment, standard_interventions
+from tl_spikesink.interventions.base import attention_gate, sink_key_removal, spike_ablation
+from tl_spikesink.interventions.norms import norm_swap
+from tl_spikesink.probes.scan import ScanConfig
 
 CONFIG = ScanConfig(batch_size=5)
 
@@ -169,8 +169,8 @@ def test_evaluate_borrows_the_model_also_on_failure(model, texts, clean, monkeyp
     def boom(*args):
         raise RuntimeError("interrupted")
 
-    # The module, not the function `tl_spikesink.evaluate` that shadows it on the package.
-    monkeypatch.setattr(importlib.import_module("tl_spikesink.evaluate"), "_kl", boom)
+    # The module, not the function `tl_spikesink.evaluation.evaluate` that shadows it on the package.
+    monkeypatch.setattr(importlib.import_module("tl_spikesink.evaluation.evaluate"), "_kl", boom)
     with pytest.raises(RuntimeError, match="interrupted"):
         evaluate(model, texts[:3], iv, config=CONFIG, progress=False)
     assert_untouched(model, before)
@@ -260,8 +260,8 @@ def test_standard_set_leaves_out_what_does_not_apply(texts, calibration):
 
 
 def test_cli_intervene(model, texts, calibration, tmp_path, capsys, monkeypatch):
-    pytest.importorskip("tl_spikesink.models")
-    from tl_spikesink import cli
+    pytest.importorskip("tl_spikesink.models.loading")
+    from tl_spikesink.cli import commands as cli
 
     monkeypatch.setattr(cli, "_load_model", lambda args: model)
     text_file, cal_file, out = tmp_path / "t.txt", tmp_path / "c.txt", tmp_path / "table.json"

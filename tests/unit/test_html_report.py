@@ -11,7 +11,7 @@ from planted import sentences
 from plotly.offline import get_plotlyjs
 
 import tl_spikesink as ts
-from tl_spikesink.html_report import _circuitsvis_js, render_html, write_html
+from tl_spikesink.views.html import _circuitsvis_js, render_html, write_html
 
 WIDGET_TEXTS = sentences(2, seed=3)
 
@@ -89,7 +89,7 @@ def test_attention_widget_is_capped_and_token_widgets_are_not(planted, result):
 
 
 def test_widget_props_survive_embedding(page, planted, result):
-    from tl_spikesink.widgets import attention_heads_widget, widget_props
+    from tl_spikesink.views.widgets import attention_heads_widget, widget_props
 
     widget = attention_heads_widget(planted, WIDGET_TEXTS[0], 0, result=result, max_tokens=48)
     _, expected = widget_props(widget)
@@ -133,8 +133,8 @@ def test_extra_tables_render_rows_generically(result, tmp_path):
 
 
 def test_cli_writes_the_report(planted, tmp_path, monkeypatch):
-    pytest.importorskip("tl_spikesink.models")  # the CLI's model choices come from it
-    from tl_spikesink import cli
+    pytest.importorskip("tl_spikesink.models.loading")  # the CLI's model choices come from it
+    from tl_spikesink.cli import commands as cli
 
     monkeypatch.setattr(cli, "_load_model", lambda args: planted)
     text_file = tmp_path / "texts.txt"

@@ -9,15 +9,15 @@ from planted import SPIKE, SPIKE_CHANNEL, VOCAB, planted_model, sentences
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import tl_spikesink as ts
-from tl_spikesink.interventions import (
+from tl_spikesink.interventions.base import (
     Intervention,
     attention_gate,
     compose,
     sink_key_removal,
     spike_ablation,
 )
-from tl_spikesink.norms import NormScales, norm_scales, norm_swap
-from tl_spikesink.scan import ScanConfig, scan_corpus
+from tl_spikesink.interventions.norms import NormScales, norm_scales, norm_swap
+from tl_spikesink.probes.scan import ScanConfig, scan_corpus
 
 TRIGGERS = {VOCAB.index("<bos>"), VOCAB.index(".")}
 

@@ -6,8 +6,8 @@ from planted import SINK_HEAD, SPIKE_CHANNEL, UNIFORM_HEAD, planted_with_values
 
 import tl_spikesink as ts
 from tl_spikesink import mechanism as mech
-from tl_spikesink import mechanism_plots as mp
-from tl_spikesink.claims import claims
+from tl_spikesink.views import mechanism as mp
+from tl_spikesink.mechanism.claims import claims
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_views_are_exported_lazily():
     import subprocess
     import sys
 
-    code = "import sys, tl_spikesink; print('tl_spikesink.mechanism_plots' in sys.modules)"
+    code = "import sys, tl_spikesink; print('tl_spikesink.views.mechanism' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     assert ts.plot_head_decomposition is mp.plot_head_decomposition

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from planted import sentences
 
 import tl_spikesink as ts
-from tl_spikesink.reducers import TopEntries
+from tl_spikesink.probes.reducers import TopEntries
 
 TEXTS = sentences(12, seed=5, min_words=3, max_words=40)
 

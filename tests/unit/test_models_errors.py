@@ -1,4 +1,4 @@
-"""Error paths of tl_spikesink.models; nothing here downloads or converts a model."""
+"""Error paths of tl_spikesink.models.loading; nothing here downloads or converts a model."""
 
 import re
 import subprocess

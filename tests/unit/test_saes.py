@@ -314,7 +314,7 @@ def test_collect_and_train_drop_spikes(planted, texts):
 
 
 def test_cli_sae_command(planted, texts, tmp_path, monkeypatch, capsys):
-    from tl_spikesink import cli
+    from tl_spikesink.cli import commands as cli
 
     monkeypatch.setattr(cli, "_load_model", lambda args: planted)
     path = tmp_path / "texts.txt"

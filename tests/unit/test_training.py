@@ -128,7 +128,7 @@ def test_post_norm_normalizes_the_residual_stream_after_each_add():
 )
 def test_anatomy_sees_the_swapped_norms(name, norm, placement):
     from tl_spikesink.anatomy import Anatomy
-    from tl_spikesink.norms import norm_swap
+    from tl_spikesink.interventions.norms import norm_swap
 
     model = tiny_model(name)
     anatomy = Anatomy.of(model)
@@ -317,7 +317,7 @@ def test_parallel_workers_give_the_serial_table(tmp_path):
 
 
 def test_plots_read_the_table():
-    from tl_spikesink.training.plots import plot_ablation, plot_emergence
+    from tl_spikesink.views.training import plot_ablation, plot_emergence
 
     table = ablate(["baseline"], seeds=2, config=replace(TINY, steps=2, n_layers=1), task=TASK,
                    progress=False)  # fmt: skip
@@ -339,7 +339,7 @@ def test_plots_read_the_table():
 
 
 def test_cli_ablate(tmp_path, capsys):
-    from tl_spikesink.cli import main
+    from tl_spikesink.cli.commands import main
 
     out = tmp_path / "t.json"
     code = main(["ablate", "--variants", "baseline", "sandwich", "--seeds", "1", "--steps", "2",
@@ -353,7 +353,7 @@ def test_cli_ablate(tmp_path, capsys):
 
 
 def test_cli_ablate_html_report(tmp_path):
-    from tl_spikesink.cli import main
+    from tl_spikesink.cli.commands import main
 
     page = tmp_path / "ablation.html"
     args = ["--variants", "baseline", "dyt", "--seeds", "2", "--steps", "2", "--layers", "1"]
@@ -366,7 +366,7 @@ def test_cli_ablate_html_report(tmp_path):
 
 
 def test_table_json_round_trip_and_cli_load(tmp_path, capsys):
-    from tl_spikesink.cli import main
+    from tl_spikesink.cli.commands import main
     from tl_spikesink.training.ablation import load_table
 
     config = replace(TINY, steps=2, n_layers=1)

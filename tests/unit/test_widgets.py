@@ -9,8 +9,8 @@ from conftest import assert_untouched, state_snapshot
 from planted import N_HEADS, N_LAYERS, SINK_HEAD, SPIKE, SPIKE_CHANNEL, sentences
 
 import tl_spikesink as ts
-from tl_spikesink import widgets
-from tl_spikesink.widgets import SINK_MARK, widget_props
+from tl_spikesink.views import widgets
+from tl_spikesink.views.widgets import SINK_MARK, widget_props
 
 TEXT = "the cat sat on the mat . then it ran under a big red rug"
 

@@ -1,7 +1,7 @@
 """Mechanism: why spikes happen and why they become attention sinks, as checks on any model.
 
 Each analysis takes the spike tokens' defining layer, channels and cut, and the sink heads, from a
-:class:`~tl_spikesink.ScanResult` (running :func:`tl_spikesink.scan` when none is given), then
+:class:`~tl_spikesink.ScanResult` (running :func:`tl_spikesink.probes.scan` when none is given), then
 runs a few forward passes with read-only hooks over a small corpus (default 1,024 tokens) and
 returns a frozen result. A token is a *spike token* in these passes when |resid_post| at the
 *spike layer* (the first block whose residual top-1 reaches half the largest top-1 of any layer,
@@ -32,11 +32,11 @@ Links of the chain, each a reconstruction (see /work/shared/science.md):
 
 Every hook is read-only, added through ``model.hooks`` (which removes exactly what it added, also
 on error) and run under ``torch.inference_mode``; no parameter is touched. Analyses that need a
-component the model lacks raise :class:`SpikeSinkError` naming it; :mod:`tl_spikesink.claims`
+component the model lacks raise :class:`SpikeSinkError` naming it; :mod:`tl_spikesink.mechanism.claims`
 turns those into "not applicable" rows.
 """
 
-from tl_spikesink.mechanism._passes import DEFAULT_MAX_TOKENS, SpikeSite, Texts, spike_site
+from tl_spikesink.mechanism.captures import DEFAULT_MAX_TOKENS, SpikeSite, Texts, spike_site
 from tl_spikesink.mechanism.attention import ShortRange, SinkGeometry, short_range, sink_geometry
 from tl_spikesink.mechanism.heads import HeadDecomposition, head_decomposition
 from tl_spikesink.mechanism.mlp import (

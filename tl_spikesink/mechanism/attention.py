@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from tl_spikesink.mechanism._passes import (
+from tl_spikesink.mechanism.captures import (
     DEFAULT_MAX_TOKENS,
     Texts,
     _as_corpus,

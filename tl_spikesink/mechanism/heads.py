@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float
 
 from tl_spikesink.anatomy import Anatomy, hook_name
-from tl_spikesink.mechanism._passes import (
+from tl_spikesink.mechanism.captures import (
     DEFAULT_MAX_TOKENS,
     Texts,
     _as_corpus,

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float
 
-from tl_spikesink.mechanism._passes import (
+from tl_spikesink.mechanism.captures import (
     DEFAULT_MAX_TOKENS,
     SpikeSite,
     Texts,

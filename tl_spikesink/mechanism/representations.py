@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Bool, Float
 
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.mechanism._passes import (
+from tl_spikesink.mechanism.captures import (
     DEFAULT_MAX_TOKENS,
     SpikeSite,
     Texts,

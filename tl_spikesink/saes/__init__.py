@@ -7,7 +7,7 @@ from tl_spikesink.saes.evaluation import GROUPS, RUNS, SAEReport, sae_report
 from tl_spikesink.saes.masks import TOKEN_CLASSES, SpikeRule, scan_mask
 from tl_spikesink.saes.splice import bypassed, check_sae, load_sae, sae_splice
 from tl_spikesink.saes.train import Activations, collect_activations, train_sae
-from tl_spikesink.saes.views import compare_reports
+from tl_spikesink.views.saes import compare_reports
 
 __all__ = [
     "Activations",

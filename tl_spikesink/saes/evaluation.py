@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from tl_spikesink.anatomy import Anatomy
 from tl_spikesink.corpus import Batch, Corpus
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.evaluate import _next_token_logprobs, _nll
+from tl_spikesink.evaluation.evaluate import _next_token_logprobs, _nll
 from tl_spikesink.saes.masks import (
     TOKEN_CLASSES,
     DelimiterIds,
@@ -45,7 +45,7 @@ from tl_spikesink.saes.masks import (
     token_classes,
 )
 from tl_spikesink.saes.splice import check_sae, load_sae, reconstruct
-from tl_spikesink.scan import ScanConfig, ScanResult, _as_corpus, _device_of, scan_corpus
+from tl_spikesink.probes.scan import ScanConfig, ScanResult, _as_corpus, _device_of, scan_corpus
 
 Run = Literal["clean", "zero", "sae", "spike_only", "sink_only", "bypass"]
 RUNS: tuple[Run, ...] = get_args(Run)
@@ -203,7 +203,7 @@ class SAEReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready numbers, settings and provenance (NaN becomes null)."""
-        from tl_spikesink.report import _clean
+        from tl_spikesink.views.text import _clean
 
         rows = {
             g: {
@@ -240,12 +240,12 @@ class SAEReport:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The report as JSON text, also written to `path` if given."""
-        from tl_spikesink.report import json_text
+        from tl_spikesink.views.text import json_text
 
         return json_text(self.to_dict(), path)
 
     def __str__(self) -> str:
-        from tl_spikesink.saes.views import render_report
+        from tl_spikesink.views.saes import render_report
 
         return render_report(self)
 
@@ -464,7 +464,7 @@ def _scan_id(scan: ScanResult) -> dict[str, Any]:
 
 
 def _describe(sae: Any) -> dict[str, Any]:
-    from tl_spikesink.report import _clean
+    from tl_spikesink.views.text import _clean
 
     meta = getattr(sae.cfg, "metadata", None)
     meta = meta.to_dict() if hasattr(meta, "to_dict") else {}

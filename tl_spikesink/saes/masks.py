@@ -31,7 +31,7 @@ from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.tokens import TokenRef, is_delimiter
 
 if TYPE_CHECKING:
-    from tl_spikesink.scan import ScanResult
+    from tl_spikesink.probes.scan import ScanResult
 
 TokenClass = Literal["spike", "sink", "delimiter", "other"]
 TOKEN_CLASSES: tuple[TokenClass, ...] = get_args(TokenClass)
@@ -82,7 +82,7 @@ class SpikeRule:
             layer: the block whose ``hook_resid_post`` the rule will read.
             norm_ratio: also apply the norm test (default: channel test only).
         """
-        from tl_spikesink.interventions import _cuts
+        from tl_spikesink.interventions.base import _cuts
 
         if not 0 <= layer < scan.n_layers:
             raise SpikeSinkError(f"layer {layer} is out of range (the scan has {scan.n_layers})")

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from tl_spikesink.anatomy import Anatomy
 from tl_spikesink.corpus import Corpus, default_texts, tokenize
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.interventions import _clean_pass
+from tl_spikesink.interventions.base import _clean_pass
 from tl_spikesink.saes.masks import SpikeRule
 from tl_spikesink.saes.splice import activation_width, layer_of
 

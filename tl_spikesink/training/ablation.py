@@ -19,7 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.report import text_table
+from tl_spikesink.views.text import text_table
 from tl_spikesink.training.runs import TrainConfig, TrainingRun, train
 from tl_spikesink.training.tasks import BigramBackcopy, Task
 from tl_spikesink.training.variants import VARIANTS, Variant, variant
@@ -141,7 +141,7 @@ class AblationTable:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready table: settings, rows, and every run's emergence history."""
-        from tl_spikesink.report import _clean
+        from tl_spikesink.views.text import _clean
 
         return _clean(
             {
@@ -154,7 +154,7 @@ class AblationTable:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The table as JSON text, also written to `path` if given."""
-        from tl_spikesink.report import json_text
+        from tl_spikesink.views.text import json_text
 
         return json_text(self.to_dict(), path)
 

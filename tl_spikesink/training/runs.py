@@ -1,7 +1,7 @@
 """A seeded, deterministic training loop that logs how spikes and sinks emerge.
 
 AdamW with linear warmup and cosine decay over a fixed number of steps. Every `log_every` steps
-the model is measured on a fixed probe batch with the project's own :func:`~tl_spikesink.evaluate`
+the model is measured on a fixed probe batch with the project's own :func:`~tl_spikesink.evaluation.evaluate`
 (the next-token loss and the scan) and :func:`first_token_profile` (one more forward of the small
 probe batch), and a :class:`Snapshot` of plain floats is
 kept, so the history never holds a tensor or a graph. The seed fixes the initialization (through
@@ -31,8 +31,8 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_spikesink.corpus import Corpus
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.evaluate import evaluate
-from tl_spikesink.scan import ScanConfig
+from tl_spikesink.evaluation.evaluate import evaluate
+from tl_spikesink.probes.scan import ScanConfig
 from tl_spikesink.training.tasks import BigramBackcopy, Task, probe_corpus, task_from_dict
 from tl_spikesink.training.variants import Variant, build_model, model_config
 
@@ -143,7 +143,7 @@ class TrainingRun:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record of the run."""
-        from tl_spikesink.report import _clean
+        from tl_spikesink.views.text import _clean
 
         return _clean(
             {
@@ -158,7 +158,7 @@ class TrainingRun:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The record as JSON text, also written to `path` if given."""
-        from tl_spikesink.report import json_text
+        from tl_spikesink.views.text import json_text
 
         return json_text(self.to_dict(), path)
 

@@ -16,7 +16,7 @@ _WIDGET_TEXTS = 3
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    from tl_spikesink.models import DEFAULT_MODEL, MODEL_NAMES
+    from tl_spikesink.models.loading import DEFAULT_MODEL, MODEL_NAMES
 
     src = p.add_mutually_exclusive_group()
     src.add_argument(
@@ -66,7 +66,7 @@ def _add_threshold_args(p: argparse.ArgumentParser) -> None:
 def _load_model(args: argparse.Namespace):
     import torch
 
-    from tl_spikesink.models import load, load_gguf
+    from tl_spikesink.models.loading import load, load_gguf
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.gguf:
@@ -88,7 +88,7 @@ def _texts(args: argparse.Namespace) -> tuple[list[str] | None, str | None]:
 def _scan_args(args: argparse.Namespace):
     """Load the model and scan the requested corpus; returns (model, texts, result)."""
     from tl_spikesink.corpus import tokenize
-    from tl_spikesink.scan import ScanConfig, scan
+    from tl_spikesink.probes.scan import ScanConfig, scan
 
     if getattr(args, "distributed", False):  # under torchrun: each rank scans its shard
         from tl_spikesink.distributed import scan_distributed as scan
@@ -123,21 +123,21 @@ def _scan(args: argparse.Namespace) -> None:
 
 
 def _claims(args: argparse.Namespace) -> None:
-    from tl_spikesink.claims import claims
+    from tl_spikesink.mechanism.claims import claims
     from tl_spikesink.corpus import default_texts
 
     model, texts, result = _scan_args(args)
     table = claims(model, texts or default_texts(), result, max_tokens=args.claim_tokens)
     print(table)
     if args.json:
-        from tl_spikesink.report import json_text
+        from tl_spikesink.views.text import json_text
 
         json_text(table.to_dict(), args.json)
         print(f"\nwrote {args.json}")
 
 
 def _write_html(path: str, result, model, texts: list[str] | None) -> None:
-    from tl_spikesink.html_report import write_html
+    from tl_spikesink.views.html import write_html
 
     # Widgets read a few texts again (one forward each); the scan's corpus may be thousands.
     write_html(result, path, model=model, texts=texts[:_WIDGET_TEXTS] if texts else None)
@@ -146,8 +146,8 @@ def _write_html(path: str, result, model, texts: list[str] | None) -> None:
 
 def _intervene(args: argparse.Namespace) -> None:
     from tl_spikesink.corpus import read_text_file
-    from tl_spikesink.experiment import experiment
-    from tl_spikesink.scan import ScanConfig
+    from tl_spikesink.evaluation.experiment import experiment
+    from tl_spikesink.probes.scan import ScanConfig
 
     config = ScanConfig(
         batch_size=args.batch_size, max_tokens=args.max_tokens, max_seq_len=args.max_seq_len
@@ -222,10 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", help="write the table as JSON")
     p.set_defaults(run=_intervene)
 
-    from tl_spikesink.training.cli import add_parser as add_ablate_parser  # argparse only
+    from tl_spikesink.cli.ablate import add_parser as add_ablate_parser  # argparse only
 
     add_ablate_parser(sub)
-    from tl_spikesink.saes.cli import add_parser as add_sae_parser
+    from tl_spikesink.cli.sae import add_parser as add_sae_parser
 
     add_sae_parser(sub)
     return parser

@@ -3,7 +3,7 @@
 Every function is a pure view of a :class:`ScanResult` (or, for :func:`plot_interventions`, of
 an :class:`ExperimentTable`; nothing reruns the model) and returns a
 `plotly.graph_objects.Figure`; nothing is shown. `fig.show()` in a notebook, `fig.write_html(...)`
-for one figure, or :func:`tl_spikesink.html_report.write_html` for all of them on one offline page.
+for one figure, or :func:`tl_spikesink.views.html.write_html` for all of them on one offline page.
 
     >>> fig = plot_massive_activations(result)  # doctest: +SKIP
     >>> fig.show()  # doctest: +SKIP
@@ -21,8 +21,8 @@ import torch
 from plotly.subplots import make_subplots
 
 if TYPE_CHECKING:
-    from tl_spikesink.experiment import ExperimentTable
-    from tl_spikesink.scan import ScanResult
+    from tl_spikesink.evaluation.experiment import ExperimentTable
+    from tl_spikesink.probes.scan import ScanResult
 
 _TEMPLATE = "plotly_white"
 _TOP_COLORS = ("#d62728", "#ff7f0e", "#bcbd22")
@@ -268,7 +268,7 @@ def plot_interventions(table: ExperimentTable) -> go.Figure:
     overflowing positions say so in their label.
 
     Args:
-        table: a decoupling table from :func:`tl_spikesink.experiment`.
+        table: a decoupling table from :func:`tl_spikesink.evaluation.experiment`.
 
     Returns:
         A figure with one horizontal bar trace per panel, named "perplexity", "KL",

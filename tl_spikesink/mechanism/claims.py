@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from tl_spikesink.anatomy import Anatomy
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.mechanism import _passes as mech
+from tl_spikesink.mechanism import captures as mech
 from tl_spikesink.mechanism.attention import short_range, sink_geometry
 from tl_spikesink.mechanism.heads import head_decomposition
 from tl_spikesink.mechanism.mlp import _quadratic_from, _quadratic_names, _silu_from, _silu_names

@@ -33,7 +33,7 @@ from jaxtyping import Float
 
 from tl_spikesink.anatomy import Anatomy, Site, hook_name
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.interventions import (
+from tl_spikesink.interventions.base import (
     Intervention,
     Texts,
     _calibration_corpus,
@@ -45,7 +45,7 @@ from tl_spikesink.interventions import (
 )
 
 if TYPE_CHECKING:
-    from tl_spikesink.scan import ScanResult
+    from tl_spikesink.probes.scan import ScanResult
 
 NormKind = Literal["layernorm", "dyt", "fixed_scale", "rms_no_spike"]
 Norm = Literal["ln1", "ln2", "ln1_post", "ln2_post", "ln_final"]

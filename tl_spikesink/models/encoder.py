@@ -28,7 +28,7 @@ from jaxtyping import Int
 from transformer_lens import HookedEncoder, HookedTransformerConfig
 
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.models import _CHUNK, EncoderSpec, _download, _sha256
+from tl_spikesink.models.loading import _CHUNK, EncoderSpec, _download, _sha256
 
 
 class EncoderModel(HookedEncoder):

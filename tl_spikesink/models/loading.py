@@ -158,14 +158,14 @@ def load(
 
     Returns:
         The model, with ``cfg.model_name`` set to ``name``: a ``HookedTransformer``, or for the
-        encoders of :data:`ENCODERS` an :class:`~tl_spikesink.encoder.EncoderModel`.
+        encoders of :data:`ENCODERS` an :class:`~tl_spikesink.models.encoder.EncoderModel`.
 
     Raises:
         SpikeSinkError: Unknown name, failed download or checksum mismatch.
     """
     spec = MODELS.get(name)
     if name in ENCODERS:
-        from tl_spikesink.encoder import encoder_from_folder, fetch_encoder
+        from tl_spikesink.models.encoder import encoder_from_folder, fetch_encoder
 
         folder = fetch_encoder(ENCODERS[name], _root(cache_dir) / name / "hf", progress)
         return encoder_from_folder(folder, name, device, dtype)

@@ -27,7 +27,7 @@ Methods:
     * **Attention gate** at ``blocks.L.attn.hook_z``: each chosen head's z is multiplied by a
       constant (default 0 on the scan's sink heads).
 
-Norm swaps (replacing RMSNorm at inference) live in :mod:`tl_spikesink.norms`.
+Norm swaps (replacing RMSNorm at inference) live in :mod:`tl_spikesink.interventions.norms`.
 
 The model is borrowed: no factory or hook changes a parameter, every hook returns a new tensor
 rather than writing into the one it is handed, and :meth:`Intervention.applied` is built on
@@ -50,7 +50,7 @@ from tl_spikesink.corpus import Corpus, tokenize
 from tl_spikesink.errors import SpikeSinkError
 
 if TYPE_CHECKING:
-    from tl_spikesink.scan import ScanResult
+    from tl_spikesink.probes.scan import ScanResult
 
 SpikeMode = Literal["zero", "mean", "clamp"]
 Texts = Sequence[str] | Corpus
@@ -509,7 +509,7 @@ def _clean_pass(
     after_batch: Callable[[], None] | None = None,
 ) -> None:
     """One read-only pass over `corpus`; `state["mask"]` holds the current batch's real tokens."""
-    from tl_spikesink.scan import _device_of
+    from tl_spikesink.probes.scan import _device_of
 
     device = _device_of(model)
     kwargs: dict[str, Any] = {"return_type": None}

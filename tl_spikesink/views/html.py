@@ -12,7 +12,7 @@ widget nears the viewport (CircuitsVis's attention heads draw T² cells per head
 
 Extra tables (interventions, claims, ...) are any objects whose `to_dict()` holds `rows`, a list of
 dicts; they are rendered generically, one column per key, and the decoupling table
-(:class:`~tl_spikesink.experiment.ExperimentTable`) also as its chart. Extra figures (any plotly
+(:class:`~tl_spikesink.evaluation.experiment.ExperimentTable`) also as its chart. Extra figures (any plotly
 figures, e.g. of the mechanism checks) follow the scan's plots.
 """
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go
     from circuitsvis.utils.render import RenderedHTML
 
-    from tl_spikesink.scan import ScanResult
+    from tl_spikesink.probes.scan import ScanResult
 
 _SHOWN_TOKENS = 10
 _SOURCE_MAP = re.compile(r"^//# sourceMappingURL=.*$", re.M)
@@ -81,8 +81,8 @@ def render_html(
             corpus).
         extra_tables: objects with `to_dict()` holding `rows` (a list of dicts), or such dicts,
             or plain lists of dicts; each becomes a table. An
-            :class:`~tl_spikesink.experiment.ExperimentTable` also gets its chart
-            (:func:`tl_spikesink.plots.plot_interventions`), and an
+            :class:`~tl_spikesink.evaluation.experiment.ExperimentTable` also gets its chart
+            (:func:`tl_spikesink.views.plots.plot_interventions`), and an
             :class:`~tl_spikesink.training.AblationTable` its bars and emergence curves.
         extra_figures: plotly figures drawn after the scan's plots (e.g. mechanism plots).
         title: page title (default: names the model).
@@ -102,7 +102,7 @@ def render_html(
         SpikeSinkError: an extra table holds no `rows` list, or an extra figure is not a plotly
             figure.
     """
-    from tl_spikesink import plots
+    from tl_spikesink.views import plots
 
     title = title or f"tl_spikesink report: {result.model}"
     figures = [
@@ -162,7 +162,7 @@ def _widgets(
     max_tokens: int,
     max_attention_tokens: int,
 ) -> list[tuple[str, str, Any]]:
-    from tl_spikesink import widgets as w
+    from tl_spikesink.views import widgets as w
     from tl_spikesink.corpus import default_texts
 
     if texts is None:
@@ -222,7 +222,7 @@ def _widgets(
 
 
 def _summary(r: ScanResult) -> str:
-    from tl_spikesink.report import summary
+    from tl_spikesink.views.text import summary
 
     s, k = r.spikes, r.sinks
     heads = sorted(k.sink_heads, key=lambda lh: -float(k.scores[lh]))
@@ -302,7 +302,7 @@ def _figure(fig: go.Figure, div_id: str) -> str:
 
 
 def _mount(widget: RenderedHTML, div_id: str) -> str:
-    from tl_spikesink.widgets import widget_props
+    from tl_spikesink.views.widgets import widget_props
 
     name, props = widget_props(widget)
     # `<` only occurs inside JSON strings, where \u003c means the same and cannot end the script.
@@ -318,7 +318,7 @@ def _is_figure(x: Any) -> bool:
 
 
 def _extra_table(obj: Any, plot_id: str) -> str:
-    from tl_spikesink.experiment import ExperimentTable
+    from tl_spikesink.evaluation.experiment import ExperimentTable
     from tl_spikesink.training.ablation import AblationTable
 
     if isinstance(obj, AblationTable):
@@ -337,7 +337,7 @@ def _extra_table(obj: Any, plot_id: str) -> str:
     note = "; ".join(f"{k}: {_cell(v)}" for k, v in scalars.items())
     table = _rows_table(title, data["rows"], note)
     if isinstance(obj, ExperimentTable):
-        from tl_spikesink.plots import plot_interventions
+        from tl_spikesink.views.plots import plot_interventions
 
         table += "\n" + _figure(plot_interventions(obj), plot_id)
     return table
@@ -345,7 +345,7 @@ def _extra_table(obj: Any, plot_id: str) -> str:
 
 def _ablation_table(table: Any, plot_id: str) -> str:
     from tl_spikesink.training.ablation import settings_line, summary_rows
-    from tl_spikesink.training.plots import plot_ablation, plot_emergence
+    from tl_spikesink.views.training import plot_ablation, plot_emergence
 
     return "\n".join(
         [

@@ -24,7 +24,7 @@ from jaxtyping import Float, Int
 
 from tl_spikesink.anatomy import Site, hook_name
 from tl_spikesink.corpus import Batch
-from tl_spikesink.reducers import BIN_SHIFT, N_BINS, TopEntries, abs_bits, histogram_quantile
+from tl_spikesink.probes.reducers import BIN_SHIFT, N_BINS, TopEntries, abs_bits, histogram_quantile
 from tl_spikesink.tokens import TokenRef, is_delimiter
 
 SPIKE_SITES: tuple[Site, ...] = ("resid_post", "attn_out", "mlp_out")

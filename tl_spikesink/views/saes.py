@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from tl_spikesink.report import text_table
+from tl_spikesink.views.text import text_table
 
 if TYPE_CHECKING:
     from tl_spikesink.saes.evaluation import SAEReport

@@ -27,11 +27,11 @@ from typing import Any
 from tl_spikesink.anatomy import Anatomy
 from tl_spikesink.corpus import Corpus, default_texts, tokenize
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.evaluate import Evaluation, evaluate_all
-from tl_spikesink.interventions import Intervention, sink_key_removal, spike_ablation
-from tl_spikesink.norms import NormKind, norm_scales, norm_swap
-from tl_spikesink.report import text_table
-from tl_spikesink.scan import ScanConfig, ScanResult, _environment
+from tl_spikesink.evaluation.evaluate import Evaluation, evaluate_all
+from tl_spikesink.interventions.base import Intervention, sink_key_removal, spike_ablation
+from tl_spikesink.interventions.norms import NormKind, norm_scales, norm_swap
+from tl_spikesink.views.text import text_table
+from tl_spikesink.probes.scan import ScanConfig, ScanResult, _environment
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class ExperimentTable:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready record: ``rows`` plus model, corpora, split, settings and seed."""
-        from tl_spikesink.report import _clean
+        from tl_spikesink.views.text import _clean
 
         return _clean(
             {
@@ -132,7 +132,7 @@ class ExperimentTable:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The record as JSON text, also written to `path` if given."""
-        from tl_spikesink.report import json_text
+        from tl_spikesink.views.text import json_text
 
         return json_text(self.to_dict(), path)
 

@@ -80,7 +80,7 @@ def _as_corpus(model: Any, texts: Texts, max_tokens: int) -> Corpus:
 def _scan_of(model: Any, corpus: Corpus, scan: Any) -> Any:
     if scan is not None:
         return scan
-    from tl_spikesink.scan import scan as run_scan
+    from tl_spikesink.probes.scan import scan as run_scan
 
     return run_scan(model, corpus, progress=False)
 

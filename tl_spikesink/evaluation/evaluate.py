@@ -11,7 +11,7 @@ one batch at a time, so memory is bounded by a batch, never by the corpus:
 1. *scoring*: per batch, a clean forward and one forward under each intervention (installed with
    :meth:`Intervention.applied` for that forward only); the clean log-probs live only while that
    batch is scored, and only sums are kept.
-2. *scanning*: :func:`tl_spikesink.scan.scan_corpus` under the intervention's hooks, which run
+2. *scanning*: :func:`tl_spikesink.probes.scan.scan_corpus` under the intervention's hooks, which run
    before the probes, so the probes see what the intervention wrote.
 
 Why not one forward per batch for both: ``scan_corpus`` keeps its probes installed for the whole
@@ -40,9 +40,9 @@ from tqdm.auto import tqdm
 from tl_spikesink.anatomy import Anatomy
 from tl_spikesink.corpus import Batch, Corpus
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.interventions import Intervention
-from tl_spikesink.scan import ScanConfig, ScanResult, _as_corpus, _device_of, scan_corpus
-from tl_spikesink.sinks import SinkProbe
+from tl_spikesink.interventions.base import Intervention
+from tl_spikesink.probes.scan import ScanConfig, ScanResult, _as_corpus, _device_of, scan_corpus
+from tl_spikesink.probes.sinks import SinkProbe
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ class Evaluation:
 
     def to_dict(self) -> dict[str, Any]:
         """The numbers of one table row (JSON-ready; NaN becomes null)."""
-        from tl_spikesink.report import _clean
+        from tl_spikesink.views.text import _clean
 
         return _clean(
             {

@@ -4,7 +4,7 @@ Each widget reads one short text through the model (one forward pass whose read-
 only what the widget shows, added and removed with `model.hooks` as in the scan) and/or a
 :class:`ScanResult`, and *returns* a CircuitsVis `RenderedHTML` (or a plotly figure); nothing is
 displayed. In a notebook the returned object renders itself;
-:func:`tl_spikesink.html_report.write_html` puts several on one offline page with the CircuitsVis
+:func:`tl_spikesink.views.html.write_html` puts several on one offline page with the CircuitsVis
 bundle embedded once.
 
 `str(widget)` loads CircuitsVis from a CDN; `widget.local_src` embeds the ~1.3 MB bundle and works
@@ -33,12 +33,12 @@ from jaxtyping import Float
 from tl_spikesink.anatomy import Anatomy, Site, hook_name
 from tl_spikesink.corpus import tokenize
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.spikes import SPIKE_SITES
+from tl_spikesink.probes.spikes import SPIKE_SITES
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
-    from tl_spikesink.scan import ScanResult
+    from tl_spikesink.probes.scan import ScanResult
 
 SINK_MARK = " [sink]"
 """Appended to the label of a token that some head of the shown layer uses as a sink."""
@@ -213,7 +213,7 @@ def sink_scores_widget(
 ) -> go.Figure:
     """Layers × heads heatmap of the first-token sink score α_0 on one text.
 
-    For scores pooled over a corpus, plot the scan: :func:`tl_spikesink.plots.plot_sink_scores`.
+    For scores pooled over a corpus, plot the scan: :func:`tl_spikesink.views.plots.plot_sink_scores`.
 
     Args:
         model: a HookedTransformer-like model; only read.
@@ -224,7 +224,7 @@ def sink_scores_widget(
     Returns:
         A plotly heatmap figure.
     """
-    from tl_spikesink.plots import _score_heatmap
+    from tl_spikesink.views.plots import _score_heatmap
 
     names = [hook_name("pattern", layer) for layer in range(Anatomy.of(model).n_layers)]
     tokens, kept = _forward(model, text, dict.fromkeys(names, _first_key_alpha), None, max_tokens)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from tl_spikesink.scan import ScanResult
+    from tl_spikesink.probes.scan import ScanResult
 
 _SHOWN_TOKENS = 10
 

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 import plotly.graph_objects as go
 import torch
 
-from tl_spikesink.plots import _finish, _values
+from tl_spikesink.views.plots import _finish, _values
 
 if TYPE_CHECKING:
-    from tl_spikesink.claims import ClaimsTable
+    from tl_spikesink.mechanism.claims import ClaimsTable
     from tl_spikesink.mechanism import (
         HeadDecomposition,
         QuadraticForm,

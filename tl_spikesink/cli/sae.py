@@ -1,4 +1,4 @@
-"""The `tl-spikesink sae` subcommand (registered by :mod:`tl_spikesink.cli`).
+"""The `tl-spikesink sae` subcommand (registered by :mod:`tl_spikesink.cli.commands`).
 
 Evaluates saved sae-lens SAE folders with :func:`tl_spikesink.saes.sae_report`; with several
 folders, also prints them side by side.
@@ -11,7 +11,7 @@ import argparse
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add `sae` to the subcommands."""
-    from tl_spikesink.cli import _add_corpus_args, _add_model_args
+    from tl_spikesink.cli.commands import _add_corpus_args, _add_model_args
 
     p = sub.add_parser(
         "sae", help="evaluate saved SAEs split by spike, sink, delimiter and other tokens"
@@ -27,11 +27,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Evaluate each SAE folder on the corpus and print the reports."""
-    from tl_spikesink.cli import _load_model, _texts
+    from tl_spikesink.cli.commands import _load_model, _texts
     from tl_spikesink.corpus import tokenize
-    from tl_spikesink.report import json_text
+    from tl_spikesink.views.text import json_text
     from tl_spikesink.saes import compare_reports, sae_report
-    from tl_spikesink.scan import ScanConfig, _as_corpus, scan_corpus
+    from tl_spikesink.probes.scan import ScanConfig, _as_corpus, scan_corpus
 
     config = ScanConfig(
         batch_size=args.batch_size,

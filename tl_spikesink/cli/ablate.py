@@ -1,4 +1,4 @@
-"""The `tl-spikesink ablate` subcommand (registered by :mod:`tl_spikesink.cli`).
+"""The `tl-spikesink ablate` subcommand (registered by :mod:`tl_spikesink.cli.commands`).
 
 Light on import: argparse only; training code loads when the command runs.
 """
@@ -126,8 +126,8 @@ def _emit(table: Any, args: argparse.Namespace) -> None:
 
 def _write_report(table: Any, path: str) -> None:
     from tl_spikesink.errors import SpikeSinkError
-    from tl_spikesink.html_report import write_html
-    from tl_spikesink.scan import scan
+    from tl_spikesink.views.html import write_html
+    from tl_spikesink.probes.scan import scan
     from tl_spikesink.training.runs import load_checkpoint, probe_batch
     from tl_spikesink.training.tasks import task_from_dict
 

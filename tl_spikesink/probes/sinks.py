@@ -26,8 +26,8 @@ from jaxtyping import Float
 
 from tl_spikesink.anatomy import hook_name
 from tl_spikesink.corpus import Batch
-from tl_spikesink.reducers import TopEntries
-from tl_spikesink.spikes import _check_same, _share
+from tl_spikesink.probes.reducers import TopEntries
+from tl_spikesink.probes.spikes import _check_same, _share
 from tl_spikesink.tokens import TokenRef, is_delimiter
 
 _META = ("text_index", "start", "position", "token_id")

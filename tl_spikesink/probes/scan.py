@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 from tl_spikesink.anatomy import Anatomy, Site, require_hooks
 from tl_spikesink.corpus import Batch, Corpus, LongTexts, PaddingSide, default_texts, tokenize
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.sinks import SinkProbe, SinkStats
-from tl_spikesink.spikes import SPIKE_SITES, SpikeProbe, SpikeStats, _check_same
+from tl_spikesink.probes.sinks import SinkProbe, SinkStats
+from tl_spikesink.probes.spikes import SPIKE_SITES, SpikeProbe, SpikeStats, _check_same
 
 
 @dataclass(frozen=True)
@@ -125,18 +125,18 @@ class ScanResult:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready report."""
-        from tl_spikesink.report import to_dict
+        from tl_spikesink.views.text import to_dict
 
         return to_dict(self)
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The report as JSON text, also written to `path` if given."""
-        from tl_spikesink.report import json_text
+        from tl_spikesink.views.text import json_text
 
         return json_text(self.to_dict(), path)
 
     def __str__(self) -> str:
-        from tl_spikesink.report import summary
+        from tl_spikesink.views.text import summary
 
         return summary(self)
 

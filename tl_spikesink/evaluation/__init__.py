@@ -1,0 +1,13 @@
+"""Evaluation: loss, KL and a scan under an intervention; the decoupling experiment table."""
+
+from tl_spikesink.evaluation.evaluate import Evaluation, evaluate, evaluate_all
+from tl_spikesink.evaluation.experiment import ExperimentTable, experiment, standard_interventions
+
+__all__ = [
+    "Evaluation",
+    "ExperimentTable",
+    "evaluate",
+    "evaluate_all",
+    "experiment",
+    "standard_interventions",
+]

@@ -1,0 +1,25 @@
+"""Interventions: write hooks that remove spikes, sink keys or swap norms, always removed again.
+
+A factory returns an :class:`Intervention` (named ``(hook_name, fn)`` pairs); ``iv.applied(model)``
+installs them for a ``with`` block and removes them on exit, also on error.
+"""
+
+from tl_spikesink.interventions.base import (
+    Intervention,
+    attention_gate,
+    compose,
+    sink_key_removal,
+    spike_ablation,
+)
+from tl_spikesink.interventions.norms import NormScales, norm_scales, norm_swap
+
+__all__ = [
+    "Intervention",
+    "NormScales",
+    "attention_gate",
+    "compose",
+    "norm_scales",
+    "norm_swap",
+    "sink_key_removal",
+    "spike_ablation",
+]

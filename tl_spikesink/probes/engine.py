@@ -1,0 +1,174 @@
+"""The engine: one loop that streams a corpus through a model, probes reading, interventions writing.
+
+Every analysis in the package is a set of :class:`Probe` objects handed to :func:`run`. For each
+batch the engine moves the tokens and the padding mask to the model's device, tells every probe
+which batch is coming (:meth:`Probe.start_batch`), runs one forward pass per :class:`Pass` with
+that pass's write hooks (an intervention) and its probes' read hooks installed, and hands each
+probe the logits if it asked for them (:meth:`Probe.end_batch`). Hooks go in through
+``model.hooks``, which removes exactly the hooks it added, also on error; everything runs under
+``torch.inference_mode``.
+
+A probe keeps its own reduction and learns the current batch from the :class:`Step` it is given,
+so no hook reads shared mutable state. Several passes over the same batch (a clean pass, then
+one per intervention) let a later probe compare with what an earlier one saw in that batch.
+
+Example:
+    >>> class TokenCounter(Probe):  # doctest: +SKIP
+    ...     def __init__(self):
+    ...         self.n = 0
+    ...     def start_batch(self, step):
+    ...         self.n += int(step.mask.sum())
+    >>> counter = TokenCounter()  # doctest: +SKIP
+    >>> run(model, corpus, [counter])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from jaxtyping import Bool, Float, Int
+from tqdm.auto import tqdm
+
+from tl_spikesink.corpus import Batch, Corpus, PaddingSide
+
+HookFn = Callable[[torch.Tensor, Any], torch.Tensor | None]
+"""A TransformerLens forward hook: fn(activation, hook) -> None, or a replacement activation."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One batch as the probes see it: where it came from, and its tensors on the model's device."""
+
+    index: int
+    """Batch number; batches come in the same order on every run over the same corpus."""
+    batch: Batch
+    tokens: Int[torch.Tensor, "batch pos"]
+    mask: Bool[torch.Tensor, "batch pos"]
+    """True at real tokens, False at pads."""
+    has_pads: bool
+
+
+class Probe:
+    """Something that watches forward passes; override what you need.
+
+    A probe that writes (its hook returns a tensor) must say so with ``writes = True``: the
+    engine installs writers before readers at every hook point, so readers see what was written.
+    """
+
+    needs_logits: ClassVar[bool] = False
+    """Ask the model for logits and hand them to :meth:`end_batch`."""
+    writes: ClassVar[bool] = False
+
+    def hooks(self) -> Sequence[tuple[str, HookFn]]:
+        """(hook_name, fn) pairs to install for each forward pass of the probe's pass."""
+        return ()
+
+    def start_batch(self, step: Step) -> None:
+        """Called before the batch's first forward pass."""
+
+    def end_batch(self, step: Step, logits: Float[torch.Tensor, "batch pos vocab"] | None) -> None:
+        """Called after this probe's forward pass of the batch (logits if `needs_logits`)."""
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One forward pass per batch: write hooks (an intervention), then the probes' read hooks."""
+
+    probes: Sequence[Probe] = ()
+    fwd_hooks: Sequence[tuple[str, HookFn]] = ()
+    skip: Callable[[Step], bool] | None = None
+    """Leave this pass out for a batch when it returns True (its probes get no end_batch)."""
+
+
+def run(
+    model: Any,
+    corpus: Corpus,
+    probes: Sequence[Probe] = (),
+    *,
+    fwd_hooks: Sequence[tuple[str, HookFn]] = (),
+    passes: Sequence[Pass] | None = None,
+    batch_size: int = 8,
+    padding_side: PaddingSide = "right",
+    stop_at_layer: int | None = None,
+    progress: bool = True,
+    desc: str = "forward",
+) -> None:
+    """Stream `corpus` through `model` once, batch by batch, with `probes` watching.
+
+    Args:
+        model: a HookedTransformer, HookedEncoder, HookedSAETransformer or TransformerBridge.
+        corpus: the tokenized corpus.
+        probes: probes of the single pass (ignored when `passes` is given).
+        fwd_hooks: write hooks of the single pass, e.g. ``intervention.fwd_hooks``.
+        passes: several forward passes per batch instead, in order.
+        batch_size: sequences per forward pass.
+        padding_side: side on which batches are padded.
+        stop_at_layer: stop the forward after this block when no probe needs logits and the
+            model supports it (the blocks after the last hook are not needed).
+        progress: show a progress bar (tokens).
+        desc: the bar's label.
+    """
+    passes = list(passes) if passes is not None else [Pass(tuple(probes), tuple(fwd_hooks))]
+    every = [p for ps in passes for p in ps.probes]
+    device = device_of(model)
+    forward = _forward_kwargs(model, stop_at_layer)
+    bar = tqdm(total=corpus.n_tokens, unit="tok", desc=desc, disable=not progress, leave=False)
+    single = passes[0] if len(passes) == 1 and passes[0].skip is None else None
+    try:
+        with torch.inference_mode():
+            # One pass: install the hooks once for the whole corpus (the scan's hot path).
+            with model.hooks(fwd_hooks=_hooks(single) if single else []):
+                for index, batch in enumerate(corpus.batches(batch_size, padding_side)):
+                    mask = batch.mask.to(device)
+                    step = Step(index, batch, batch.tokens.to(device), mask, not bool(batch.mask.all()))
+                    for probe in every:
+                        probe.start_batch(step)
+                    for ps in passes:
+                        if ps.skip is not None and ps.skip(step):
+                            continue
+                        if single:
+                            logits = _call(model, step, ps, forward)
+                        else:
+                            with model.hooks(fwd_hooks=_hooks(ps)):
+                                logits = _call(model, step, ps, forward)
+                        for probe in ps.probes:
+                            probe.end_batch(step, logits if probe.needs_logits else None)
+                        del logits
+                    bar.update(int(batch.lengths.sum()))
+    finally:
+        bar.close()
+
+
+def _hooks(ps: Pass) -> list[tuple[str, HookFn]]:
+    writers = [h for p in ps.probes if p.writes for h in p.hooks()]
+    readers = [h for p in ps.probes if not p.writes for h in p.hooks()]
+    return [*ps.fwd_hooks, *writers, *readers]
+
+
+def _call(model: Any, step: Step, ps: Pass, forward: dict[str, Any]) -> torch.Tensor | None:
+    if any(p.needs_logits for p in ps.probes):
+        return model(step.tokens, attention_mask=step.mask.long())
+    return model(step.tokens, attention_mask=step.mask.long(), return_type=None, **forward)
+
+
+def _forward_kwargs(model: Any, stop_at_layer: int | None) -> dict[str, Any]:
+    if stop_at_layer is None:
+        return {}
+    if "stop_at_layer" not in inspect.signature(model.forward).parameters:
+        return {}
+    return {"stop_at_layer": stop_at_layer}
+
+
+def device_of(model: Any) -> torch.device:
+    """The device of the model's parameters (CPU for a model without any)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+__all__ = ["HookFn", "Pass", "Probe", "Step", "device_of", "run"]
