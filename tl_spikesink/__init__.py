@@ -6,9 +6,9 @@ from tl_spikesink.mechanism.claims import Claim, ClaimsTable, claims
 from tl_spikesink.corpus import Corpus, default_texts, tokenize
 from tl_spikesink.distributed import evaluate_distributed, scan_distributed
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.evaluation.evaluate import Evaluation, evaluate
-from tl_spikesink.evaluation.experiment import ExperimentTable, experiment, standard_interventions
-from tl_spikesink.interventions.base import (
+from tl_spikesink.evaluation.scoring import Evaluation, evaluate
+from tl_spikesink.evaluation.decoupling import ExperimentTable, experiment, standard_interventions
+from tl_spikesink.interventions import (
     Intervention,
     attention_gate,
     compose,

@@ -74,6 +74,17 @@ def hook_name(site: Site, layer: int | None = None) -> str:
     return template.format(layer=layer)
 
 
+def block_hook(layer: int | None, path: str) -> str:
+    """A hook name by its path under ``blocks.{layer}``, for points beyond :func:`hook_name`'s sites.
+
+    >>> block_hook(3, "mlp.hook_pre")
+    'blocks.3.mlp.hook_pre'
+    >>> block_hook(None, "ln_final.hook_scale")
+    'ln_final.hook_scale'
+    """
+    return path if layer is None else f"blocks.{layer}.{path}"
+
+
 @dataclass(frozen=True)
 class Anatomy:
     """What the analyses need to know about a model, read once from its config."""

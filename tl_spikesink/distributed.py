@@ -43,9 +43,9 @@ import torch.distributed as dist
 from tl_spikesink.anatomy import Anatomy
 from tl_spikesink.corpus import Corpus
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.evaluation.evaluate import Evaluation, evaluate_all
+from tl_spikesink.evaluation.scoring import Evaluation, evaluate_all
 from tl_spikesink.interventions.base import Intervention
-from tl_spikesink.probes.scan import ScanConfig, ScanResult, _as_corpus, scan, scan_corpus
+from tl_spikesink.probes.scan import ScanConfig, ScanResult, as_corpus, scan, scan_corpus
 
 T = TypeVar("T")
 
@@ -171,7 +171,7 @@ def evaluate_distributed(
     sink_heads: Sequence[tuple[int, int]] | None = None,
     progress: bool = True,
 ) -> Evaluation:
-    """:func:`tl_spikesink.evaluation.evaluate`, sharded over the ranks; every rank gets the whole.
+    """:func:`tl_spikesink.evaluation.scoring`, sharded over the ranks; every rank gets the whole.
 
     Example:
         >>> iv = ts.spike_ablation(result, mode="zero", model=model)  # doctest: +SKIP
@@ -194,7 +194,7 @@ def evaluate_all_distributed(
     sink_heads: Sequence[tuple[int, int]] | None = None,
     progress: bool = True,
 ) -> list[Evaluation]:
-    """:func:`tl_spikesink.evaluation.evaluate.evaluate_all`, sharded; :func:`experiment` uses it.
+    """:func:`tl_spikesink.evaluation.scoring.evaluate_all`, sharded; :func:`experiment` uses it.
 
     The clean model's sink heads (whose attention distance every row reports) are a fact of
     the whole corpus, not of a shard: when not given they come from the merged clean
@@ -237,7 +237,7 @@ def evaluate_all_distributed(
 
 def _prepare(model: Any, texts: Sequence[str] | str | Corpus | None, config: ScanConfig) -> Corpus:
     Anatomy.of(model)  # a clear error before tokenizing, if this is no TransformerLens model
-    return _as_corpus(model, texts, config)
+    return as_corpus(model, texts, config)
 
 
 def _exchange(

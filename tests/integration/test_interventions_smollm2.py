@@ -3,9 +3,9 @@
 import pytest
 
 import tl_spikesink as ts
-from tl_spikesink.evaluation.evaluate import evaluate_all
-from tl_spikesink.evaluation.experiment import CALIBRATION_SHARE
-from tl_spikesink.interventions.base import sink_key_removal, spike_ablation
+from tl_spikesink.evaluation.scoring import evaluate_all
+from tl_spikesink.evaluation.decoupling import CALIBRATION_SHARE
+from tl_spikesink.interventions import sink_key_removal, spike_ablation
 from tl_spikesink.probes.scan import ScanConfig
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ def test_scan_leaves_model_as_found(planted, texts):
 def test_scan_failure_leaves_model_as_found(planted, texts, monkeypatch):
     before = state_snapshot(planted)
 
-    def boom(self):
+    def boom(self, *args):
         raise RuntimeError("interrupted")
 
     monkeypatch.setattr(SinkProbe, "end_batch", boom)

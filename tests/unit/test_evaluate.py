@@ -10,9 +10,9 @@ from conftest import assert_untouched, state_snapshot
 from planted import SINK_HEAD, SPIKE_CHANNEL, planted_model, sentences
 
 import tl_spikesink as ts
-from tl_spikesink.evaluation.evaluate import evaluate
-from tl_spikesink.evaluation.experiment import experiment, standard_interventions
-from tl_spikesink.interventions.base import attention_gate, sink_key_removal, spike_ablation
+from tl_spikesink.evaluation.scoring import evaluate
+from tl_spikesink.evaluation.decoupling import experiment, standard_interventions
+from tl_spikesink.interventions import attention_gate, sink_key_removal, spike_ablation
 from tl_spikesink.interventions.norms import norm_swap
 from tl_spikesink.probes.scan import ScanConfig
 
@@ -169,8 +169,8 @@ def test_evaluate_borrows_the_model_also_on_failure(model, texts, clean, monkeyp
     def boom(*args):
         raise RuntimeError("interrupted")
 
-    # The module, not the function `tl_spikesink.evaluation.evaluate` that shadows it on the package.
-    monkeypatch.setattr(importlib.import_module("tl_spikesink.evaluation.evaluate"), "_kl", boom)
+    # The module, not the function `tl_spikesink.evaluation.scoring` that shadows it on the package.
+    monkeypatch.setattr(importlib.import_module("tl_spikesink.evaluation.scoring"), "kl", boom)
     with pytest.raises(RuntimeError, match="interrupted"):
         evaluate(model, texts[:3], iv, config=CONFIG, progress=False)
     assert_untouched(model, before)

@@ -9,7 +9,7 @@ from planted import SPIKE, SPIKE_CHANNEL, VOCAB, planted_model, sentences
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 import tl_spikesink as ts
-from tl_spikesink.interventions.base import (
+from tl_spikesink.interventions import (
     Intervention,
     attention_gate,
     compose,

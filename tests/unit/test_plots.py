@@ -116,7 +116,7 @@ def test_figures_serialize_without_nan(result):
 
 def known_table():
     """A decoupling table with hand-picked numbers, one row per kind of intervention."""
-    from tl_spikesink.evaluation.experiment import ExperimentRow, ExperimentTable
+    from tl_spikesink.evaluation.decoupling import ExperimentRow, ExperimentTable
 
     def row(name, ppl, kl, ratio, sink, kind=None, n_nonfinite=0):
         loss = math.log(ppl) if ppl == ppl else float("nan")

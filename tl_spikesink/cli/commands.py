@@ -146,7 +146,7 @@ def _write_html(path: str, result, model, texts: list[str] | None) -> None:
 
 def _intervene(args: argparse.Namespace) -> None:
     from tl_spikesink.corpus import read_text_file
-    from tl_spikesink.evaluation.experiment import experiment
+    from tl_spikesink.evaluation.decoupling import experiment
     from tl_spikesink.probes.scan import ScanConfig
 
     config = ScanConfig(

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> None:
     from tl_spikesink.corpus import tokenize
     from tl_spikesink.views.text import json_text
     from tl_spikesink.saes import compare_reports, sae_report
-    from tl_spikesink.probes.scan import ScanConfig, _as_corpus, scan_corpus
+    from tl_spikesink.probes.scan import ScanConfig, as_corpus, scan_corpus
 
     config = ScanConfig(
         batch_size=args.batch_size,
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> None:
     model = _load_model(args)
     texts, name = _texts(args)
     corpus = (
-        _as_corpus(model, None, config)
+        as_corpus(model, None, config)
         if texts is None
         else tokenize(
             model, texts, name=name, max_seq_len=args.max_seq_len, max_tokens=config.max_tokens

@@ -4,14 +4,10 @@ A factory returns an :class:`Intervention` (named ``(hook_name, fn)`` pairs); ``
 installs them for a ``with`` block and removes them on exit, also on error.
 """
 
-from tl_spikesink.interventions.base import (
-    Intervention,
-    attention_gate,
-    compose,
-    sink_key_removal,
-    spike_ablation,
-)
+from tl_spikesink.interventions.attention import attention_gate, sink_key_removal
+from tl_spikesink.interventions.base import Intervention, compose
 from tl_spikesink.interventions.norms import NormScales, norm_scales, norm_swap
+from tl_spikesink.interventions.spikes import spike_ablation
 
 __all__ = [
     "Intervention",

@@ -36,13 +36,13 @@ from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.interventions.base import (
     Intervention,
     Texts,
-    _calibration_corpus,
-    _check_channels,
-    _check_layers,
-    _clean_pass,
-    _cuts,
-    _dims,
+    calibration_corpus,
+    check_channels,
+    check_layers,
+    model_dims,
+    spike_cuts,
 )
+from tl_spikesink.probes.engine import HookFn, Probe, Step, run
 
 if TYPE_CHECKING:
     from tl_spikesink.probes.scan import ScanResult
@@ -99,46 +99,57 @@ def norm_scales(
     """
     targets = _norm_targets(model, norms, layers)
     n_layers = Anatomy.of(model).n_layers
-    cuts = _cuts(scan, threshold, tuple(range(n_layers)))
-    corpus = _calibration_corpus(model, calibration, "norm_scales")
-    values: dict[str, list[torch.Tensor]] = {module: [] for module in targets}
-    batch: dict[str, torch.Tensor] = {}
-    state: dict[str, torch.Tensor] = {}
-
-    def keep_scale(module: str) -> Callable:
-        def hook(scale: Float[torch.Tensor, "batch pos 1"], hook: Any) -> None:
-            batch[module] = scale[..., 0][state["mask"]].double().cpu()
-
-        return hook
-
-    def flag_spikes(layer: int) -> Callable:
-        def hook(resid: Float[torch.Tensor, "batch pos d_model"], hook: Any) -> None:
-            spike = (resid.abs().amax(-1) > cuts[layer])[state["mask"]].cpu()
-            batch["spike"] = batch["spike"] | spike if "spike" in batch else spike
-
-        return hook
-
-    def after_batch() -> None:
-        spike = batch.pop("spike")
-        n_spike[0] += int(spike.sum())
-        for module in targets:
-            values[module].append(batch.pop(module)[~spike])
-
-    n_spike = [0]
-    hooks = [(scale_name, keep_scale(module)) for module, (scale_name, _) in targets.items()]
-    hooks += [(hook_name("resid_post", layer), flag_spikes(layer)) for layer in range(n_layers)]
-    _clean_pass(model, corpus, hooks, state, after_batch=after_batch)
+    cuts = spike_cuts(scan, threshold, tuple(range(n_layers)))
+    corpus = calibration_corpus(model, calibration, "norm_scales")
+    probe = _ScaleProbe(targets, cuts)
+    run(model, corpus, [probe], desc="calibrate: norm scales")
+    n_spike = probe.n_spike
+    values = probe.values
     medians, counts = {}, {}
     for module, parts in values.items():
         v = torch.cat(parts)
         if v.numel() == 0:
             raise SpikeSinkError(
                 f"calibration corpus {corpus.name!r} has no non-spike token at {module} "
-                f"({n_spike[0]} of {corpus.n_tokens} tokens are spike tokens); calibrate on more "
+                f"({n_spike} of {corpus.n_tokens} tokens are spike tokens); calibrate on more "
                 "ordinary text, or pass a scan so the relative cut applies"
             )
         medians[module], counts[module] = float(v.median()), int(v.numel())
-    return NormScales(medians, counts, n_spike[0], tuple(cuts.values()), corpus.describe())
+    return NormScales(medians, counts, n_spike, tuple(cuts.values()), corpus.describe())
+
+
+class _ScaleProbe(Probe):
+    """Each chosen norm's scale at the non-spike tokens of every batch."""
+
+    def __init__(self, targets: dict[str, tuple[str, str]], cuts: dict[int, float]):
+        self.targets, self.cuts = targets, cuts
+        self.values: dict[str, list[torch.Tensor]] = {module: [] for module in targets}
+        self.n_spike = 0
+
+    def hooks(self) -> list[tuple[str, HookFn]]:
+        hooks = [(scale, self._keep(module)) for module, (scale, _) in self.targets.items()]
+        return hooks + [(hook_name("resid_post", layer), self._flag(layer)) for layer in self.cuts]
+
+    def start_batch(self, step: Step) -> None:
+        self.mask, self.batch = step.mask, {}
+        self.spike = torch.zeros(int(step.mask.sum()), dtype=torch.bool)
+
+    def _keep(self, module: str) -> HookFn:
+        def hook(scale: Float[torch.Tensor, "batch pos 1"], hook: Any) -> None:
+            self.batch[module] = scale[..., 0][self.mask].double().cpu()
+
+        return hook
+
+    def _flag(self, layer: int) -> HookFn:
+        def hook(resid: Float[torch.Tensor, "batch pos d_model"], hook: Any) -> None:
+            self.spike |= (resid.abs().amax(-1) > self.cuts[layer])[self.mask].cpu()
+
+        return hook
+
+    def end_batch(self, step: Step, logits: torch.Tensor | None) -> None:
+        self.n_spike += int(self.spike.sum())
+        for module in self.targets:
+            self.values[module].append(self.batch.pop(module)[~self.spike])
 
 
 def norm_swap(
@@ -183,7 +194,7 @@ def norm_swap(
     spike_channels = None
     if kind == "rms_no_spike":
         spike_channels = _spike_channels_for_norm(scan, channels)
-        _check_channels(spike_channels, _dims(scan, model), "norm_swap")
+        check_channels(spike_channels, model_dims(scan, model), "norm_swap")
         settings["channels"] = list(spike_channels)
     scales: dict[str, float] = {}
     if kind in ("dyt", "fixed_scale"):
@@ -285,7 +296,7 @@ def _norm_targets(
             f"unknown norm {bad[0] if bad else None!r}; choose from {get_args(Norm)}"
         )
     layers = range(anatomy.n_layers) if layers is None else tuple(int(x) for x in layers)
-    _check_layers(tuple(layers), {"n_layers": anatomy.n_layers}, "norm_swap")
+    check_layers(tuple(layers), {"n_layers": anatomy.n_layers}, "norm_swap")
     targets: dict[str, tuple[str, str]] = {}
     for norm in dict.fromkeys(norms):
         for layer in (None,) if norm == "ln_final" else layers:

@@ -36,8 +36,8 @@ component the model lacks raise :class:`SpikeSinkError` naming it; :mod:`tl_spik
 turns those into "not applicable" rows.
 """
 
-from tl_spikesink.mechanism.captures import DEFAULT_MAX_TOKENS, SpikeSite, Texts, spike_site
 from tl_spikesink.mechanism.attention import ShortRange, SinkGeometry, short_range, sink_geometry
+from tl_spikesink.mechanism.captures import DEFAULT_MAX_TOKENS, SpikeSite, Texts, spike_site
 from tl_spikesink.mechanism.heads import HeadDecomposition, head_decomposition
 from tl_spikesink.mechanism.mlp import (
     QuadraticForm,

@@ -15,16 +15,16 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
+from tl_spikesink.anatomy import block_hook
 from tl_spikesink.mechanism.captures import (
     DEFAULT_MAX_TOKENS,
     Texts,
-    _as_corpus,
-    _capture,
-    _hook,
-    _mean,
-    _nanmean,
-    _scan_of,
-    _spike_mask,
+    as_corpus,
+    capture,
+    mean_or_nan,
+    nanmean,
+    scan_of,
+    spike_mask,
     spike_site,
 )
 
@@ -54,12 +54,12 @@ class SinkGeometry:
     @property
     def sink_gap(self) -> float:
         """Mean logit gap of sink heads."""
-        return _mean(self.logit_gap[self._is_sink])
+        return mean_or_nan(self.logit_gap[self._is_sink])
 
     @property
     def other_gap(self) -> float:
         """Mean logit gap of the other heads."""
-        return _mean(self.logit_gap[~self._is_sink])
+        return mean_or_nan(self.logit_gap[~self._is_sink])
 
 
 def sink_geometry(
@@ -78,8 +78,8 @@ def sink_geometry(
     Raises:
         SpikeSinkError: the scan found no spike token.
     """
-    corpus = _as_corpus(model, texts, max_tokens)
-    scan = _scan_of(model, corpus, scan)
+    corpus = as_corpus(model, texts, max_tokens)
+    scan = scan_of(model, corpus, scan)
     site = spike_site(scan)
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     gap_sum = torch.zeros(n_layers, n_heads, dtype=torch.float64)
@@ -101,19 +101,19 @@ def sink_geometry(
 
         return fn
 
-    reducers = [(_hook(i, "attn.hook_attn_scores"), gap_reducer(i)) for i in range(n_layers)]
-    names = [_hook(i, "attn.hook_k") for i in range(n_layers)] + [
-        _hook(site.layer, "hook_resid_post")
+    reducers = [(block_hook(i, "attn.hook_attn_scores"), gap_reducer(i)) for i in range(n_layers)]
+    names = [block_hook(i, "attn.hook_k") for i in range(n_layers)] + [
+        block_hook(site.layer, "hook_resid_post")
     ]
-    cap = _capture(model, corpus, names, reducers)
-    spike = _spike_mask(cap, site)
+    cap = capture(model, corpus, names, reducers)
+    spike = spike_mask(cap, site)
     gen = torch.Generator().manual_seed(seed)
     others = (~spike).nonzero()[:, 0]
     others = others[torch.randperm(len(others), generator=gen)[: max(int(spike.sum()), 2)]]
     share_s = torch.full((n_layers, n_heads), float("nan"))
     share_o = torch.full((n_layers, n_heads), float("nan"))
     for layer in range(n_layers):
-        k = cap.acts[_hook(layer, "attn.hook_k")]  # [token, kv_head, d_head]
+        k = cap.acts[block_hook(layer, "attn.hook_k")]  # [token, kv_head, d_head]
         k = k.repeat_interleave(n_heads // k.shape[1], dim=1)
         share_s[layer] = _top_share(k[spike])
         share_o[layer] = _top_share(k[others])
@@ -149,7 +149,7 @@ class ShortRange:
         m = torch.zeros_like(x, dtype=torch.bool)
         for layer, head in self.sink_heads:
             m[layer, head] = True
-        return _nanmean(x[m]), _nanmean(x[~m])
+        return nanmean(x[m]), nanmean(x[~m])
 
     @property
     def sink_distance_without_sink(self) -> float:

@@ -13,27 +13,17 @@ from typing import Any
 
 import torch
 
-from tl_spikesink.anatomy import Anatomy
+from tl_spikesink.anatomy import Anatomy, block_hook
 from tl_spikesink.corpus import Corpus, tokenize
 from tl_spikesink.errors import SpikeSinkError
+from tl_spikesink.probes.capture import Capture, Captured, Reduce
+from tl_spikesink.probes.engine import Probe, run
 
 Texts = Sequence[str] | str | Corpus
 DEFAULT_MAX_TOKENS = 1024
 """Tokens read by an analysis when it is given raw texts: enough for tens of spike tokens."""
 _MAIN_SPIKE_SHARE = 0.5
 """The spike layer is the first whose resid_post top-1 reaches this share of the largest."""
-
-
-# ---------------------------------------------------------------- hook names and shared plumbing
-
-
-def _hook(layer: int | None, site: str) -> str:
-    """Hook names this module needs beyond :func:`tl_spikesink.anatomy.hook_name`'s sites.
-
-    `site` is the path under ``blocks.{layer}`` (e.g. ``"mlp.hook_pre"``, ``"ln2.hook_normalized"``,
-    ``"attn.hook_k"``, ``"hook_resid_post"``).
-    """
-    return site if layer is None else f"blocks.{layer}.{site}"
 
 
 @dataclass(frozen=True)
@@ -71,13 +61,13 @@ def spike_site(scan: Any) -> SpikeSite:
     return SpikeSite(layer, channels, cut, later[0] if later else None)
 
 
-def _as_corpus(model: Any, texts: Texts, max_tokens: int) -> Corpus:
+def as_corpus(model: Any, texts: Texts, max_tokens: int) -> Corpus:
     if isinstance(texts, Corpus):
         return texts
     return tokenize(model, texts, max_seq_len=min(128, int(model.cfg.n_ctx)), max_tokens=max_tokens)
 
 
-def _scan_of(model: Any, corpus: Corpus, scan: Any) -> Any:
+def scan_of(model: Any, corpus: Corpus, scan: Any) -> Any:
     if scan is not None:
         return scan
     from tl_spikesink.probes.scan import scan as run_scan
@@ -85,7 +75,7 @@ def _scan_of(model: Any, corpus: Corpus, scan: Any) -> Any:
     return run_scan(model, corpus, progress=False)
 
 
-def _require(model: Any, names: Sequence[str], analysis: str) -> None:
+def require(model: Any, names: Sequence[str], analysis: str) -> None:
     missing = [n for n in names if n not in model.hook_dict]
     if missing:
         raise SpikeSinkError(
@@ -94,14 +84,14 @@ def _require(model: Any, names: Sequence[str], analysis: str) -> None:
         )
 
 
-def _require_gated(model: Any, analysis: str) -> None:
+def require_gated(model: Any, analysis: str) -> None:
     if not getattr(model.cfg, "gated_mlp", False):
         raise SpikeSinkError(
             f"{analysis} needs a gated (SwiGLU-style) MLP; this model has gated_mlp=False"
         )
 
 
-def _require_rms(model: Any, analysis: str) -> None:
+def require_rms(model: Any, analysis: str) -> None:
     anatomy = Anatomy.of(model)
     if not anatomy.rms_norm or anatomy.norm_placement == "post":
         raise SpikeSinkError(
@@ -110,83 +100,38 @@ def _require_rms(model: Any, analysis: str) -> None:
         )
 
 
-@dataclass(frozen=True)
-class _Captured:
-    """Activations of the real tokens of a corpus, flattened to rows [token, ...]."""
-
-    acts: dict[str, torch.Tensor]
-    position: torch.Tensor
-    token_id: torch.Tensor
-    sequence: torch.Tensor
-
-
-def _capture(
+def capture(
     model: Any,
     corpus: Corpus,
     names: Sequence[str],
     reducers: Sequence[tuple[str, Callable[[torch.Tensor, torch.Tensor], None]]] = (),
     batch_size: int = 8,
-    on_batch: Callable[[int, torch.Tensor], None] | None = None,
-) -> _Captured:
-    """One read-only pass over `corpus` keeping `names` at real tokens.
+    probes: Sequence[Probe] = (),
+) -> Captured:
+    """One read-only pass over `corpus` keeping `names` at real tokens (right padding).
 
     `reducers` are (hook name, fn(activation, mask)) pairs for activations too big to keep
-    (attention scores); they are called once per batch. `on_batch(index, mask)` runs before each
-    batch's forward; batches come in the same order on every pass over the same corpus.
+    (attention scores), called once per batch; extra `probes` ride along in the same pass.
     """
-    names = list(dict.fromkeys(names))
-    _require(model, names + [n for n, _ in reducers], "this analysis")
-    store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    state: dict[str, torch.Tensor] = {}
-
-    seen: set[str] = set()
-
-    def keep(act: torch.Tensor, hook: Any) -> None:
-        # TransformerLens calls ln1 once each for the query, key and value inputs; the three are
-        # the same tensor without split inputs, so the first call per batch is kept.
-        if hook.name in seen:
-            return
-        seen.add(hook.name)
-        store[hook.name].append(act.detach().float()[state["mask"]].cpu())
-
-    def reduce_with(fn: Callable) -> Callable:
-        def hook(act: torch.Tensor, hook: Any) -> None:
-            fn(act.detach().float(), state["mask"])
-
-        return hook
-
-    hooks = [(n, keep) for n in names] + [(n, reduce_with(fn)) for n, fn in reducers]
-    positions, ids, seqs = [], [], []
-    device = next(model.parameters()).device
-    seq = 0
-    with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
-        for index, batch in enumerate(corpus.batches(batch_size, "right")):
-            mask = batch.mask.to(device)
-            state["mask"] = mask
-            seen.clear()
-            if on_batch is not None:
-                on_batch(index, mask)
-            model(batch.tokens.to(device), attention_mask=mask.long(), return_type=None)
-            pos = torch.arange(batch.tokens.shape[1]).expand_as(batch.tokens)
-            positions.append(pos[batch.mask])
-            ids.append(batch.tokens[batch.mask])
-            rows = torch.arange(seq, seq + len(batch.lengths))[:, None].expand_as(batch.tokens)
-            seqs.append(rows[batch.mask])
-            seq += len(batch.lengths)
-    return _Captured(
-        {n: torch.cat(v) for n, v in store.items()},
-        torch.cat(positions),
-        torch.cat(ids),
-        torch.cat(seqs),
+    keep = Capture(names)
+    require(model, keep.names + [n for n, _ in reducers], "this analysis")
+    run(
+        model,
+        corpus,
+        [*probes, keep, Reduce(reducers)],
+        batch_size=batch_size,
+        padding_side="right",
+        progress=False,
     )
+    return keep.result()
 
 
-def _spike_mask(cap: _Captured, site: SpikeSite) -> torch.Tensor:
-    resid = cap.acts[_hook(site.layer, "hook_resid_post")]
+def spike_mask(cap: Captured, site: SpikeSite) -> torch.Tensor:
+    resid = cap.acts[block_hook(site.layer, "hook_resid_post")]
     return resid[:, list(site.channels)].abs().amax(-1) > site.cut
 
 
-def _mean_pairwise_cosine(x: torch.Tensor) -> float:
+def mean_pairwise_cosine(x: torch.Tensor) -> float:
     """Mean cosine over distinct pairs of rows (NaN with fewer than two rows)."""
     if x.shape[0] < 2:
         return float("nan")
@@ -196,10 +141,10 @@ def _mean_pairwise_cosine(x: torch.Tensor) -> float:
     return float((g.sum() - g.diagonal().sum()) / (n * (n - 1)))
 
 
-def _mean(x: torch.Tensor) -> float:
+def mean_or_nan(x: torch.Tensor) -> float:
     return float(x.double().mean()) if x.numel() else float("nan")
 
 
-def _nanmean(x: torch.Tensor) -> float:
+def nanmean(x: torch.Tensor) -> float:
     x = x[~x.isnan()]
-    return _mean(x)
+    return mean_or_nan(x)

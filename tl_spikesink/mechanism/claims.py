@@ -23,8 +23,8 @@ from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.mechanism import captures as mech
 from tl_spikesink.mechanism.attention import short_range, sink_geometry
 from tl_spikesink.mechanism.heads import head_decomposition
-from tl_spikesink.mechanism.mlp import _quadratic_from, _quadratic_names, _silu_from, _silu_names
-from tl_spikesink.mechanism.representations import _representation_names, _representations_from
+from tl_spikesink.mechanism.mlp import quadratic_from, quadratic_names, silu_from, silu_names
+from tl_spikesink.mechanism.representations import representation_names, representations_from
 
 Verdict = Literal["holds", "does not hold", "not applicable"]
 
@@ -142,8 +142,8 @@ def claims(
     """
     from tl_spikesink.corpus import default_texts
 
-    corpus = mech._as_corpus(model, default_texts() if texts is None else texts, max_tokens)
-    scan = mech._scan_of(model, corpus, scan)
+    corpus = mech.as_corpus(model, default_texts() if texts is None else texts, max_tokens)
+    scan = mech.scan_of(model, corpus, scan)
     rows: list[Claim] = []
     n_spike: int | None = None
     state: dict[str, Any] = {}
@@ -157,10 +157,10 @@ def claims(
         # One pass for the SiLU, quadratic and representation links together.
         if "cap" not in state:
             s = site()
-            names = [*_silu_names(model, s.layer), *_quadratic_names(s.layer)]
-            names += _representation_names(model, s)
-            state["cap"] = mech._capture(model, corpus, names)
-            n = int(mech._spike_mask(state["cap"], s).sum())
+            names = [*silu_names(model, s.layer), *quadratic_names(s.layer)]
+            names += representation_names(model, s)
+            state["cap"] = mech.capture(model, corpus, names)
+            n = int(mech.spike_mask(state["cap"], s).sum())
             state["n_spike"] = n
         if state["n_spike"] == 0:
             raise SpikeSinkError(
@@ -169,7 +169,7 @@ def claims(
         return state["cap"]
 
     def silu() -> list[Claim]:
-        r = _silu_from(model, captured(), site())
+        r = silu_from(model, captured(), site())
         return [
             _at_least(
                 "silu",
@@ -191,8 +191,8 @@ def claims(
         ]
 
     def quadratic() -> list[Claim]:
-        mech._require_gated(model, "the SwiGLU quadratic form")
-        q = _quadratic_from(model, captured(), site(), 8, seed)
+        mech.require_gated(model, "the SwiGLU quadratic form")
+        q = quadratic_from(model, captured(), site(), 8, seed)
         k = q.channels[0]
         return [
             _above(
@@ -221,8 +221,8 @@ def claims(
         ]
 
     def rmsnorm() -> list[Claim]:
-        mech._require_rms(model, "the RMSNorm bound")
-        r = _representations_from(model, captured(), site(), seed)
+        mech.require_rms(model, "the RMSNorm bound")
+        r = representations_from(model, captured(), site(), seed)
         after = float(r.resid_cosine[r.layer])
         return [
             _at_least(
@@ -290,8 +290,8 @@ def claims(
         if not scan.sinks.sink_heads:
             raise SpikeSinkError("the scan found no sink head")
         g = sink_geometry(model, corpus, scan, seed=seed)
-        sink_share = mech._mean(g.key_share_spike[_mask(g.sink_heads, g.logit_gap)])
-        other_share = mech._mean(g.key_share_other[_mask(g.sink_heads, g.logit_gap)])
+        sink_share = mech.mean_or_nan(g.key_share_spike[_mask(g.sink_heads, g.logit_gap)])
+        other_share = mech.mean_or_nan(g.key_share_other[_mask(g.sink_heads, g.logit_gap)])
         return [
             _above(
                 "sink",

@@ -15,25 +15,24 @@ On sandwich-norm models (Gemma 3) the decomposition is of the attention output b
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from jaxtyping import Float
 
-from tl_spikesink.anatomy import Anatomy, hook_name
+from tl_spikesink.anatomy import Anatomy, block_hook, hook_name
 from tl_spikesink.mechanism.captures import (
     DEFAULT_MAX_TOKENS,
     Texts,
-    _as_corpus,
-    _capture,
-    _hook,
-    _nanmean,
-    _scan_of,
-    _spike_mask,
+    as_corpus,
+    capture,
+    nanmean,
+    scan_of,
+    spike_mask,
     spike_site,
 )
+from tl_spikesink.probes.engine import HookFn, Probe, Step
 
 
 @dataclass(frozen=True)
@@ -91,22 +90,22 @@ class HeadDecomposition:
     @property
     def sink_relative_norm(self) -> float:
         """Mean `relative_norm` of the sink heads."""
-        return _nanmean(self.relative_norm[self.is_sink])
+        return nanmean(self.relative_norm[self.is_sink])
 
     @property
     def other_relative_norm(self) -> float:
         """Mean `relative_norm` of the other heads."""
-        return _nanmean(self.relative_norm[~self.is_sink])
+        return nanmean(self.relative_norm[~self.is_sink])
 
     @property
     def sink_value_ratio(self) -> float:
         """Mean `value_ratio` of the sink heads (below 1: the sink tokens' values are small)."""
-        return _nanmean(self.value_ratio[self.is_sink])
+        return nanmean(self.value_ratio[self.is_sink])
 
     @property
     def sink_heads_sink_attention(self) -> float:
         """Mean attention that sink heads give S at ordinary queries."""
-        return _nanmean(self.sink_attention[self.is_sink])
+        return nanmean(self.sink_attention[self.is_sink])
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (tensors as nested lists)."""
@@ -123,6 +122,77 @@ class HeadDecomposition:
             f"  sink heads: attention on S {self.sink_heads_sink_attention:.3g}, "
             f"‖v W_O‖ sink / other tokens {self.sink_value_ratio:.3g}"
         )
+
+
+class _HeadFlow(Probe):
+    """Per head, the output at ordinary queries split into the part from sink tokens S and the rest.
+
+    S is every sequence's first token plus, when a scan found spikes, the spike tokens of a first
+    pass (`spike_rows`, one flag per real token in batch order).
+    """
+
+    def __init__(self, model: Any, n_layers: int, n_heads: int, spike_rows: Any):
+        self.n_heads, self.spike_rows, self.offset = n_heads, spike_rows, 0
+        self.w_o = [model.blocks[i].attn.W_O.detach().float() for i in range(n_layers)]
+        self.sums = {
+            k: torch.zeros(n_layers, n_heads, dtype=torch.float64)
+            for k in ("attn", "sink", "rest", "head", "value_s", "value_o")
+        }
+        self.layer_sum = torch.zeros(n_layers, dtype=torch.float64)
+        self.counts = {"query": 0, "sink": 0, "other": 0}
+        self.n_layers = n_layers
+
+    def hooks(self) -> list[tuple[str, HookFn]]:
+        return [
+            h
+            for i in range(self.n_layers)
+            for h in (
+                (block_hook(i, "attn.hook_v"), self._keep(i, "v")),
+                (hook_name("pattern", i), self._keep(i, "pattern")),
+            )
+        ]
+
+    def start_batch(self, step: Step) -> None:
+        mask = step.mask
+        sink = torch.zeros_like(mask)
+        sink[:, 0] = mask[:, 0]
+        if self.spike_rows is not None:
+            n = int(mask.sum())
+            sink[mask] |= self.spike_rows[self.offset : self.offset + n].to(mask.device)
+            self.offset += n
+        self.sink, self.other = sink, mask & ~sink
+        self.counts["query"] += int(self.other.sum())
+        self.counts["sink"] += int(sink.sum())
+        self.counts["other"] += int(self.other.sum())
+        self.pending: list[dict[str, torch.Tensor]] = [{} for _ in range(self.n_layers)]
+
+    def _keep(self, layer: int, key: str) -> HookFn:
+        # hook_v and hook_pattern fire in either order depending on the model class.
+        def hook(act: torch.Tensor, hook: Any) -> None:
+            pending = self.pending[layer]
+            pending[key] = act.detach().float()
+            if len(pending) == 2:
+                self._reduce(layer, pending.pop("v"), pending.pop("pattern"))
+
+        return hook
+
+    def _reduce(self, layer: int, v: torch.Tensor, a: torch.Tensor) -> None:
+        sums, sink, other, w_o = self.sums, self.sink, self.other, self.w_o[layer]
+        v = v.repeat_interleave(self.n_heads // v.shape[2], dim=2)  # grouped values per head
+        a_sink = a * sink[:, None, None, :]
+        # Mix values in d_head first and project once: far cheaper than mixing d_model vectors.
+        z_all = torch.einsum("bhqk,bkhd->bqhd", a, v)[other]  # [query, head, d_head]
+        z_sink = torch.einsum("bhqk,bkhd->bqhd", a_sink, v)[other]
+        o_all = torch.einsum("nhd,hdm->nhm", z_all, w_o)
+        o_sink = torch.einsum("nhd,hdm->nhm", z_sink, w_o)
+        sums["head"][layer] += o_all.norm(dim=-1).sum(0).double().cpu()
+        sums["sink"][layer] += o_sink.norm(dim=-1).sum(0).double().cpu()
+        sums["rest"][layer] += (o_all - o_sink).norm(dim=-1).sum(0).double().cpu()
+        self.layer_sum[layer] += o_all.sum(1).norm(dim=-1).sum().double().cpu()
+        sums["attn"][layer] += a_sink.sum(-1).transpose(1, 2)[other].sum(0).double().cpu()
+        written = torch.einsum("bkhd,hdm->bkhm", v, w_o).norm(dim=-1)  # [b, k, head]
+        sums["value_s"][layer] += written[sink].sum(0).double().cpu()
+        sums["value_o"][layer] += written[other].sum(0).double().cpu()
 
 
 def head_decomposition(
@@ -149,78 +219,21 @@ def head_decomposition(
     """
     from tl_spikesink.corpus import default_texts
 
-    corpus = _as_corpus(model, default_texts() if texts is None else texts, max_tokens)
-    scan = _scan_of(model, corpus, scan)
+    corpus = as_corpus(model, default_texts() if texts is None else texts, max_tokens)
+    scan = scan_of(model, corpus, scan)
     anatomy = Anatomy.of(model)
     n_layers, n_heads = anatomy.n_layers, anatomy.n_heads
     site = spike_site(scan) if scan.spikes.massive else None
     spike_rows = None
     if site is not None:
-        first = _capture(
+        first = capture(
             model, corpus, [hook_name("resid_post", site.layer)], batch_size=batch_size
         )
-        spike_rows = _spike_mask(first, site)
+        spike_rows = spike_mask(first, site)
 
-    sums = {
-        k: torch.zeros(n_layers, n_heads, dtype=torch.float64)
-        for k in ("attn", "sink", "rest", "head", "value_s", "value_o")
-    }
-    layer_sum = torch.zeros(n_layers, dtype=torch.float64)
-    counts = {"query": 0, "sink": 0, "other": 0}
-    state: dict[str, Any] = {"offset": 0}
-    w_o = [model.blocks[i].attn.W_O.detach().float() for i in range(n_layers)]
-
-    def on_batch(index: int, mask: torch.Tensor) -> None:
-        sink = torch.zeros_like(mask)
-        sink[:, 0] = mask[:, 0]
-        if spike_rows is not None:
-            n = int(mask.sum())
-            rows = spike_rows[state["offset"] : state["offset"] + n].to(mask.device)
-            sink[mask] |= rows
-            state["offset"] += n
-        state["sink"], state["other"] = sink, mask & ~sink
-        counts["query"] += int(state["other"].sum())
-        counts["sink"] += int(sink.sum())
-        counts["other"] += int(state["other"].sum())
-        state["pending"] = [{} for _ in range(n_layers)]
-
-    def reduce(layer: int, v: torch.Tensor, a: torch.Tensor) -> None:
-        sink, other = state["sink"], state["other"]
-        v = v.repeat_interleave(n_heads // v.shape[2], dim=2)  # grouped keys/values per query head
-        a_sink = a * sink[:, None, None, :]
-        # Mix values in d_head first and project once: far cheaper than mixing d_model vectors.
-        z_all = torch.einsum("bhqk,bkhd->bqhd", a, v)[other]  # [query, head, d_head]
-        z_sink = torch.einsum("bhqk,bkhd->bqhd", a_sink, v)[other]
-        o_all = torch.einsum("nhd,hdm->nhm", z_all, w_o[layer])
-        o_sink = torch.einsum("nhd,hdm->nhm", z_sink, w_o[layer])
-        sums["head"][layer] += o_all.norm(dim=-1).sum(0).double().cpu()
-        sums["sink"][layer] += o_sink.norm(dim=-1).sum(0).double().cpu()
-        sums["rest"][layer] += (o_all - o_sink).norm(dim=-1).sum(0).double().cpu()
-        layer_sum[layer] += o_all.sum(1).norm(dim=-1).sum().double().cpu()
-        sums["attn"][layer] += a_sink.sum(-1).transpose(1, 2)[other].sum(0).double().cpu()
-        written = torch.einsum("bkhd,hdm->bkhm", v, w_o[layer]).norm(dim=-1)  # [b, k, head]
-        sums["value_s"][layer] += written[sink].sum(0).double().cpu()
-        sums["value_o"][layer] += written[other].sum(0).double().cpu()
-
-    def keep(layer: int, key: str) -> Callable[[torch.Tensor, torch.Tensor], None]:
-        # hook_v and hook_pattern fire in either order depending on the model class.
-        def fn(act: torch.Tensor, mask: torch.Tensor) -> None:
-            pending = state["pending"][layer]
-            pending[key] = act
-            if len(pending) == 2:
-                reduce(layer, pending.pop("v"), pending.pop("pattern"))
-
-        return fn
-
-    reducers = [
-        r
-        for i in range(n_layers)
-        for r in (
-            (_hook(i, "attn.hook_v"), keep(i, "v")),
-            (hook_name("pattern", i), keep(i, "pattern")),
-        )
-    ]
-    _capture(model, corpus, [], reducers, batch_size=batch_size, on_batch=on_batch)
+    probe = _HeadFlow(model, n_layers, n_heads, spike_rows)
+    capture(model, corpus, [], batch_size=batch_size, probes=[probe])
+    sums, layer_sum, counts = probe.sums, probe.layer_sum, probe.counts
 
     def mean(x: torch.Tensor, n: int) -> torch.Tensor:
         return (x / n).float() if n else torch.full_like(x, float("nan")).float()

@@ -19,18 +19,18 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float
 
+from tl_spikesink.anatomy import block_hook
 from tl_spikesink.mechanism.captures import (
     DEFAULT_MAX_TOKENS,
+    Captured,
     SpikeSite,
     Texts,
-    _as_corpus,
-    _capture,
-    _Captured,
-    _hook,
-    _mean,
-    _require_gated,
-    _scan_of,
-    _spike_mask,
+    as_corpus,
+    capture,
+    mean_or_nan,
+    require_gated,
+    scan_of,
+    spike_mask,
     spike_site,
 )
 
@@ -55,32 +55,32 @@ class SiluRegime:
     @property
     def spike_linear_share(self) -> float:
         """Mean `linear_share` over spike tokens (≈ 1: the spike is written linearly)."""
-        return _mean(self.linear_share[self.is_spike])
+        return mean_or_nan(self.linear_share[self.is_spike])
 
     @property
     def other_linear_share(self) -> float:
         """Mean `linear_share` over the other tokens."""
-        return _mean(self.linear_share[~self.is_spike])
+        return mean_or_nan(self.linear_share[~self.is_spike])
 
     @property
     def spike_cosine(self) -> float:
         """Mean cosine over spike tokens (≈ 1 in the linear regime)."""
-        return _mean(self.cosine[self.is_spike])
+        return mean_or_nan(self.cosine[self.is_spike])
 
     @property
     def other_cosine(self) -> float:
         """Mean cosine over the other tokens."""
-        return _mean(self.cosine[~self.is_spike])
+        return mean_or_nan(self.cosine[~self.is_spike])
 
     @property
     def spike_norm_ratio(self) -> float:
         """Mean norm ratio over spike tokens."""
-        return _mean(self.norm_ratio[self.is_spike])
+        return mean_or_nan(self.norm_ratio[self.is_spike])
 
     @property
     def other_norm_ratio(self) -> float:
         """Mean norm ratio over the other tokens."""
-        return _mean(self.norm_ratio[~self.is_spike])
+        return mean_or_nan(self.norm_ratio[~self.is_spike])
 
 
 def silu_regime(
@@ -101,36 +101,36 @@ def silu_regime(
     Returns:
         A :class:`SiluRegime`; `spike_cosine` near 1 means spike tokens see SiLU as the identity.
     """
-    corpus = _as_corpus(model, texts, max_tokens)
-    site = spike_site(_scan_of(model, corpus, scan))
+    corpus = as_corpus(model, texts, max_tokens)
+    site = spike_site(scan_of(model, corpus, scan))
     L = site.layer
-    cap = _capture(model, corpus, _silu_names(model, L))
-    return _silu_from(model, cap, site)
+    cap = capture(model, corpus, silu_names(model, L))
+    return silu_from(model, cap, site)
 
 
-def _silu_names(model: Any, layer: int) -> list[str]:
-    names = [_hook(layer, "mlp.hook_pre"), _hook(layer, "hook_resid_post")]
+def silu_names(model: Any, layer: int) -> list[str]:
+    names = [block_hook(layer, "mlp.hook_pre"), block_hook(layer, "hook_resid_post")]
     if getattr(model.cfg, "gated_mlp", False):
-        names.append(_hook(layer, "mlp.hook_pre_linear"))
+        names.append(block_hook(layer, "mlp.hook_pre_linear"))
     return names
 
 
-def _silu_from(model: Any, cap: _Captured, site: SpikeSite) -> SiluRegime:
+def silu_from(model: Any, cap: Captured, site: SpikeSite) -> SiluRegime:
     L = site.layer
-    z = cap.acts[_hook(L, "mlp.hook_pre")]
+    z = cap.acts[block_hook(L, "mlp.hook_pre")]
     with torch.inference_mode():
         a = model.blocks[L].mlp.act_fn(z)
     cos = torch.nn.functional.cosine_similarity(z, a, dim=-1)
     ratio = a.norm(dim=-1) / z.norm(dim=-1).clamp(min=1e-12)
     # What each neuron writes into the spike channel; a plain MLP has no up projection (u = 1).
     k = site.channels[0]
-    up = cap.acts.get(_hook(L, "mlp.hook_pre_linear"))
+    up = cap.acts.get(block_hook(L, "mlp.hook_pre_linear"))
     w_out = model.blocks[L].mlp.W_out.detach().float().cpu()[:, k]
     c = (a * w_out).abs() if up is None else (a * up * w_out).abs()
     # act(z)/z ≥ 0.9 is SiLU's z ≥ ln 9 ≈ 2.2: within 10 % of the identity.
     linear = (z > 0) & (a >= 0.9 * z)
     share = (c * linear).sum(-1) / c.sum(-1).clamp(min=1e-30)
-    return SiluRegime(L, cos, ratio, k, share, _spike_mask(cap, site))
+    return SiluRegime(L, cos, ratio, k, share, spike_mask(cap, site))
 
 
 # ---------------------------------------------------------------- 2. quadratic form
@@ -175,12 +175,12 @@ class QuadraticForm:
     @property
     def spike_alignment(self) -> float:
         """Mean |cos(x̂, trigger)| of spike tokens, first spike channel."""
-        return _mean(self.alignment[0][self.is_spike])
+        return mean_or_nan(self.alignment[0][self.is_spike])
 
     @property
     def other_alignment(self) -> float:
         """Mean |cos(x̂, trigger)| of the other tokens, first spike channel."""
-        return _mean(self.alignment[0][~self.is_spike])
+        return mean_or_nan(self.alignment[0][~self.is_spike])
 
     @property
     def spike_relative_error(self) -> float:
@@ -207,7 +207,7 @@ def quadratic_matrix(
     With an unfolded RMSNorm (``normalization_type="RMS"``) the weight γ of ``ln2`` multiplies the
     gate and up columns; with ``fold_ln`` (``"RMSPre"``) it is already inside them.
     """
-    _require_gated(model, "the SwiGLU quadratic form")
+    require_gated(model, "the SwiGLU quadratic form")
     mlp = model.blocks[layer].mlp
     with torch.inference_mode():
         g, u = mlp.W_gate.detach().double(), mlp.W_in.detach().double()
@@ -251,16 +251,16 @@ def quadratic_form(
     Raises:
         SpikeSinkError: the model has no gated MLP, or the scan found no spike.
     """
-    _require_gated(model, "the SwiGLU quadratic form")
-    corpus = _as_corpus(model, texts, max_tokens)
-    site = spike_site(_scan_of(model, corpus, scan))
+    require_gated(model, "the SwiGLU quadratic form")
+    corpus = as_corpus(model, texts, max_tokens)
+    site = spike_site(scan_of(model, corpus, scan))
     L = site.layer
-    cap = _capture(model, corpus, _quadratic_names(L))
-    return _quadratic_from(model, cap, site, n_random, seed)
+    cap = capture(model, corpus, quadratic_names(L))
+    return quadratic_from(model, cap, site, n_random, seed)
 
 
-def _quadratic_names(L: int) -> list[str]:
-    return [_hook(L, "ln2.hook_normalized"), _hook(L, "mlp.hook_post"), _hook(L, "hook_resid_post")]
+def quadratic_names(L: int) -> list[str]:
+    return [block_hook(L, "ln2.hook_normalized"), block_hook(L, "mlp.hook_post"), block_hook(L, "hook_resid_post")]
 
 
 def _spectrum(
@@ -279,7 +279,7 @@ def all_frobenius(model: Any, layer: int) -> Float[torch.Tensor, " d_model"]:
     A_kᵀ): ‖S_k‖²_F = ½(‖A_k‖²_F + tr A_k²) = ½ w_kᵀ (GᵀG ∘ UᵀU + M ∘ Mᵀ) w_k with M = UᵀG, so
     one d_mlp × d_mlp kernel serves all d_model channels.
     """
-    _require_gated(model, "the SwiGLU quadratic form")
+    require_gated(model, "the SwiGLU quadratic form")
     mlp = model.blocks[layer].mlp
     with torch.inference_mode():
         g, u = mlp.W_gate.detach().double(), mlp.W_in.detach().double()
@@ -294,13 +294,13 @@ def all_frobenius(model: Any, layer: int) -> Float[torch.Tensor, " d_model"]:
         return sq.clamp(min=0).sqrt().float().cpu()
 
 
-def _quadratic_from(
-    model: Any, cap: _Captured, site: SpikeSite, n_random: int, seed: int
+def quadratic_from(
+    model: Any, cap: Captured, site: SpikeSite, n_random: int, seed: int
 ) -> QuadraticForm:
-    _require_gated(model, "the SwiGLU quadratic form")
+    require_gated(model, "the SwiGLU quadratic form")
     L, channels = site.layer, site.channels
-    x = cap.acts[_hook(L, "ln2.hook_normalized")]
-    post = cap.acts[_hook(L, "mlp.hook_post")]
+    x = cap.acts[block_hook(L, "ln2.hook_normalized")]
+    post = cap.acts[block_hook(L, "mlp.hook_post")]
     mlp = model.blocks[L].mlp
     lams, trig, frob, align, pred, actual, spectra = [], [], [], [], [], [], []
     for k in channels:
@@ -333,5 +333,5 @@ def _quadratic_from(
         alignment=torch.stack(align),
         predicted=torch.stack(pred),
         actual=torch.stack(actual),
-        is_spike=_spike_mask(cap, site),
+        is_spike=spike_mask(cap, site),
     )

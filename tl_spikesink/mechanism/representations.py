@@ -16,20 +16,20 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Float
 
+from tl_spikesink.anatomy import block_hook
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.mechanism.captures import (
     DEFAULT_MAX_TOKENS,
+    Captured,
     SpikeSite,
     Texts,
-    _as_corpus,
-    _capture,
-    _Captured,
-    _hook,
-    _mean,
-    _mean_pairwise_cosine,
-    _require_rms,
-    _scan_of,
-    _spike_mask,
+    as_corpus,
+    capture,
+    mean_or_nan,
+    mean_pairwise_cosine,
+    require_rms,
+    scan_of,
+    spike_mask,
     spike_site,
 )
 
@@ -67,17 +67,17 @@ class Representations:
     @property
     def spike_energy(self) -> float:
         """Mean spike-channel energy share of spike tokens."""
-        return _mean(self.channel_energy[self.is_spike])
+        return mean_or_nan(self.channel_energy[self.is_spike])
 
     @property
     def other_energy(self) -> float:
         """Mean spike-channel energy share of other tokens."""
-        return _mean(self.channel_energy[~self.is_spike])
+        return mean_or_nan(self.channel_energy[~self.is_spike])
 
     @property
     def spike_bound_ratio(self) -> float:
         """Mean max_i |x̂_i| / √d of spike tokens (near 1: the spike saturates the bound)."""
-        return _mean(self.bound_ratio[self.is_spike])
+        return mean_or_nan(self.bound_ratio[self.is_spike])
 
 
 def representations(
@@ -94,37 +94,37 @@ def representations(
         SpikeSinkError: the model has no RMSNorm, the scan found no spike, or the spike layer is
             the last block.
     """
-    _require_rms(model, "the RMSNorm bound")
-    corpus = _as_corpus(model, texts, max_tokens)
-    site = spike_site(_scan_of(model, corpus, scan))
-    cap = _capture(model, corpus, _representation_names(model, site))
-    return _representations_from(model, cap, site, seed)
+    require_rms(model, "the RMSNorm bound")
+    corpus = as_corpus(model, texts, max_tokens)
+    site = spike_site(scan_of(model, corpus, scan))
+    cap = capture(model, corpus, representation_names(model, site))
+    return representations_from(model, cap, site, seed)
 
 
-def _representation_names(model: Any, site: SpikeSite) -> list[str]:
+def representation_names(model: Any, site: SpikeSite) -> list[str]:
     if site.layer + 1 >= model.cfg.n_layers:
         raise SpikeSinkError(
             f"the spike layer {site.layer} is the last block; no normalized input follows it"
         )
     return [
-        *(_hook(i, "hook_resid_post") for i in range(model.cfg.n_layers)),
-        _hook(site.layer, "hook_resid_pre"),
-        _hook(site.layer + 1, "ln1.hook_normalized"),
+        *(block_hook(i, "hook_resid_post") for i in range(model.cfg.n_layers)),
+        block_hook(site.layer, "hook_resid_pre"),
+        block_hook(site.layer + 1, "ln1.hook_normalized"),
     ]
 
 
-def _representations_from(
-    model: Any, cap: _Captured, site: SpikeSite, seed: int
+def representations_from(
+    model: Any, cap: Captured, site: SpikeSite, seed: int
 ) -> Representations:
-    _require_rms(model, "the RMSNorm bound")
-    spike = _spike_mask(cap, site)
+    require_rms(model, "the RMSNorm bound")
+    spike = spike_mask(cap, site)
     n_spike = int(spike.sum())
     gen = torch.Generator().manual_seed(seed)
     others = (~spike).nonzero()[:, 0]
     others = others[torch.randperm(len(others), generator=gen)[: max(n_spike, 2)]]
     n_layers = int(model.cfg.n_layers)
-    resid = [cap.acts[_hook(i, "hook_resid_post")] for i in range(n_layers)]
-    x = cap.acts[_hook(site.layer + 1, "ln1.hook_normalized")]
+    resid = [cap.acts[block_hook(i, "hook_resid_post")] for i in range(n_layers)]
+    x = cap.acts[block_hook(site.layer + 1, "ln1.hook_normalized")]
     # Cosine ignores the 1/rms scale, so only γ can make x̂'s cosines differ from the residual's;
     # with fold_ln γ lives in W_Q/W_K/W_V and the two coincide.
     w = getattr(model.blocks[site.layer + 1].ln1, "w", None)
@@ -134,13 +134,13 @@ def _representations_from(
     return Representations(
         layer=site.layer,
         channels=site.channels,
-        resid_cosine=torch.tensor([_mean_pairwise_cosine(r[spike]) for r in resid]),
-        other_resid_cosine=torch.tensor([_mean_pairwise_cosine(r[others]) for r in resid]),
-        resid_pre_cosine=_mean_pairwise_cosine(
-            cap.acts[_hook(site.layer, "hook_resid_pre")][spike]
+        resid_cosine=torch.tensor([mean_pairwise_cosine(r[spike]) for r in resid]),
+        other_resid_cosine=torch.tensor([mean_pairwise_cosine(r[others]) for r in resid]),
+        resid_pre_cosine=mean_pairwise_cosine(
+            cap.acts[block_hook(site.layer, "hook_resid_pre")][spike]
         ),
-        normalized_cosine=_mean_pairwise_cosine(weighted[spike]),
-        other_normalized_cosine=_mean_pairwise_cosine(weighted[others]),
+        normalized_cosine=mean_pairwise_cosine(weighted[spike]),
+        other_normalized_cosine=mean_pairwise_cosine(weighted[others]),
         bound_ratio=x.abs().amax(-1) / math.sqrt(d),
         channel_energy=energy,
         is_spike=spike,

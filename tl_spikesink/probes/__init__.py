@@ -6,6 +6,6 @@ bundles them into one call.
 """
 
 from tl_spikesink.probes.engine import Pass, Probe, Step, run
-from tl_spikesink.probes.scan import ScanConfig, ScanResult, scan, scan_corpus
+from tl_spikesink.probes.scan import ScanConfig, ScanResult
 
-__all__ = ["Pass", "Probe", "ScanConfig", "ScanResult", "Step", "run", "scan", "scan_corpus"]
+__all__ = ["Pass", "Probe", "ScanConfig", "ScanResult", "Step", "run"]

@@ -124,7 +124,9 @@ def run(
             with model.hooks(fwd_hooks=_hooks(single) if single else []):
                 for index, batch in enumerate(corpus.batches(batch_size, padding_side)):
                     mask = batch.mask.to(device)
-                    step = Step(index, batch, batch.tokens.to(device), mask, not bool(batch.mask.all()))
+                    step = Step(
+                        index, batch, batch.tokens.to(device), mask, not bool(batch.mask.all())
+                    )
                     for probe in every:
                         probe.start_batch(step)
                     for ps in passes:

@@ -8,17 +8,17 @@ never asks for logits it does not need.
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from tl_spikesink.anatomy import Anatomy, Site, require_hooks
-from tl_spikesink.corpus import Batch, Corpus, LongTexts, PaddingSide, default_texts, tokenize
+from tl_spikesink.corpus import Corpus, LongTexts, PaddingSide, default_texts, tokenize
 from tl_spikesink.errors import SpikeSinkError
+from tl_spikesink.probes.engine import HookFn, Probe, device_of, run
 from tl_spikesink.probes.sinks import SinkProbe, SinkStats
 from tl_spikesink.probes.spikes import SPIKE_SITES, SpikeProbe, SpikeStats, _check_same
 
@@ -168,7 +168,61 @@ def scan(
     """
     config = replace(config or ScanConfig(), **settings)
     Anatomy.of(model)  # a clear error before tokenizing, if this is no TransformerLens model
-    return scan_corpus(model, _as_corpus(model, texts, config), config, progress=progress)
+    return scan_corpus(model, as_corpus(model, texts, config), config, progress=progress)
+
+
+class ScanProbes:
+    """The scan's two probes for one model and config, and the result they add up to."""
+
+    def __init__(self, model: Any, config: ScanConfig):
+        anatomy = Anatomy.of(model)
+        layers = range(anatomy.n_layers)
+        require_hooks(model, config.spike_sites, layers, "the spike scan")
+        require_hooks(model, ("pattern",), layers, "the sink scan")
+        torch.manual_seed(config.seed)
+        self.anatomy, self.config = anatomy, config
+        self.spikes = SpikeProbe(
+            anatomy.n_layers,
+            config.spike_sites,
+            config.abs_threshold,
+            config.rel_threshold,
+            config.top_k,
+            config.max_candidates,
+        )
+        self.sinks = SinkProbe(
+            anatomy.n_layers,
+            anatomy.n_heads,
+            config.epsilon,
+            config.sink_token_share,
+            config.min_queries,
+            config.top_k,
+            config.max_candidates,
+        )
+
+    @property
+    def probes(self) -> tuple[Probe, ...]:
+        """The probes to hand to :func:`~tl_spikesink.probes.engine.run`."""
+        return (self.spikes, self.sinks)
+
+    def result(self, model: Any, corpus: Corpus) -> ScanResult:
+        """Freeze what the probes saw of `corpus` into a :class:`ScanResult`."""
+        spikes, sinks = self.spikes.result({}), self.sinks.result()
+        strings = _token_strings(model, spikes.token_ids() | sinks.token_ids())
+        a = self.anatomy
+        return ScanResult(
+            model=a.model_name,
+            prepend_bos=corpus.prepend_bos,
+            n_layers=a.n_layers,
+            n_heads=a.n_heads,
+            d_model=a.d_model,
+            n_tokens=corpus.n_tokens,
+            n_sequences=len(corpus.chunks),
+            corpus=(corpus.describe(),),
+            config=self.config,
+            spikes=replace(spikes, token_strings=strings),
+            sinks=replace(sinks, token_strings=strings),
+            environment=_environment(model),
+        )
 
 
 def scan_corpus(
@@ -176,78 +230,34 @@ def scan_corpus(
     corpus: Corpus,
     config: ScanConfig,
     *,
-    fwd_hooks: Sequence[tuple[str, Callable]] = (),
-    on_logits: Callable[[Batch, torch.Tensor], None] | None = None,
+    fwd_hooks: Sequence[tuple[str, HookFn]] = (),
+    probes: Sequence[Probe] = (),
     progress: bool = True,
     desc: str = "scan",
 ) -> ScanResult:
-    """Scan a tokenized corpus, optionally under extra hooks (an intervention).
+    """Scan a tokenized corpus, optionally under write hooks (an intervention).
 
     `fwd_hooks` run before the probes at each hook point, so the probes see what they wrote.
-    When `on_logits` is given the model computes logits and hands each batch's to it (evaluation
-    reuses the scan this way: one forward pass both measures and scores).
+    Extra `probes` ride along in the same forward passes.
     """
-    anatomy = Anatomy.of(model)
-    layers = range(anatomy.n_layers)
-    require_hooks(model, config.spike_sites, layers, "the spike scan")
-    require_hooks(model, ("pattern",), layers, "the sink scan")
-    torch.manual_seed(config.seed)
-    spike_probe = SpikeProbe(
-        anatomy.n_layers,
-        config.spike_sites,
-        config.abs_threshold,
-        config.rel_threshold,
-        config.top_k,
-        config.max_candidates,
+    scanned = ScanProbes(model, config)
+    run(
+        model,
+        corpus,
+        [*scanned.probes, *probes],
+        fwd_hooks=fwd_hooks,
+        batch_size=config.batch_size,
+        padding_side=config.padding_side,
+        progress=progress,
+        desc=desc,
     )
-    sink_probe = SinkProbe(
-        anatomy.n_layers,
-        anatomy.n_heads,
-        config.epsilon,
-        config.sink_token_share,
-        config.min_queries,
-        config.top_k,
-        config.max_candidates,
-    )
-    device = _device_of(model)
-    hooks = [*fwd_hooks, *spike_probe.hooks(), *sink_probe.hooks()]
-    return_type = None if on_logits is None else "logits"
-    bar = tqdm(total=corpus.n_tokens, unit="tok", desc=desc, disable=not progress, leave=False)
-    with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
-        for batch in corpus.batches(config.batch_size, config.padding_side):
-            mask = batch.mask.to(device)
-            spike_probe.start_batch(batch, mask)
-            sink_probe.start_batch(batch, mask)
-            logits = model(
-                batch.tokens.to(device), attention_mask=mask.long(), return_type=return_type
-            )
-            sink_probe.end_batch()
-            if on_logits is not None:
-                on_logits(batch, logits)
-            bar.update(int(batch.lengths.sum()))
-    bar.close()
-
-    spikes, sinks = spike_probe.result({}), sink_probe.result()
-    strings = _token_strings(model, spikes.token_ids() | sinks.token_ids())
-    return ScanResult(
-        model=anatomy.model_name,
-        prepend_bos=corpus.prepend_bos,
-        n_layers=anatomy.n_layers,
-        n_heads=anatomy.n_heads,
-        d_model=anatomy.d_model,
-        n_tokens=corpus.n_tokens,
-        n_sequences=len(corpus.chunks),
-        corpus=(corpus.describe(),),
-        config=config,
-        spikes=replace(spikes, token_strings=strings),
-        sinks=replace(sinks, token_strings=strings),
-        environment=_environment(model),
-    )
+    return scanned.result(model, corpus)
 
 
-def _as_corpus(
+def as_corpus(
     model: Any, texts: Sequence[str] | str | Corpus | None, config: ScanConfig
 ) -> Corpus:
+    """`texts` tokenized as the scan reads them (a Corpus as it is; None: the default corpus)."""
     if isinstance(texts, Corpus):
         return texts
     name = "texts"
@@ -264,13 +274,6 @@ def _as_corpus(
     )
 
 
-def _device_of(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def _token_strings(model: Any, ids: set[int]) -> dict[int, str]:
     return {i: model.tokenizer.decode([i]) for i in sorted(ids)}
 
@@ -285,11 +288,11 @@ def _environment(model: Any) -> dict[str, str]:
         "transformer_lens": version("transformer-lens"),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "device": str(_device_of(model)),
+        "device": str(device_of(model)),
         "dtype": str(next(model.parameters()).dtype)
         if any(True for _ in model.parameters())
         else "",
     }
 
 
-__all__ = ["ScanConfig", "ScanResult", "scan", "scan_corpus"]
+__all__ = ["ScanConfig", "ScanProbes", "ScanResult", "as_corpus", "scan", "scan_corpus"]

@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float
 
 from tl_spikesink.anatomy import hook_name
-from tl_spikesink.corpus import Batch
+from tl_spikesink.probes.engine import Probe, Step
 from tl_spikesink.probes.reducers import TopEntries
 from tl_spikesink.probes.spikes import _check_same, _share
 from tl_spikesink.tokens import TokenRef, is_delimiter
@@ -172,7 +172,7 @@ def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, width - x.shape[-1]))
 
 
-class SinkProbe:
+class SinkProbe(Probe):
     """Read-only hooks on `attn.hook_pattern` that reduce each batch into :class:`SinkStats`."""
 
     def __init__(
@@ -207,8 +207,9 @@ class SinkProbe:
         """(hook_name, fn) pairs for `model.hooks`."""
         return [(hook_name("pattern", layer), self._hook(layer)) for layer in range(self.n_layers)]
 
-    def start_batch(self, batch: Batch, mask: torch.Tensor) -> None:
+    def start_batch(self, step: Step) -> None:
         """Prepare per-batch alignment (relative key positions) and vote counters."""
+        batch, mask = step.batch, step.mask
         device = mask.device
         self.batch = batch
         width = batch.tokens.shape[1]
@@ -265,7 +266,7 @@ class SinkProbe:
         self.distance_nosink_sum[layer] += torch.where(ok, nosink, 0.0).sum((0, 2)).double().cpu()
         self.distance_nosink_count[layer] += ok.sum((0, 2)).double().cpu()
 
-    def end_batch(self) -> None:
+    def end_batch(self, step: Step, logits: torch.Tensor | None = None) -> None:
         """Turn this batch's per-token head votes into sink-token candidates."""
         share = (self.votes / (self.n_layers * self.n_heads)).cpu()
         batch = self.batch

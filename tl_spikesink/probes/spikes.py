@@ -24,6 +24,7 @@ from jaxtyping import Float, Int
 
 from tl_spikesink.anatomy import Site, hook_name
 from tl_spikesink.corpus import Batch
+from tl_spikesink.probes.engine import Probe, Step
 from tl_spikesink.probes.reducers import BIN_SHIFT, N_BINS, TopEntries, abs_bits, histogram_quantile
 from tl_spikesink.tokens import TokenRef, is_delimiter
 
@@ -273,7 +274,7 @@ def _check_same(a: Any, b: Any, fields: tuple[str, ...]) -> None:
             )
 
 
-class SpikeProbe:
+class SpikeProbe(Probe):
     """Read-only hooks that reduce each batch's activations into :class:`SpikeStats`."""
 
     def __init__(
@@ -314,10 +315,9 @@ class SpikeProbe:
             for layer in range(self.n_layers)
         ]
 
-    def start_batch(self, batch: Batch, mask: torch.Tensor) -> None:
+    def start_batch(self, step: Step) -> None:
         """Remember which positions are real for the hooks of the next forward pass."""
-        self.batch, self.mask = batch, mask
-        self.has_pads = not bool(batch.mask.all())
+        self.batch, self.mask, self.has_pads = step.batch, step.mask, step.has_pads
 
     def _hook(self, site_index: int, site: Site, layer: int) -> Callable:
         def hook(act: Float[torch.Tensor, "batch pos d_model"], hook: Any) -> None:

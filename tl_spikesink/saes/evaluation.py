@@ -31,12 +31,13 @@ from typing import Any, Literal, get_args
 
 import torch
 from jaxtyping import Float, Int
-from tqdm.auto import tqdm
 
 from tl_spikesink.anatomy import Anatomy
 from tl_spikesink.corpus import Batch, Corpus
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.evaluation.evaluate import _next_token_logprobs, _nll
+from tl_spikesink.evaluation.logits import next_token_logprobs, nll
+from tl_spikesink.probes.engine import HookFn, Pass, Probe, Step, run
+from tl_spikesink.probes.scan import ScanConfig, ScanResult, as_corpus, scan_corpus
 from tl_spikesink.saes.masks import (
     TOKEN_CLASSES,
     DelimiterIds,
@@ -45,7 +46,6 @@ from tl_spikesink.saes.masks import (
     token_classes,
 )
 from tl_spikesink.saes.splice import check_sae, load_sae, reconstruct
-from tl_spikesink.probes.scan import ScanConfig, ScanResult, _as_corpus, _device_of, scan_corpus
 
 Run = Literal["clean", "zero", "sae", "spike_only", "sink_only", "bypass"]
 RUNS: tuple[Run, ...] = get_args(Run)
@@ -295,47 +295,28 @@ def sae_report(
     if bad:
         raise SpikeSinkError(f"unknown run {bad[0]!r}; choose from {RUNS}")
     config = replace(config or ScanConfig(), **settings)
-    corpus = _as_corpus(model, texts, config)
+    corpus = as_corpus(model, texts, config)
     if scan is None:
         scan = scan_corpus(model, corpus, config, progress=progress, desc="scan")
     else:
         _check_scan_of(scan, corpus)
     channels = tuple(scan.spikes.channels)
     sums = _Sums(len(TOKEN_CLASSES), sae.cfg.d_in, sae.cfg.d_sae, len(runs))
-    delimiters = DelimiterIds(model.tokenizer)
-    device = _device_of(model)
-    state: dict[str, Any] = {"replace": None}
-
-    def at_hook(act: torch.Tensor, hook: Any) -> torch.Tensor | None:
-        if state["replace"] is None:
-            state["x"] = act.detach().clone()
-            return None
-        where, value = state["replace"]
-        return torch.where(where[..., None], value.to(act.dtype), act)
-
-    bar = tqdm(total=corpus.n_tokens, unit="tok", desc="SAE report", disable=not progress)
-    with torch.inference_mode(), model.hooks(fwd_hooks=[(hook, at_hook)]):
-        for batch in corpus.batches(config.batch_size, config.padding_side):
-            spike, sink = scan_mask(scan, batch, "spike"), scan_mask(scan, batch, "sink")
-            classes = token_classes(batch, spike, sink, delimiters(batch.tokens))
-            sums.n_sink_spike += int((spike & sink).sum())
-            tokens, mask = batch.tokens.to(device), batch.mask.to(device)
-
-            def forward(where: torch.Tensor | None = None, value: Any = None) -> torch.Tensor:
-                return _forward(model, tokens, mask, batch, state, where, value)  # noqa: B023
-
-            clean = forward()
-            x = state.pop("x")
-            recon, acts = reconstruct(sae, x)
-            sums.add_reconstruction(x, recon, acts, classes, channels)
-            sums.add_loss(0, clean, classes, batch)
-            for i, run in enumerate(runs[1:], start=1):
-                where = _where(run, classes)
-                value = torch.zeros_like(x) if run == "zero" else recon
-                # A splice at no position is the clean pass: reuse it.
-                sums.add_loss(i, forward(where, value) if where.any() else clean, classes, batch)
-            bar.update(int(batch.lengths.sum()))
-    bar.close()
+    clean = _CleanSplit(sae, hook, scan, sums, channels, DelimiterIds(model.tokenizer), runs)
+    passes = [Pass([clean])]
+    for i, run_name in enumerate(runs[1:], start=1):
+        splice = _Splice(clean, i, hook, zero=run_name == "zero")
+        # A splice at no position is the clean pass: its loss was filed already.
+        passes.append(Pass([splice], skip=splice.nowhere))
+    run(
+        model,
+        corpus,
+        passes=passes,
+        batch_size=config.batch_size,
+        padding_side=config.padding_side,
+        progress=progress,
+        desc="SAE report",
+    )
     return SAEReport(
         model=anatomy.model_name,
         hook=hook,
@@ -349,22 +330,60 @@ def sae_report(
     )
 
 
-def _forward(
-    model: Any,
-    tokens: torch.Tensor,
-    mask: torch.Tensor,
-    batch: Batch,
-    state: dict[str, Any],
-    where: torch.Tensor | None,
-    value: torch.Tensor | None,
-) -> Float[torch.Tensor, " n"]:
-    """Per-position loss of one forward pass, the hook replacing `value` at `where` (if given)."""
-    state["replace"] = None if where is None else (where.to(mask.device), value)
-    try:
-        logits = model(tokens, attention_mask=mask.long())
-    finally:
-        state["replace"] = None
-    return _nll_by_position(logits, batch)
+class _CleanSplit(Probe):
+    """The clean pass of each batch: token classes, the activation, its reconstruction, loss."""
+
+    needs_logits = True
+
+    def __init__(self, sae, hook, scan, sums, channels, delimiters, runs):
+        self.sae, self.hook, self.scan, self.sums = sae, hook, scan, sums
+        self.channels, self.delimiters, self.runs = channels, delimiters, runs
+
+    def hooks(self) -> list[tuple[str, HookFn]]:
+        return [(self.hook, self._grab)]
+
+    def start_batch(self, step: Step) -> None:
+        batch = step.batch
+        spike, sink = scan_mask(self.scan, batch, "spike"), scan_mask(self.scan, batch, "sink")
+        self.classes = token_classes(batch, spike, sink, self.delimiters(batch.tokens))
+        self.sums.n_sink_spike += int((spike & sink).sum())
+        self.where = [_where(r, self.classes).to(step.mask.device) for r in self.runs]
+
+    def _grab(self, act: torch.Tensor, hook: Any) -> None:
+        self.x = act.detach().clone()
+
+    def end_batch(self, step: Step, logits: torch.Tensor | None) -> None:
+        self.recon, acts = reconstruct(self.sae, self.x)
+        self.sums.add_reconstruction(self.x, self.recon, acts, self.classes, self.channels)
+        self.loss = _nll_by_position(logits, step.batch)
+        for i, where in enumerate(self.where):
+            if i == 0 or not where.any():
+                self.sums.add_loss(i, self.loss, self.classes, step.batch)
+
+
+class _Splice(Probe):
+    """One spliced pass: the SAE's reconstruction (or zeros) at run `i`'s positions, then loss."""
+
+    needs_logits = True
+    writes = True
+
+    def __init__(self, clean: _CleanSplit, i: int, hook: str, zero: bool):
+        self.clean, self.i, self.hook, self.zero = clean, i, hook, zero
+
+    def nowhere(self, step: Step) -> bool:
+        """True when this run splices at no position of the batch (then it is the clean pass)."""
+        return not bool(self.clean.where[self.i].any())
+
+    def hooks(self) -> list[tuple[str, HookFn]]:
+        return [(self.hook, self._replace)]
+
+    def _replace(self, act: torch.Tensor, hook: Any) -> torch.Tensor:
+        value = torch.zeros_like(act) if self.zero else self.clean.recon
+        return torch.where(self.clean.where[self.i][..., None], value.to(act.dtype), act)
+
+    def end_batch(self, step: Step, logits: torch.Tensor | None) -> None:
+        loss = _nll_by_position(logits, step.batch)
+        self.clean.sums.add_loss(self.i, loss, self.clean.classes, step.batch)
 
 
 def _where(run: Run, classes: Int[torch.Tensor, "batch pos"]) -> torch.Tensor:
@@ -381,8 +400,8 @@ def _where(run: Run, classes: Int[torch.Tensor, "batch pos"]) -> torch.Tensor:
 def _nll_by_position(
     logits: Float[torch.Tensor, "batch pos vocab"], batch: Batch
 ) -> Float[torch.Tensor, " n"]:
-    logp, targets = _next_token_logprobs(logits, batch)
-    return _nll(logp, targets).double().cpu()
+    logp, targets = next_token_logprobs(logits, batch)
+    return nll(logp, targets).double().cpu()
 
 
 class _Sums:

@@ -82,7 +82,7 @@ class SpikeRule:
             layer: the block whose ``hook_resid_post`` the rule will read.
             norm_ratio: also apply the norm test (default: channel test only).
         """
-        from tl_spikesink.interventions.base import _cuts
+        from tl_spikesink.interventions.base import spike_cuts
 
         if not 0 <= layer < scan.n_layers:
             raise SpikeSinkError(f"layer {layer} is out of range (the scan has {scan.n_layers})")
@@ -93,7 +93,7 @@ class SpikeRule:
         return cls(
             norm_ratio=norm_ratio,
             channels=tuple(scan.spikes.channels),
-            cut=_cuts(scan, None, [layer])[layer],
+            cut=spike_cuts(scan, None, [layer])[layer],
         )
 
     def mask(

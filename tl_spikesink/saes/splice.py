@@ -8,7 +8,7 @@
 * :func:`sae_splice` is an :class:`~tl_spikesink.Intervention` that replaces the activation by the
   SAE's reconstruction, optionally keeping the original at spike tokens (a :class:`SpikeRule`).
   It works on HookedTransformer and HookedSAETransformer alike and plugs into
-  :func:`tl_spikesink.evaluation.evaluate`.
+  :func:`tl_spikesink.evaluation.scoring`.
 * :func:`bypassed` is for an SAE already attached to a HookedSAETransformer (``model.saes`` /
   ``add_sae``): while active, the SAE's output is replaced by its input at masked positions.
   Unlike sae-lens's ``exclude_special_tokens`` (fixed token ids), the mask is any spike rule or

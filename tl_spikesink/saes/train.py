@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from tl_spikesink.anatomy import Anatomy
 from tl_spikesink.corpus import Corpus, default_texts, tokenize
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.interventions.base import _clean_pass
+from tl_spikesink.probes.engine import HookFn, Probe, Step, run
 from tl_spikesink.saes.masks import SpikeRule
 from tl_spikesink.saes.splice import activation_width, layer_of
 
@@ -94,27 +94,18 @@ def collect_activations(
             max_seq_len=max_seq_len,
         )
     )
-    rows: list[torch.Tensor] = []
-    flags: list[torch.Tensor] = []
-    state: dict[str, torch.Tensor] = {}
-
-    def grab(act: Float[torch.Tensor, "batch pos d_in"], hook: Any) -> None:
-        real = state["mask"]
-        rows.append(act[real].detach().float().cpu())
-        flags.append(rule.mask(act, real)[real].cpu())
-
-    bar = tqdm(total=corpus.n_tokens, unit="tok", desc="activations", disable=not progress)
+    grab = _Collect(hook, rule)
     layer = layer_of(hook)
-    _clean_pass(
+    run(
         model,
         corpus,
-        [(hook, grab)],
-        state,
-        stop_at_layer=None if layer is None else layer + 1,
+        [grab],
         batch_size=batch_size,
-        after_batch=lambda: bar.update(int(state["mask"].sum())),
+        stop_at_layer=None if layer is None else layer + 1,
+        progress=progress,
+        desc="activations",
     )
-    bar.close()
+    rows, flags = grab.rows, grab.flags
     return Activations(
         x=torch.cat(rows),
         spike=torch.cat(flags),
@@ -122,6 +113,25 @@ def collect_activations(
         rule=rule.describe(),
         corpus=corpus.describe(),
     )
+
+
+class _Collect(Probe):
+    """The activation at one hook point at every real token, with the rule's spike flags."""
+
+    def __init__(self, hook: str, rule: SpikeRule):
+        self.hook, self.rule = hook, rule
+        self.rows: list[torch.Tensor] = []
+        self.flags: list[torch.Tensor] = []
+
+    def hooks(self) -> list[tuple[str, HookFn]]:
+        return [(self.hook, self._grab)]
+
+    def start_batch(self, step: Step) -> None:
+        self.mask = step.mask
+
+    def _grab(self, act: Float[torch.Tensor, "batch pos d_in"], hook: Any) -> None:
+        self.rows.append(act[self.mask].detach().float().cpu())
+        self.flags.append(self.rule.mask(act, self.mask)[self.mask].cpu())
 
 
 def _batches(x: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:

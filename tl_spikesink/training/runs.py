@@ -1,7 +1,7 @@
 """A seeded, deterministic training loop that logs how spikes and sinks emerge.
 
 AdamW with linear warmup and cosine decay over a fixed number of steps. Every `log_every` steps
-the model is measured on a fixed probe batch with the project's own :func:`~tl_spikesink.evaluation.evaluate`
+the model is measured on a fixed probe batch with the project's own :func:`~tl_spikesink.evaluation.scoring`
 (the next-token loss and the scan) and :func:`first_token_profile` (one more forward of the small
 probe batch), and a :class:`Snapshot` of plain floats is
 kept, so the history never holds a tensor or a graph. The seed fixes the initialization (through
@@ -31,7 +31,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tl_spikesink.corpus import Corpus
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.evaluation.evaluate import evaluate
+from tl_spikesink.evaluation.scoring import evaluate
 from tl_spikesink.probes.scan import ScanConfig
 from tl_spikesink.training.tasks import BigramBackcopy, Task, probe_corpus, task_from_dict
 from tl_spikesink.training.variants import Variant, build_model, model_config

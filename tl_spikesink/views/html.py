@@ -12,7 +12,7 @@ widget nears the viewport (CircuitsVis's attention heads draw T² cells per head
 
 Extra tables (interventions, claims, ...) are any objects whose `to_dict()` holds `rows`, a list of
 dicts; they are rendered generically, one column per key, and the decoupling table
-(:class:`~tl_spikesink.evaluation.experiment.ExperimentTable`) also as its chart. Extra figures (any plotly
+(:class:`~tl_spikesink.evaluation.decoupling.ExperimentTable`) also as its chart. Extra figures (any plotly
 figures, e.g. of the mechanism checks) follow the scan's plots.
 """
 
@@ -81,7 +81,7 @@ def render_html(
             corpus).
         extra_tables: objects with `to_dict()` holding `rows` (a list of dicts), or such dicts,
             or plain lists of dicts; each becomes a table. An
-            :class:`~tl_spikesink.evaluation.experiment.ExperimentTable` also gets its chart
+            :class:`~tl_spikesink.evaluation.decoupling.ExperimentTable` also gets its chart
             (:func:`tl_spikesink.views.plots.plot_interventions`), and an
             :class:`~tl_spikesink.training.AblationTable` its bars and emergence curves.
         extra_figures: plotly figures drawn after the scan's plots (e.g. mechanism plots).
@@ -318,7 +318,7 @@ def _is_figure(x: Any) -> bool:
 
 
 def _extra_table(obj: Any, plot_id: str) -> str:
-    from tl_spikesink.evaluation.experiment import ExperimentTable
+    from tl_spikesink.evaluation.decoupling import ExperimentTable
     from tl_spikesink.training.ablation import AblationTable
 
     if isinstance(obj, AblationTable):

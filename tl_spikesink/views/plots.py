@@ -21,7 +21,7 @@ import torch
 from plotly.subplots import make_subplots
 
 if TYPE_CHECKING:
-    from tl_spikesink.evaluation.experiment import ExperimentTable
+    from tl_spikesink.evaluation.decoupling import ExperimentTable
     from tl_spikesink.probes.scan import ScanResult
 
 _TEMPLATE = "plotly_white"
@@ -268,7 +268,7 @@ def plot_interventions(table: ExperimentTable) -> go.Figure:
     overflowing positions say so in their label.
 
     Args:
-        table: a decoupling table from :func:`tl_spikesink.evaluation.experiment`.
+        table: a decoupling table from :func:`tl_spikesink.evaluation.decoupling`.
 
     Returns:
         A figure with one horizontal bar trace per panel, named "perplexity", "KL",

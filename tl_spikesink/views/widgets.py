@@ -33,6 +33,7 @@ from jaxtyping import Float
 from tl_spikesink.anatomy import Anatomy, Site, hook_name
 from tl_spikesink.corpus import tokenize
 from tl_spikesink.errors import SpikeSinkError
+from tl_spikesink.probes.engine import HookFn, Probe, run
 from tl_spikesink.probes.spikes import SPIKE_SITES
 
 if TYPE_CHECKING:
@@ -277,20 +278,27 @@ def _forward(
         long_texts="truncate",
         prepend_bos=result.prepend_bos if result is not None else None,
     )
-    ids = torch.tensor([corpus.chunks[0].tokens], device=next(model.parameters()).device)
     missing = sorted(set(keep) - set(model.hook_dict))
     if missing:
         raise SpikeSinkError(
             f"the widget needs the hook point {missing[0]!r}, which this model lacks"
         )
-    kept: dict[str, torch.Tensor] = {}
+    probe = _Keep(keep)
+    run(model, corpus, [probe], batch_size=1, progress=False)
+    return [str(t) for t in model.to_str_tokens(torch.tensor(corpus.chunks[0].tokens))], probe.kept
 
-    def hook(act: torch.Tensor, hook: Any) -> None:
-        kept[hook.name] = keep[hook.name](act.detach()).cpu()
 
-    with torch.inference_mode(), model.hooks(fwd_hooks=[(name, hook) for name in keep]):
-        model(ids, return_type=None)
-    return [str(t) for t in model.to_str_tokens(ids[0])], kept
+class _Keep(Probe):
+    """What `keep[name]` makes of each hook's activation, for a batch of one sequence."""
+
+    def __init__(self, keep: dict[str, Callable[[torch.Tensor], torch.Tensor]]):
+        self.keep, self.kept = keep, {}
+
+    def hooks(self) -> list[tuple[str, HookFn]]:
+        return [(name, self._hook) for name in self.keep]
+
+    def _hook(self, act: torch.Tensor, hook: Any) -> None:
+        self.kept[hook.name] = self.keep[hook.name](act.detach()).cpu()
 
 
 def _first(act: torch.Tensor) -> torch.Tensor:

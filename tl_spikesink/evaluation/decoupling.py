@@ -27,8 +27,8 @@ from typing import Any
 from tl_spikesink.anatomy import Anatomy
 from tl_spikesink.corpus import Corpus, default_texts, tokenize
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.evaluation.evaluate import Evaluation, evaluate_all
-from tl_spikesink.interventions.base import Intervention, sink_key_removal, spike_ablation
+from tl_spikesink.evaluation.scoring import Evaluation, evaluate_all
+from tl_spikesink.interventions import Intervention, sink_key_removal, spike_ablation
 from tl_spikesink.interventions.norms import NormKind, norm_scales, norm_swap
 from tl_spikesink.views.text import text_table
 from tl_spikesink.probes.scan import ScanConfig, ScanResult, _environment

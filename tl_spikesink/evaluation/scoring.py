@@ -5,22 +5,11 @@ position is scored when it and the next one are real), the perplexity, the mean 
 KL(clean ‖ intervened), the top-1 agreement with the clean model, and the scan under the
 intervention (max spike ratio, sink ratio, attention distance of the clean model's sink heads).
 
-Design: two streams over the same deterministic batches (:meth:`Corpus.batches`), each holding
-one batch at a time, so memory is bounded by a batch, never by the corpus:
-
-1. *scoring*: per batch, a clean forward and one forward under each intervention (installed with
-   :meth:`Intervention.applied` for that forward only); the clean log-probs live only while that
-   batch is scored, and only sums are kept.
-2. *scanning*: :func:`tl_spikesink.probes.scan.scan_corpus` under the intervention's hooks, which run
-   before the probes, so the probes see what the intervention wrote.
-
-Why not one forward per batch for both: ``scan_corpus`` keeps its probes installed for the whole
-corpus, so a clean reference forward run from its ``on_logits`` callback would be probed too
-(switching the intervention off is not enough: the probes would count the clean batch into the
-intervened scan), and computing the clean pass first would need every batch's clean log-probs
-kept until the scan reaches it (SmolLM2: 4k tokens × 49k vocabulary × 4 B = 800 MB). The price of
-the bounded design is one extra forward per batch. The clean evaluation itself needs no
-reference, and takes one forward per batch (the scan's, with ``on_logits``).
+Design: one stream over the corpus (:func:`tl_spikesink.probes.engine.run`). Per batch, a clean
+forward and one forward under each intervention, whose hooks are installed for that forward only
+and run before the probes, so each intervention's scan sees what it wrote. The clean log-probs
+of a batch live only while that batch is scored, so memory is bounded by one batch, never by the
+corpus, and every forward both scores and scans.
 
 Evaluations keep sums, not means, so :meth:`Evaluation.merge` of two shards equals the
 evaluation of both.
@@ -34,14 +23,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
-from tqdm.auto import tqdm
 
 from tl_spikesink.anatomy import Anatomy
-from tl_spikesink.corpus import Batch, Corpus
+from tl_spikesink.corpus import Corpus
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.interventions.base import Intervention
-from tl_spikesink.probes.scan import ScanConfig, ScanResult, _as_corpus, _device_of, scan_corpus
+from tl_spikesink.evaluation.logits import count_nonfinite, kl, next_token_logprobs, nll
+from tl_spikesink.probes.engine import Pass, Probe, Step, run
+from tl_spikesink.probes.scan import ScanConfig, ScanProbes, ScanResult, as_corpus
 from tl_spikesink.probes.sinks import SinkProbe
 
 
@@ -183,7 +172,7 @@ def evaluate(
     """
     config = config or ScanConfig()
     Anatomy.of(model)
-    corpus = _as_corpus(model, texts_or_corpus, config)
+    corpus = as_corpus(model, texts_or_corpus, config)
     return evaluate_all(
         model, corpus, [intervention], config=config, sink_heads=sink_heads, progress=progress
     )[0]
@@ -198,12 +187,18 @@ def evaluate_all(
     sink_heads: Sequence[tuple[int, int]] | None = None,
     progress: bool = True,
 ) -> list[Evaluation]:
-    """Evaluate several interventions on one corpus, sharing each batch's clean forward."""
-    scored = [iv for iv in interventions if iv is not None]
-    probe = None
-    if sink_heads is None and scored:
+    """Evaluate several interventions (None: the clean model) on one corpus, in one stream.
+
+    Per batch the engine runs the clean forward, then one forward per intervention with its
+    hooks installed for that forward only; each keeps its own scan and its scores against the
+    clean log-probs of the same batch, so memory is bounded by one batch.
+    """
+    clean = _Scorer(None)
+    clean_scan = ScanProbes(model, config) if None in interventions else None
+    heads_probe = None
+    if sink_heads is None and clean_scan is None:
         a = Anatomy.of(model)
-        probe = SinkProbe(
+        heads_probe = SinkProbe(
             a.n_layers,
             a.n_heads,
             config.epsilon,
@@ -212,121 +207,70 @@ def evaluate_all(
             config.top_k,
             config.max_candidates,
         )
-    sums = _score(model, corpus, scored, config, probe, progress) if scored else []
-    if probe is not None:
-        sink_heads = probe.result().sink_heads
-    out: list[Evaluation] = []
-    rows = tqdm(
-        interventions, desc="evaluate", unit="run", disable=not progress or len(interventions) < 2
-    )
-    for iv in rows:
-        rows.set_postfix_str("clean" if iv is None else iv.name)
+    first = [clean, *(clean_scan.probes if clean_scan else ()), *([heads_probe] if heads_probe else [])]
+    passes = [Pass(first)]
+    runs: list[tuple[Intervention | None, _Scorer, ScanProbes | None]] = []
+    for iv in interventions:
         if iv is None:
-            out.append(_evaluate_clean(model, corpus, config, sink_heads, progress))
+            runs.append((None, clean, clean_scan))
             continue
-        n, loss, kl, agree, bad = sums.pop(0)
-        scan = scan_corpus(
-            model,
-            corpus,
-            config,
-            fwd_hooks=iv.fwd_hooks,
-            progress=progress,
-            desc=f"scan: {iv.name}",
-        )
+        scorer, scanned = _Scorer(clean), ScanProbes(model, config)
+        passes.append(Pass([scorer, *scanned.probes], tuple(iv.fwd_hooks)))
+        runs.append((iv, scorer, scanned))
+    names = ", ".join("clean" if iv is None else iv.name for iv in interventions)
+    run(
+        model,
+        corpus,
+        passes=passes,
+        batch_size=config.batch_size,
+        padding_side=config.padding_side,
+        progress=progress,
+        desc=f"evaluate ({names})" if len(interventions) > 1 else f"evaluate: {names}",
+    )
+    if sink_heads is None:
+        sink_heads = (clean_scan.sinks.result() if clean_scan else heads_probe.result()).sink_heads
+    heads = tuple(tuple(h) for h in sink_heads)
+    out = []
+    for iv, scorer, scanned in runs:
+        name, settings = ("clean", {}) if iv is None else (iv.name, dict(iv.settings))
         out.append(
-            Evaluation(iv.name, dict(iv.settings), n, loss, kl, agree, scan, tuple(sink_heads), bad)
+            Evaluation(
+                name,
+                settings,
+                scorer.n,
+                scorer.loss,
+                scorer.kl,
+                scorer.agree,
+                scanned.result(model, corpus),
+                heads,
+                scorer.nonfinite,
+            )
         )
     return out
 
 
-def _evaluate_clean(
-    model: Any,
-    corpus: Corpus,
-    config: ScanConfig,
-    sink_heads: Sequence[tuple[int, int]] | None,
-    progress: bool,
-) -> Evaluation:
-    totals = [0, 0.0, 0]
+class _Scorer(Probe):
+    """Sums of next-token loss, and of KL and top-1 agreement against a clean reference."""
 
-    def on_logits(batch: Batch, logits: torch.Tensor) -> None:
-        logp, targets = _next_token_logprobs(logits, batch)
-        totals[0] += int(targets.numel())
-        totals[1] += float(_nll(logp, targets).double().sum())
-        totals[2] += _count_nonfinite(logp)
+    needs_logits = True
 
-    scan = scan_corpus(
-        model, corpus, config, on_logits=on_logits, progress=progress, desc="scan: clean"
-    )
-    heads = scan.sinks.sink_heads if sink_heads is None else tuple(tuple(h) for h in sink_heads)
-    n, loss, bad = totals
-    return Evaluation("clean", {}, n, loss, 0.0, n, scan, heads, bad)
+    def __init__(self, reference: _Scorer | None):
+        self.reference = reference
+        self.n, self.loss, self.kl, self.agree, self.nonfinite = 0, 0.0, 0.0, 0, 0
+        self.logp: torch.Tensor | None = None
 
-
-def _score(
-    model: Any,
-    corpus: Corpus,
-    interventions: Sequence[Intervention],
-    config: ScanConfig,
-    probe: SinkProbe | None,
-    progress: bool,
-) -> list[tuple[int, float, float, int, int]]:
-    """(n, Σ loss, Σ KL, Σ agreement, non-finite) per intervention; one batch in memory."""
-    device = _device_of(model)
-    totals = [[0, 0.0, 0.0, 0, 0] for _ in interventions]
-    bar = tqdm(total=corpus.n_tokens, unit="tok", desc="score", disable=not progress, leave=False)
-    with torch.inference_mode():
-        for batch in corpus.batches(config.batch_size, config.padding_side):
-            tokens, mask = batch.tokens.to(device), batch.mask.to(device)
-            with model.hooks(fwd_hooks=probe.hooks() if probe is not None else []):
-                if probe is not None:
-                    probe.start_batch(batch, mask)
-                clean = model(tokens, attention_mask=mask.long())
-                if probe is not None:
-                    probe.end_batch()
-            clean_logp, targets = _next_token_logprobs(clean, batch)
-            del clean
-            clean_top = clean_logp.argmax(-1)
-            for total, iv in zip(totals, interventions, strict=True):
-                with iv.applied(model):
-                    logits = model(tokens, attention_mask=mask.long())
-                logp, _ = _next_token_logprobs(logits, batch)
-                del logits
-                total[0] += int(targets.numel())
-                total[1] += float(_nll(logp, targets).double().sum())
-                total[2] += float(_kl(clean_logp, logp).double().sum())
-                total[3] += int((logp.argmax(-1) == clean_top).sum())
-                total[4] += _count_nonfinite(logp)
-            bar.update(int(batch.lengths.sum()))
-    bar.close()
-    return [tuple(t) for t in totals]
-
-
-def _next_token_logprobs(
-    logits: Float[torch.Tensor, "batch pos vocab"], batch: Batch
-) -> tuple[Float[torch.Tensor, "n vocab"], Int[torch.Tensor, " n"]]:
-    """Log-probs at every scored position (real, followed by a real token) and their targets."""
-    mask = batch.mask.to(logits.device)
-    scored = mask[:, :-1] & mask[:, 1:]
-    logp = logits[:, :-1][scored].float().log_softmax(-1)
-    return logp, batch.tokens.to(logits.device)[:, 1:][scored]
-
-
-def _count_nonfinite(logp: Float[torch.Tensor, "n vocab"]) -> int:
-    return int((~torch.isfinite(logp).all(-1)).sum())
-
-
-def _nll(
-    logp: Float[torch.Tensor, "n vocab"], targets: Int[torch.Tensor, " n"]
-) -> Float[torch.Tensor, " n"]:
-    return -logp.gather(-1, targets[:, None]).squeeze(-1)
-
-
-def _kl(
-    p_log: Float[torch.Tensor, "n vocab"], q_log: Float[torch.Tensor, "n vocab"]
-) -> Float[torch.Tensor, " n"]:
-    # Σ p (log p − log q); terms with p = 0 are 0 even where log q = −inf.
-    p = p_log.exp()
-    return torch.where(p > 0, p * (p_log - q_log), 0.0).sum(-1)
+    def end_batch(self, step: Step, logits: torch.Tensor | None) -> None:
+        logp, targets = next_token_logprobs(logits, step.batch)
+        self.n += int(targets.numel())
+        self.loss += float(nll(logp, targets).double().sum())
+        self.nonfinite += count_nonfinite(logp)
+        if self.reference is None:
+            # The clean pass: its log-probs are the reference of this batch's later passes.
+            self.logp, self.top = logp, logp.argmax(-1)
+            self.agree += int(targets.numel())
+            return
+        self.kl += float(kl(self.reference.logp, logp).double().sum())
+        self.agree += int((logp.argmax(-1) == self.reference.top).sum())
 
 
 __all__ = ["Evaluation", "evaluate", "evaluate_all"]
