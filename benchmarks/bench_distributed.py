@@ -62,7 +62,7 @@ def _worker(rank: int, world: int, port: int, threads: int, args, queue) -> None
     for _ in range(args.repeats):
         dist.barrier()
         start = time.perf_counter()
-        result = ts.scan_distributed(model, corpus, batch_size=args.batch_size, progress=False)
+        result = ts.distributed.scan_distributed(model, corpus, batch_size=args.batch_size, progress=False)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)

@@ -70,7 +70,9 @@ def main() -> None:
 
     before, out_before = _best(model, tokens, return_type, args.repeats)
     fast_layout(model)
-    restored = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_contiguous())
+    restored = sum(
+        p.numel() * p.element_size() for p in model.parameters() if not p.is_contiguous()
+    )
     after, out_after = _best(model, tokens, return_type, args.repeats)
     same = torch.equal(out_before, out_after)
 

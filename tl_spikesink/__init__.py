@@ -1,172 +1,153 @@
-"""tl_spikesink: find, explain and intervene on massive activations and attention sinks."""
+"""tl_spikesink: find, explain and intervene on massive activations and attention sinks.
 
-from tl_spikesink import distributed, mechanism, saes
-from tl_spikesink.anatomy import Anatomy, hook_name
-from tl_spikesink.mechanism.claims import Claim, ClaimsTable, claims
-from tl_spikesink.corpus import Corpus, default_texts, tokenize
-from tl_spikesink.distributed import evaluate_distributed, scan_distributed
-from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.evaluation.scoring import Evaluation, evaluate
-from tl_spikesink.evaluation.decoupling import ExperimentTable, experiment, standard_interventions
-from tl_spikesink.interventions import (
-    Intervention,
-    attention_gate,
-    compose,
-    sink_key_removal,
-    spike_ablation,
-)
-from tl_spikesink.interventions.norms import NormScales, norm_scales, norm_swap
-from tl_spikesink.saes import (
-    SAEReport,
-    SpikeRule,
-    bypassed,
-    collect_activations,
-    compare_reports,
-    sae_report,
-    sae_splice,
-    train_sae,
-)
-from tl_spikesink.probes.scan import ScanConfig, ScanResult, scan
-from tl_spikesink.probes.sinks import SinkStats, SinkToken
-from tl_spikesink.probes.spikes import Activation, SpikeStats, SpikeToken
-from tl_spikesink.tokens import TokenRef
+The notebook verbs and the results they return live here; everything else lives in its
+subpackage (``tl_spikesink.mechanism``, ``.saes``, ``.training``, ``.views``, ...). Every name
+loads on first use, so ``import tl_spikesink`` costs nothing (no torch, no plotting library).
+
+Example:
+    >>> import tl_spikesink as ts  # doctest: +SKIP
+    >>> model = ts.load("smollm2-135m")  # doctest: +SKIP
+    >>> result = ts.scan(model)  # doctest: +SKIP
+    >>> print(result)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import warnings
+from importlib import import_module
+from typing import Any
 
 __version__ = "0.1.0"
 
+_NAMES = {
+    # models and corpora
+    "load": "models",
+    "load_gguf": "models",
+    "MODELS": "models",
+    "DEFAULT_MODEL": "models",
+    "Corpus": "corpus",
+    "default_texts": "corpus",
+    "tokenize": "corpus",
+    "hook_name": "anatomy",
+    "SpikeSinkError": "errors",
+    # where the spikes and sinks are
+    "scan": "probes.scan",
+    "ScanConfig": "probes.scan",
+    "ScanResult": "probes.scan",
+    # what breaks when they are removed
+    "Intervention": "interventions",
+    "spike_ablation": "interventions",
+    "sink_key_removal": "interventions",
+    "attention_gate": "interventions",
+    "norm_swap": "interventions",
+    "compose": "interventions",
+    "evaluate": "evaluation",
+    "Evaluation": "evaluation",
+    "experiment": "evaluation",
+    "ExperimentTable": "evaluation",
+    # what causes them, next to the paper
+    "claims": "mechanism.claims",
+    "ClaimsTable": "mechanism.claims",
+    "paper_row": "mechanism.paper",
+    "PaperRow": "mechanism.paper",
+    # views
+    "plot_massive_activations": "views.plots",
+    "plot_sink_scores": "views.plots",
+    "plot_sink_ratio": "views.plots",
+    "plot_interventions": "views.plots",
+    "plot_claims": "views.mechanism",
+    "spike_tokens_widget": "views.widgets",
+    "attention_heads_widget": "views.widgets",
+    "write_html": "views.html",
+}
+"""Root name → the module (under tl_spikesink) that defines it."""
 
-_VIEWS = {
+_SUBPACKAGES = ("distributed", "mechanism", "saes", "training", "views")
+_OTHER_MODULES = (
+    "anatomy",
+    "cli",
+    "corpus",
+    "errors",
+    "evaluation",
+    "interventions",
+    "models",
+    "probes",
+    "tokens",
+)
+"""Reachable as attributes (``ts.probes.engine``) without being root names."""
+
+_MOVED = {
+    "Activation": "probes.spikes",
+    "Anatomy": "anatomy",
+    "AblationTable": "training",
+    "BigramBackcopy": "training",
+    "Claim": "mechanism.claims",
+    "NormScales": "interventions",
+    "SAEReport": "saes",
+    "SinkStats": "probes.sinks",
+    "SinkToken": "probes.sinks",
+    "SpikeRule": "saes",
+    "SpikeStats": "probes.spikes",
+    "SpikeToken": "probes.spikes",
+    "TokenRef": "tokens",
+    "TrainConfig": "training",
+    "TrainingRun": "training",
+    "VARIANTS": "training",
+    "Variant": "training",
+    "bypassed": "saes",
+    "collect_activations": "saes",
+    "compare_reports": "saes",
+    "evaluate_distributed": "distributed",
+    "load_checkpoint": "training",
+    "load_table": "training",
+    "norm_scales": "interventions",
+    "plot_ablation": "views.training",
     "plot_alpha": "views.plots",
     "plot_attention_distance": "views.plots",
-    "plot_interventions": "views.plots",
-    "plot_massive_activations": "views.plots",
-    "plot_sink_ratio": "views.plots",
-    "plot_sink_scores": "views.plots",
-    "plot_claims": "views.mechanism",
+    "plot_emergence": "views.training",
     "plot_head_decomposition": "views.mechanism",
     "plot_quadratic_norms": "views.mechanism",
     "plot_quadratic_spectrum": "views.mechanism",
     "plot_representations": "views.mechanism",
     "plot_silu_regime": "views.mechanism",
-    "attention_heads_widget": "views.widgets",
-    "sink_scores_widget": "views.widgets",
-    "spike_tokens_widget": "views.widgets",
-    "spike_topk_widget": "views.widgets",
-    "widget_props": "views.widgets",
     "render_html": "views.html",
-    "write_html": "views.html",
+    "sae_report": "saes",
+    "sae_splice": "saes",
+    "scan_distributed": "distributed",
+    "spike_topk_widget": "views.widgets",
+    "standard_interventions": "evaluation",
+    "train": "training",
+    "train_sae": "saes",
+    "widget_props": "views.widgets",
 }
-"""Views and the module holding each; plotly and CircuitsVis load on first use, not on import."""
+"""Names the root exported before 0.2, and where they live now (DeprecationWarning on use)."""
 
-_TRAINING = {
-    "AblationTable": "training.ablation",
-    "ablate": "training.ablation",
-    "load_table": "training.ablation",
-    "TrainConfig": "training.runs",
-    "TrainingRun": "training.runs",
-    "load_checkpoint": "training.runs",
-    "train": "training.runs",
-    "BigramBackcopy": "training.tasks",
-    "VARIANTS": "training.variants",
-    "Variant": "training.variants",
-    "plot_ablation": "views.training",
-    "plot_emergence": "views.training",
+_RENAMED = {
+    "ablate": ("training", "ablation_study"),
+    "sink_scores_widget": ("views.widgets", "plot_text_sink_scores"),
 }
-"""Training small variants (tl_spikesink.training); TransformerLens loads on first use."""
-
-_LAZY = {**_VIEWS, **_TRAINING}
+"""Old root names whose new name differs: the old one was misleading or collided."""
 
 
-def __getattr__(name: str):
-    # Loading models pulls in transformers' GGUF stack; keep `import tl_spikesink` light.
-    if name in ("load", "load_gguf", "MODELS", "DEFAULT_MODEL"):
-        from tl_spikesink import models
-
-        return getattr(models, name)
-    if name in _LAZY:
-        from importlib import import_module
-
-        return getattr(import_module(f"tl_spikesink.{_LAZY[name]}"), name)
+def __getattr__(name: str) -> Any:
+    if name in _NAMES:
+        return getattr(import_module(f"tl_spikesink.{_NAMES[name]}"), name)
+    if name in _SUBPACKAGES or name in _OTHER_MODULES:
+        return import_module(f"tl_spikesink.{name}")
+    if name in _MOVED or name in _RENAMED:
+        module, new = _RENAMED.get(name, (_MOVED.get(name), name))
+        warnings.warn(
+            f"tl_spikesink.{name} moved to tl_spikesink.{module}.{new}; the root name goes in "
+            "the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(import_module(f"tl_spikesink.{module}"), new)
     raise AttributeError(f"module 'tl_spikesink' has no attribute {name!r}")
 
 
-__all__ = [
-    "AblationTable",
-    "Activation",
-    "Anatomy",
-    "BigramBackcopy",
-    "Claim",
-    "ClaimsTable",
-    "Corpus",
-    "DEFAULT_MODEL",
-    "Evaluation",
-    "ExperimentTable",
-    "Intervention",
-    "MODELS",
-    "NormScales",
-    "SAEReport",
-    "ScanConfig",
-    "ScanResult",
-    "SinkStats",
-    "SinkToken",
-    "SpikeRule",
-    "SpikeSinkError",
-    "SpikeStats",
-    "SpikeToken",
-    "TokenRef",
-    "TrainConfig",
-    "TrainingRun",
-    "VARIANTS",
-    "Variant",
-    "ablate",
-    "attention_gate",
-    "attention_heads_widget",
-    "bypassed",
-    "claims",
-    "collect_activations",
-    "compare_reports",
-    "compose",
-    "default_texts",
-    "distributed",
-    "evaluate",
-    "evaluate_distributed",
-    "experiment",
-    "hook_name",
-    "load",
-    "load_checkpoint",
-    "load_gguf",
-    "load_table",
-    "mechanism",
-    "norm_scales",
-    "norm_swap",
-    "plot_ablation",
-    "plot_alpha",
-    "plot_attention_distance",
-    "plot_claims",
-    "plot_emergence",
-    "plot_head_decomposition",
-    "plot_interventions",
-    "plot_massive_activations",
-    "plot_quadratic_norms",
-    "plot_quadratic_spectrum",
-    "plot_representations",
-    "plot_silu_regime",
-    "plot_sink_ratio",
-    "plot_sink_scores",
-    "render_html",
-    "sae_report",
-    "sae_splice",
-    "saes",
-    "scan",
-    "scan_distributed",
-    "sink_key_removal",
-    "sink_scores_widget",
-    "spike_ablation",
-    "spike_tokens_widget",
-    "spike_topk_widget",
-    "standard_interventions",
-    "tokenize",
-    "train",
-    "train_sae",
-    "widget_props",
-    "write_html",
-]
+def __dir__() -> list[str]:
+    return sorted([*__all__, "__version__"])
+
+
+__all__ = sorted([*_NAMES, *_SUBPACKAGES])

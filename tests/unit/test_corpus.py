@@ -24,7 +24,7 @@ def test_long_text_is_chunked_each_chunk_starting_with_bos(planted):
     assert sum(len(c.tokens) - 1 for c in corpus.chunks) == 150
     r = ts.scan(planted, text, progress=False)
     firsts = {t.token for t in r.spikes.tokens if t.token.is_first}
-    assert firsts == {ts.TokenRef(0, s, 0) for s in (0, 63, 126)}
+    assert firsts == {ts.tokens.TokenRef(0, s, 0) for s in (0, 63, 126)}
 
 
 def test_long_text_can_be_refused_or_truncated(planted):

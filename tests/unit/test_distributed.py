@@ -64,8 +64,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     )
     model = scoring_model()
     got = {}
-    got["uneven"] = ts.scan_distributed(model, TEXTS, CONFIG, progress=False)
-    got["empty"] = ts.scan_distributed(model, FEW, CONFIG, progress=False)
+    got["uneven"] = ts.distributed.scan_distributed(model, TEXTS, CONFIG, progress=False)
+    got["empty"] = ts.distributed.scan_distributed(model, FEW, CONFIG, progress=False)
     # The decoupling table: clean, then every standard intervention, each evaluation sharded.
     got["table"] = experiment(
         model, TEXTS, calibration=CALIBRATION, config=CONFIG, progress=False, distributed=True
@@ -75,7 +75,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     got["without_clean"] = ts.distributed.evaluate_all_distributed(
         model, ts.tokenize(model, TEXTS), [zero], config=CONFIG, progress=False
     )[0]
-    got["evaluation_few"] = ts.evaluate_distributed(model, FEW, config=CONFIG, progress=False)
+    got["evaluation_few"] = ts.distributed.evaluate_distributed(model, FEW, config=CONFIG, progress=False)
     got["hooks_left"] = [name for name, hp in model.hook_dict.items() if hp.fwd_hooks]
 
     if rank == 1:
@@ -87,7 +87,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         d.scan_corpus = broken
     start = time.monotonic()
     try:
-        ts.scan_distributed(model, TEXTS, CONFIG, progress=False)
+        ts.distributed.scan_distributed(model, TEXTS, CONFIG, progress=False)
     except ts.SpikeSinkError as e:
         got["error"] = str(e), time.monotonic() - start
     torch.save(got, Path(out_dir) / f"rank{rank}.pt")
@@ -96,7 +96,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         os._exit(3)  # dies without a word, inside the next exchange's wait
     start = time.monotonic()
     try:
-        ts.scan_distributed(model, FEW, CONFIG, progress=False)
+        ts.distributed.scan_distributed(model, FEW, CONFIG, progress=False)
     except ts.SpikeSinkError as e:
         torch.save((str(e), time.monotonic() - start), Path(out_dir) / f"lost{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -213,7 +213,7 @@ def test_outside_a_process_group_it_is_the_plain_scan(planted, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     texts = TEXTS[:4]
     assert_same_scan(
-        ts.scan_distributed(planted, texts, CONFIG, progress=False),
+        ts.distributed.scan_distributed(planted, texts, CONFIG, progress=False),
         ts.scan(planted, texts, CONFIG, progress=False),
     )
     with pytest.raises(ts.SpikeSinkError, match="torchrun"):

@@ -100,4 +100,4 @@ def test_views_are_exported_lazily():
     code = "import sys, tl_spikesink; print('tl_spikesink.views.mechanism' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-    assert ts.plot_head_decomposition is mp.plot_head_decomposition
+    assert ts.views.mechanism.plot_head_decomposition is mp.plot_head_decomposition

@@ -17,7 +17,7 @@ def test_planted_sink_head_and_uniform_heads(planted, texts):
     assert k.sink_heads == (SINK_HEAD,)
     assert k.sink_ratio == pytest.approx(1 / (N_LAYERS * N_HEADS))
     assert torch.allclose(k.row_mass, torch.ones(N_LAYERS, N_HEADS, dtype=torch.float64), atol=1e-5)
-    assert {t.token for t in k.tokens} == {ts.TokenRef(i, 0, 0) for i in range(len(texts))}
+    assert {t.token for t in k.tokens} == {ts.tokens.TokenRef(i, 0, 0) for i in range(len(texts))}
     assert k.share_first == 1.0 and k.share_delimiter == 0.0
     assert r.sink_spike_overlap == 1.0  # BOS is both the sink and a spike token
 

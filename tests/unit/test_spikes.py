@@ -10,7 +10,7 @@ def expected_spike_tokens(model, texts):
     corpus = ts.tokenize(model, texts)
     trigger = {VOCAB.index("<bos>"), VOCAB.index(".")}
     return {
-        ts.TokenRef(c.text_index, c.start, p)
+        ts.tokens.TokenRef(c.text_index, c.start, p)
         for c in corpus.chunks
         for p, tok in enumerate(c.tokens)
         if tok in trigger

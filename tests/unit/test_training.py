@@ -11,7 +11,7 @@ import torch
 
 from tl_spikesink import mechanism as mech
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.training.ablation import AblationTable, SeedStat, ablate
+from tl_spikesink.training.ablation import AblationTable, SeedStat, ablation_study
 from tl_spikesink.training.runs import (
     Snapshot,
     TrainConfig,
@@ -179,7 +179,7 @@ def test_bad_variant_names_the_problem():
     with pytest.raises(SpikeSinkError, match="norm"):
         Variant("x", norm="layernorm")
     with pytest.raises(SpikeSinkError, match="unknown variant"):
-        ablate(["nope"], seeds=1, config=TINY, task=TASK, progress=False)
+        ablation_study(["nope"], seeds=1, config=TINY, task=TASK, progress=False)
 
 
 def test_task_copy_rule_and_bos():
@@ -282,8 +282,8 @@ def test_seed_stat():
 
 def test_ablate_table_and_merge():
     config = replace(TINY, steps=2, n_layers=1)
-    a = ablate(["baseline", "sandwich"], seeds=[0], config=config, task=TASK, progress=False)
-    b = ablate(["baseline", "sandwich"], seeds=[1], config=replace(config, seed=1), task=TASK,
+    a = ablation_study(["baseline", "sandwich"], seeds=[0], config=config, task=TASK, progress=False)
+    b = ablation_study(["baseline", "sandwich"], seeds=[1], config=replace(config, seed=1), task=TASK,
                progress=False)  # fmt: skip
     table = a.merge(b)
     assert isinstance(table, AblationTable)
@@ -305,21 +305,21 @@ def test_ablate_table_and_merge():
 def test_parallel_workers_give_the_serial_table(tmp_path):
     config = replace(TINY, steps=2, n_layers=1)
     kwargs = {"seeds": [0, 1], "config": config, "task": TASK, "progress": False}
-    serial = ablate(["baseline", "dyt"], **kwargs)
-    parallel = ablate(["baseline", "dyt"], **kwargs, workers=2, out=tmp_path)
+    serial = ablation_study(["baseline", "dyt"], **kwargs)
+    parallel = ablation_study(["baseline", "dyt"], **kwargs, workers=2, out=tmp_path)
     assert [r.name for r in parallel.rows] == ["baseline", "dyt"]
     for a, b in zip(serial.runs, parallel.runs, strict=True):
         assert (a.variant, a.config.seed) == (b.variant, b.config.seed)
         assert _without_time(a.history) == _without_time(b.history)
     assert load_checkpoint(tmp_path / "dyt" / "seed1").training_run["config"]["seed"] == 1
     with pytest.raises(SpikeSinkError, match="workers"):
-        ablate(["baseline"], **kwargs, workers=0)
+        ablation_study(["baseline"], **kwargs, workers=0)
 
 
 def test_plots_read_the_table():
     from tl_spikesink.views.training import plot_ablation, plot_emergence
 
-    table = ablate(["baseline"], seeds=2, config=replace(TINY, steps=2, n_layers=1), task=TASK,
+    table = ablation_study(["baseline"], seeds=2, config=replace(TINY, steps=2, n_layers=1), task=TASK,
                    progress=False)  # fmt: skip
     fig = plot_emergence(table)
     means = [t for t in fig.data if t.name == "baseline"]
@@ -370,21 +370,21 @@ def test_table_json_round_trip_and_cli_load(tmp_path, capsys):
     from tl_spikesink.training.ablation import load_table
 
     config = replace(TINY, steps=2, n_layers=1)
-    table = ablate(["baseline", "dyt"], seeds=[0, 1], config=config, task=TASK, progress=False,
+    table = ablation_study(["baseline", "dyt"], seeds=[0, 1], config=config, task=TASK, progress=False,
                    out=tmp_path / "ck")  # fmt: skip
     path = tmp_path / "t.json"
     table.to_json(path)
     loaded = load_table(path)
     assert loaded.to_json() == table.to_json() and str(loaded) == str(table)
     assert math.isnan(loaded.runs[0].history[0].train_loss)  # null in JSON, NaN again
-    more = ablate(["baseline", "dyt"], seeds=[2], config=config, task=TASK, progress=False)
+    more = ablation_study(["baseline", "dyt"], seeds=[2], config=config, task=TASK, progress=False)
     assert [r.config.seed for r in loaded.merge(more).row("dyt").runs] == [0, 1, 2]
     assert main(["ablate", "--load", str(path), "--html", str(tmp_path / "t.html")]) == 0
     assert str(table) in capsys.readouterr().out and (tmp_path / "t.html").exists()
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(SpikeSinkError, match="not an ablation table"):
         load_table(tmp_path / "bad.json")
-    bare = ablate(["baseline"], seeds=1, config=config, task=TASK, progress=False)
+    bare = ablation_study(["baseline"], seeds=1, config=config, task=TASK, progress=False)
     bare.to_json(tmp_path / "bare.json")
     code = main(
         ["ablate", "--load", str(tmp_path / "bare.json"), "--html", str(tmp_path / "b.html")]
@@ -397,12 +397,12 @@ def test_functions_are_reached_from_the_package():
     from tl_spikesink import training
 
     assert callable(training.train) and callable(training.ablate)
-    assert ts.train is training.train and ts.ablate is training.ablate
+    assert ts.training.train is training.train and ts.training.ablation_study is training.ablate
 
 
 def test_ablate_all_names_every_variant():
     config = replace(TINY, d_model=64, d_head=16, steps=0, n_layers=1)
-    table = ablate("all", seeds=1, config=config, task=TASK, progress=False)
+    table = ablation_study("all", seeds=1, config=config, task=TASK, progress=False)
     assert [r.name for r in table.rows] == list(VARIANTS)
 
 
@@ -413,9 +413,9 @@ def test_workers_from_an_unguarded_script_fail_clearly(tmp_path):
     script = tmp_path / "unguarded.py"
     script.write_text(
         "import tl_spikesink as ts\n"
-        "cfg = ts.TrainConfig(steps=1, log_every=1, d_model=16, d_mlp=16, n_layers=1, seq_len=16,"
+        "cfg = ts.training.TrainConfig(steps=1, log_every=1, d_model=16, d_mlp=16, n_layers=1, seq_len=16,"
         " batch_size=2, probe_sequences=2)\n"
-        "ts.ablate(['baseline', 'dyt'], seeds=1, config=cfg, workers=2, progress=False)\n"
+        "ts.training.ablation_study(['baseline', 'dyt'], seeds=1, config=cfg, workers=2, progress=False)\n"
     )
     done = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=300

@@ -100,8 +100,8 @@ def test_topk_tokens_find_channels_without_a_scan(planted):
     assert len(props["sampleLabels"]) == 3
 
 
-def test_sink_scores_widget_is_a_heatmap_of_this_text(planted):
-    fig = widgets.sink_scores_widget(planted, TEXT)
+def test_text_sink_scores_is_a_heatmap_of_this_text(planted):
+    fig = widgets.plot_text_sink_scores(planted, TEXT)
     z = torch.tensor(fig.data[0].z)
     assert z.shape == (N_LAYERS, N_HEADS)
     assert z[SINK_HEAD] == pytest.approx(1.0, abs=1e-4)
@@ -114,7 +114,7 @@ def test_widgets_leave_the_model_untouched(planted, result):
     before = state_snapshot(planted)
     widgets.spike_tokens_widget(planted, TEXT, result=result)
     widgets.spike_topk_widget(planted, [TEXT, TEXT], result=result)
-    widgets.sink_scores_widget(planted, TEXT)
+    widgets.plot_text_sink_scores(planted, TEXT)
     assert_untouched(planted, before)
 
 

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> None:
     """Run the ablation the arguments describe and print the table."""
     from dataclasses import replace
 
-    from tl_spikesink.training.ablation import ablate, load_table
+    from tl_spikesink.training.ablation import ablation_study, load_table
     from tl_spikesink.training.runs import TrainConfig
     from tl_spikesink.training.tasks import BigramBackcopy, NaturalText
 
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> None:
         out = args.out
         if args.html and out is None:  # the report scans a trained model: keep it until then
             out = stack.enter_context(tempfile.TemporaryDirectory(prefix="tl-spikesink-ablate-"))
-        table = ablate(
+        table = ablation_study(
             names,
             seeds=args.seeds,
             config=config,
@@ -126,10 +126,10 @@ def _emit(table: Any, args: argparse.Namespace) -> None:
 
 def _write_report(table: Any, path: str) -> None:
     from tl_spikesink.errors import SpikeSinkError
-    from tl_spikesink.views.html import write_html
     from tl_spikesink.probes.scan import scan
     from tl_spikesink.training.runs import load_checkpoint, probe_batch
     from tl_spikesink.training.tasks import task_from_dict
+    from tl_spikesink.views.html import write_html
 
     run = table.rows[0].runs[0]
     c = run.config

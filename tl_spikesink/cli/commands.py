@@ -123,14 +123,14 @@ def _scan(args: argparse.Namespace) -> None:
 
 
 def _claims(args: argparse.Namespace) -> None:
-    from tl_spikesink.mechanism.claims import claims
     from tl_spikesink.corpus import default_texts
+    from tl_spikesink.mechanism.claims import claims
 
     model, texts, result = _scan_args(args)
     table = claims(model, texts or default_texts(), result, max_tokens=args.claim_tokens)
     print(table)
     if args.json:
-        from tl_spikesink.views.text import json_text
+        from tl_spikesink.views.format import json_text
 
         json_text(table.to_dict(), args.json)
         print(f"\nwrote {args.json}")

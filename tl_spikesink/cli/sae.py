@@ -29,9 +29,9 @@ def run(args: argparse.Namespace) -> None:
     """Evaluate each SAE folder on the corpus and print the reports."""
     from tl_spikesink.cli.commands import _load_model, _texts
     from tl_spikesink.corpus import tokenize
-    from tl_spikesink.views.text import json_text
-    from tl_spikesink.saes import compare_reports, sae_report
     from tl_spikesink.probes.scan import ScanConfig, as_corpus, scan_corpus
+    from tl_spikesink.saes import compare_reports, sae_report
+    from tl_spikesink.views.format import json_text
 
     config = ScanConfig(
         batch_size=args.batch_size,

@@ -30,8 +30,9 @@ from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.evaluation.scoring import Evaluation, evaluate_all
 from tl_spikesink.interventions import Intervention, sink_key_removal, spike_ablation
 from tl_spikesink.interventions.norms import NormKind, norm_scales, norm_swap
-from tl_spikesink.views.text import text_table
-from tl_spikesink.probes.scan import ScanConfig, ScanResult, _environment
+from tl_spikesink.probes.scan import ScanConfig, ScanResult, environment
+from tl_spikesink.results import Result
+from tl_spikesink.views.format import num, text_table
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,8 @@ class ExperimentRow:
         )
 
 
-@dataclass(frozen=True)
-class ExperimentTable:
+@dataclass(frozen=True, repr=False)
+class ExperimentTable(Result):
     """The decoupling table, with everything needed to say what was run on what."""
 
     model: str
@@ -113,9 +114,9 @@ class ExperimentTable:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready record: ``rows`` plus model, corpora, split, settings and seed."""
-        from tl_spikesink.views.text import _clean
+        from tl_spikesink.views.format import json_clean
 
-        return _clean(
+        return json_clean(
             {
                 "model": self.model,
                 "rows": [dataclasses.asdict(r) for r in self.rows],
@@ -132,7 +133,7 @@ class ExperimentTable:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The record as JSON text, also written to `path` if given."""
-        from tl_spikesink.views.text import json_text
+        from tl_spikesink.views.format import json_text
 
         return json_text(self.to_dict(), path)
 
@@ -226,7 +227,7 @@ def experiment(
         config=config,
         sink_heads=clean.sink_heads,
         spike_channels=clean.scan.spikes.channels,
-        environment=_environment(model),
+        environment=environment(model),
         evaluations=tuple(evaluations),
     )
 
@@ -289,12 +290,6 @@ def _check_disjoint(evaluation: Corpus, calibration: Corpus) -> None:
         )
 
 
-def _num(x: float) -> str:
-    if x != x:
-        return "nan"
-    if x in (float("inf"), float("-inf")):
-        return "inf" if x > 0 else "-inf"
-    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 or x == 0 else f"{x:.2e}"
 
 
 def render(t: ExperimentTable) -> str:
@@ -314,15 +309,15 @@ def render(t: ExperimentTable) -> str:
     lines_ = [
         [
             r.name,
-            _num(r.loss),
-            _num(r.delta_loss),
-            _num(r.perplexity),
-            _num(r.kl),
+            num(r.loss),
+            num(r.delta_loss),
+            num(r.perplexity),
+            num(r.kl),
             f"{100 * r.top1_agreement:.1f}%" if r.top1_agreement == r.top1_agreement else "-",
-            _num(r.max_spike_ratio),
+            num(r.max_spike_ratio),
             f"{r.sink_ratio:.3f}",
-            _num(r.sink_head_distance),
-            _num(r.sink_head_distance_without_sink),
+            num(r.sink_head_distance),
+            num(r.sink_head_distance_without_sink),
         ]
         for r in t.rows
     ]

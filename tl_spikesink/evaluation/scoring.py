@@ -27,15 +27,16 @@ import torch
 from tl_spikesink.anatomy import Anatomy
 from tl_spikesink.corpus import Corpus
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.interventions.base import Intervention
 from tl_spikesink.evaluation.logits import count_nonfinite, kl, next_token_logprobs, nll
+from tl_spikesink.interventions.base import Intervention
 from tl_spikesink.probes.engine import Pass, Probe, Step, run
 from tl_spikesink.probes.scan import ScanConfig, ScanProbes, ScanResult, as_corpus
 from tl_spikesink.probes.sinks import SinkProbe
+from tl_spikesink.results import Result
 
 
-@dataclass(frozen=True)
-class Evaluation:
+@dataclass(frozen=True, repr=False)
+class Evaluation(Result):
     """Predictions and the scan of a model under one intervention (or none), over one corpus."""
 
     name: str
@@ -128,9 +129,9 @@ class Evaluation:
 
     def to_dict(self) -> dict[str, Any]:
         """The numbers of one table row (JSON-ready; NaN becomes null)."""
-        from tl_spikesink.views.text import _clean
+        from tl_spikesink.views.format import json_clean
 
-        return _clean(
+        return json_clean(
             {
                 "name": self.name,
                 "loss": self.loss,

@@ -24,6 +24,7 @@ import torch
 from tl_spikesink.anatomy import Anatomy
 from tl_spikesink.corpus import Corpus, tokenize
 from tl_spikesink.errors import SpikeSinkError
+from tl_spikesink.results import Result
 
 if TYPE_CHECKING:
     from tl_spikesink.probes.scan import ScanResult
@@ -33,8 +34,8 @@ DEFAULT_THRESHOLD = 100.0
 """Spike cut when neither a scan nor `threshold` says otherwise (Sun et al.'s absolute 100)."""
 
 
-@dataclass(frozen=True)
-class Intervention:
+@dataclass(frozen=True, repr=False)
+class Intervention(Result):
     """Forward hooks that change a model's computation, with the settings for reports."""
 
     name: str

@@ -43,6 +43,7 @@ from tl_spikesink.interventions.base import (
     spike_cuts,
 )
 from tl_spikesink.probes.engine import HookFn, Probe, Step, run
+from tl_spikesink.results import Result
 
 if TYPE_CHECKING:
     from tl_spikesink.probes.scan import ScanResult
@@ -58,8 +59,8 @@ _NORM_SITES: dict[str, tuple[Site, Site]] = {
 }
 
 
-@dataclass(frozen=True)
-class NormScales:
+@dataclass(frozen=True, repr=False)
+class NormScales(Result):
     """Median RMS of non-spike tokens at each norm's input, measured on a calibration corpus.
 
     The RMS of a token is the norm's own scale, sqrt(mean(x²) + eps); the median is

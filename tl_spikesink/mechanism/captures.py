@@ -8,7 +8,6 @@ only, flattened to rows [token, ...].
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,46 +18,15 @@ from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.probes.capture import Capture, Captured, Reduce
 from tl_spikesink.probes.engine import Probe, run
 
+# The spike-site rule lives with the probes (one rule for every analysis); these names stay
+# importable from here for the mechanism modules and their users.
+from tl_spikesink.probes.site import NoStepUpBlock as NoStepUpBlock
+from tl_spikesink.probes.site import SpikeSite as SpikeSite
+from tl_spikesink.probes.site import spike_site as spike_site
+
 Texts = Sequence[str] | str | Corpus
 DEFAULT_MAX_TOKENS = 1024
 """Tokens read by an analysis when it is given raw texts: enough for tens of spike tokens."""
-_MAIN_SPIKE_SHARE = 0.5
-"""The spike layer is the first whose resid_post top-1 reaches this share of the largest."""
-
-
-@dataclass(frozen=True)
-class SpikeSite:
-    """Where the main spike lives, as read from a scan."""
-
-    layer: int
-    """Block that creates the main spike (its resid_post first carries it)."""
-    channels: tuple[int, ...]
-    """Spike channels massive at `layer`, most spike tokens first."""
-    cut: float
-    """|resid_post| at `layer` above which a token is a spike token (the scan's own cut)."""
-    step_down: int | None
-    """First block after `layer` that cancels a spike, if any."""
-
-
-def spike_site(scan: Any) -> SpikeSite:
-    """The main spike of a scan: its layer, channels and cut.
-
-    Raises:
-        SpikeSinkError: the scan found no massive activation.
-    """
-    spikes = scan.spikes
-    if not spikes.massive:
-        raise SpikeSinkError(
-            f"the scan of {scan.model} found no massive activation; spike mechanism checks need one"
-        )
-    top = spikes.top("resid_post", 1)[:, 0]
-    layer = int((top >= _MAIN_SPIKE_SHARE * top.max()).nonzero()[0, 0])
-    here = {a.channel for a in spikes.massive if a.layer == layer}
-    channels = tuple(c for c in spikes.channels if c in here) or spikes.channels
-    median = float(spikes.median("resid_post").nan_to_num(0.0)[layer])
-    cut = max(scan.config.abs_threshold, scan.config.rel_threshold * median)
-    later = [x for x in spikes.step_down_layers if x > layer]
-    return SpikeSite(layer, channels, cut, later[0] if later else None)
 
 
 def as_corpus(model: Any, texts: Texts, max_tokens: int) -> Corpus:

@@ -33,10 +33,11 @@ from tl_spikesink.mechanism.captures import (
     spike_site,
 )
 from tl_spikesink.probes.engine import HookFn, Probe, Step
+from tl_spikesink.results import Result
 
 
-@dataclass(frozen=True)
-class HeadDecomposition:
+@dataclass(frozen=True, repr=False)
+class HeadDecomposition(Result):
     """Per head, what it writes at ordinary tokens and how much of it comes from sink tokens."""
 
     sink_heads: tuple[tuple[int, int], ...]

@@ -1,9 +1,10 @@
 """The spike layer's MLP: SiLU regime and SwiGLU quadratic form (links 1 and 2).
 
 SiLU regime: cos(z, act(z)) and ‖act(z)‖/‖z‖ of the gate pre-activation z = ``mlp.hook_pre``;
-spike tokens drive a few gate neurons so hard that act(z) ≈ z.
+spike tokens drive a few gate neurons so hard that act(z) ≈ z, at the step-up block and (paper
+Fig. 2) at the step-down blocks too (``silu_regime(..., layer=L)``).
 
-Quadratic form (reconstruction, /work/shared/science.md): where SiLU(z) ≈ z, output channel k of
+Quadratic form (the paper's Eq. 16–17, written in TransformerLens's orientation): where SiLU(z) ≈ z, output channel k of
 a gated MLP is y_k ≈ x̂ᵀ S_k x̂ + c_k with S_k = ½ Σ_j W_out[j,k] (g_j u_jᵀ + u_j g_jᵀ), x̂ =
 ``ln2.hook_normalized`` and g_j / u_j the columns of W_gate / W_in (times ln2's γ when the norm
 is not folded), c_k = Σ_j b_in[j] W_out[j,k] + b_out[k]. The eigenvector of the largest-|λ|
@@ -20,6 +21,7 @@ import torch
 from jaxtyping import Bool, Float
 
 from tl_spikesink.anatomy import block_hook
+from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.mechanism.captures import (
     DEFAULT_MAX_TOKENS,
     Captured,
@@ -39,9 +41,10 @@ from tl_spikesink.mechanism.captures import (
 
 @dataclass(frozen=True)
 class SiluRegime:
-    """How close the spike layer's MLP activation is to the identity, per token."""
+    """How close one block's MLP activation (default: the spike layer's) is to the identity."""
 
     layer: int
+    """Block whose MLP was read (the spike layer unless another was asked for)."""
     cosine: Float[torch.Tensor, " token"]
     """cos(z, act(z)) of the gate pre-activation z (``mlp.hook_pre``)."""
     norm_ratio: Float[torch.Tensor, " token"]
@@ -84,18 +87,28 @@ class SiluRegime:
 
 
 def silu_regime(
-    model: Any, texts: Texts, scan: Any = None, *, max_tokens: int = DEFAULT_MAX_TOKENS
+    model: Any,
+    texts: Texts,
+    scan: Any = None,
+    *,
+    layer: int | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> SiluRegime:
-    """Compare the gate pre-activation with its activation in the spike layer's MLP.
+    """Compare the gate pre-activation with its activation in one block's MLP.
 
     The cosine over the whole gate vector mixes the few neurons that write the spike with
     thousands that do not; `linear_share` weighs each neuron by what it writes into the first
     spike channel, which is the part the quadratic-form reading needs to be linear.
 
+    Spike tokens are always those of the spike site (|resid_post| above the cut at the spike
+    layer), so at a step-down block (`layer` after the spike layer) they are the tokens that
+    carry the spike into it; the paper (Fig. 2) finds SiLU near the identity there too.
+
     Args:
         model: a TransformerLens model; only read.
         texts: strings or a :class:`Corpus` (raw texts are cut to `max_tokens`).
         scan: the model's scan; run on `texts` when None.
+        layer: the block whose MLP is read (default: the spike layer, the step-up block).
         max_tokens: tokens read from raw texts.
 
     Returns:
@@ -103,20 +116,25 @@ def silu_regime(
     """
     corpus = as_corpus(model, texts, max_tokens)
     site = spike_site(scan_of(model, corpus, scan))
-    L = site.layer
-    cap = capture(model, corpus, silu_names(model, L))
-    return silu_from(model, cap, site)
+    L = site.layer if layer is None else int(layer)
+    if not 0 <= L < int(model.cfg.n_layers):
+        raise SpikeSinkError(f"layer {L} is out of range (the model has {model.cfg.n_layers})")
+    cap = capture(model, corpus, silu_names(model, L, site.layer))
+    return silu_from(model, cap, site, L)
 
 
-def silu_names(model: Any, layer: int) -> list[str]:
-    names = [block_hook(layer, "mlp.hook_pre"), block_hook(layer, "hook_resid_post")]
+def silu_names(model: Any, layer: int, spike_layer: int | None = None) -> list[str]:
+    """Hooks :func:`silu_from` reads at `layer`, plus the spike layer's residual (spike tokens)."""
+    names = [block_hook(layer, "mlp.hook_pre")]
     if getattr(model.cfg, "gated_mlp", False):
         names.append(block_hook(layer, "mlp.hook_pre_linear"))
+    names.append(block_hook(layer if spike_layer is None else spike_layer, "hook_resid_post"))
     return names
 
 
-def silu_from(model: Any, cap: Captured, site: SpikeSite) -> SiluRegime:
-    L = site.layer
+def silu_from(model: Any, cap: Captured, site: SpikeSite, layer: int | None = None) -> SiluRegime:
+    """The SiLU regime of block `layer` (default: the spike layer) from a capture pass."""
+    L = site.layer if layer is None else layer
     z = cap.acts[block_hook(L, "mlp.hook_pre")]
     with torch.inference_mode():
         a = model.blocks[L].mlp.act_fn(z)
@@ -260,7 +278,12 @@ def quadratic_form(
 
 
 def quadratic_names(L: int) -> list[str]:
-    return [block_hook(L, "ln2.hook_normalized"), block_hook(L, "mlp.hook_post"), block_hook(L, "hook_resid_post")]
+    """Hooks :func:`quadratic_from` reads at the spike layer `L`."""
+    return [
+        block_hook(L, "ln2.hook_normalized"),
+        block_hook(L, "mlp.hook_post"),
+        block_hook(L, "hook_resid_post"),
+    ]
 
 
 def _spectrum(

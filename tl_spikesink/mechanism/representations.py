@@ -32,12 +32,13 @@ from tl_spikesink.mechanism.captures import (
     spike_mask,
     spike_site,
 )
+from tl_spikesink.results import Result
 
 # ---------------------------------------------------------------- 3. representations and RMSNorm
 
 
-@dataclass(frozen=True)
-class Representations:
+@dataclass(frozen=True, repr=False)
+class Representations(Result):
     """How alike spike tokens become, before and after normalization."""
 
     layer: int

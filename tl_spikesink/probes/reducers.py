@@ -7,10 +7,14 @@ processes, without new code in the analyses.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
+
+from tl_spikesink.errors import SpikeSinkError
 
 N_BINS = 1 << 11
 """Histogram bins: the top 11 bits of a non-negative float32 (exponent + 3 mantissa bits)."""
@@ -130,3 +134,20 @@ class TopEntries:
 
     def __len__(self) -> int:
         return int(self.keys.numel())
+
+def share(items: tuple, pred: Callable[[Any], bool]) -> float:
+    """Share of `items` for which `pred` holds (NaN for none)."""
+    return sum(map(pred, items)) / len(items) if items else float("nan")
+
+
+def check_same(a: Any, b: Any, fields: tuple[str, ...]) -> None:
+    """Refuse to merge two results that differ in any of `fields` (model, settings, ...)."""
+    for f in fields:
+        if getattr(a, f) != getattr(b, f):
+            raise SpikeSinkError(
+                f"cannot merge results with different {f} "
+                f"({getattr(a, f)!r} vs {getattr(b, f)!r}); "
+                "scan both shards with the same model and settings"
+            )
+
+

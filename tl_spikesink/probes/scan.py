@@ -19,8 +19,10 @@ from tl_spikesink.anatomy import Anatomy, Site, require_hooks
 from tl_spikesink.corpus import Corpus, LongTexts, PaddingSide, default_texts, tokenize
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.probes.engine import HookFn, Probe, device_of, run
+from tl_spikesink.probes.reducers import check_same
 from tl_spikesink.probes.sinks import SinkProbe, SinkStats
-from tl_spikesink.probes.spikes import SPIKE_SITES, SpikeProbe, SpikeStats, _check_same
+from tl_spikesink.probes.spikes import SPIKE_SITES, SpikeProbe, SpikeStats
+from tl_spikesink.results import Result
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,11 @@ class ScanConfig:
     spike_sites: tuple[Site, ...] = SPIKE_SITES
     """Hook sites whose activations are scanned for spikes (resid_post is required)."""
     epsilon: float = 0.3
-    """A head is a sink head when its first-token sink score exceeds this (Gu et al. 2024)."""
+    """ε of both sink ratios: a head is a sink head when its α exceeds this (Eq. 28, Gu et al.)."""
+    sink_probe_len: int = 64
+    """T of the Eq. 28 sink ratio is min(n, this): a sequence's first T queries are read."""
+    sink_min_len: int = 8
+    """Sequences with T below this are left out of the Eq. 28 sink ratio."""
     sink_token_share: float = 0.1
     """A token is a sink token when this share of all heads give it α > epsilon."""
     min_queries: int = 4
@@ -71,10 +77,20 @@ class ScanConfig:
             )
         if not 0 < self.epsilon < 1:
             raise SpikeSinkError(f"epsilon must lie in (0, 1), got {self.epsilon}")
+        if self.sink_probe_len < 2:
+            raise SpikeSinkError(
+                f"sink_probe_len must be at least 2 (keys k < T/2 are judged), "
+                f"got {self.sink_probe_len}"
+            )
+        if not 1 <= self.sink_min_len <= self.sink_probe_len:
+            raise SpikeSinkError(
+                f"sink_min_len must lie in [1, sink_probe_len = {self.sink_probe_len}] (else no "
+                f"sequence is ever counted), got {self.sink_min_len}"
+            )
 
 
-@dataclass(frozen=True)
-class ScanResult:
+@dataclass(frozen=True, repr=False)
+class ScanResult(Result):
     """Where the spikes and sinks are, with the model, corpus and settings that produced it."""
 
     model: str
@@ -97,7 +113,7 @@ class ScanResult:
         Shards of one corpus (:meth:`Corpus.shard`, same fingerprint) keep their text indices;
         scans of different corpora are concatenated, so `other`'s text indices move past ours.
         """
-        _check_same(
+        check_same(
             self, other, ("model", "prepend_bos", "n_layers", "n_heads", "d_model", "config")
         )
         shards = {c["sha256"] for c in self.corpus} == {c["sha256"] for c in other.corpus}
@@ -131,7 +147,7 @@ class ScanResult:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The report as JSON text, also written to `path` if given."""
-        from tl_spikesink.views.text import json_text
+        from tl_spikesink.views.format import json_text
 
         return json_text(self.to_dict(), path)
 
@@ -197,6 +213,8 @@ class ScanProbes:
             config.min_queries,
             config.top_k,
             config.max_candidates,
+            probe_len=config.sink_probe_len,
+            min_len=config.sink_min_len,
         )
 
     @property
@@ -221,7 +239,7 @@ class ScanProbes:
             config=self.config,
             spikes=replace(spikes, token_strings=strings),
             sinks=replace(sinks, token_strings=strings),
-            environment=_environment(model),
+            environment=environment(model),
         )
 
 
@@ -278,7 +296,8 @@ def _token_strings(model: Any, ids: set[int]) -> dict[int, str]:
     return {i: model.tokenizer.decode([i]) for i in sorted(ids)}
 
 
-def _environment(model: Any) -> dict[str, str]:
+def environment(model: Any) -> dict[str, str]:
+    """Versions and device recorded with every result, so a number can be traced to its run."""
     from importlib.metadata import version
 
     from tl_spikesink import __version__

@@ -1,10 +1,30 @@
 """Attention sinks: which heads park attention on which tokens.
 
-From `blocks.L.attn.hook_pattern` the scan pools, per (layer, head) and key position k, the
-attention key k receives from the queries that can see it: Gu et al.'s
-α_k = Σ_i A_ik / (T − k), summed over texts before dividing (token weighted). The first-token sink
-score of a head is α_0 pooled this way: Σ_texts Σ_i A_i0 / Σ_texts T. A head whose score exceeds
-ε (default 0.3) is a *sink head*; the sink ratio is the share of heads that are.
+Two head-level sink numbers come out of one forward pass per batch, from
+`blocks.L.attn.hook_pattern`; ε is `ScanConfig.epsilon` (0.3).
+
+**Sink ratio** (:attr:`SinkStats.sink_ratio`), the seed paper's headline number (Sun, Canziani,
+LeCun & Zhu 2026, Appendix A, Eq. 27–28). For each sequence of n real tokens the scan reads, let
+T = min(n, `sink_probe_len`) (64) and α_k = (1/T) Σ_{t<T} A[t, k] over the first T queries, with
+query and key positions counted from the sequence's first real token. A head is a sink head *in
+that sequence* when max over k < ⌊T/2⌋ of α_k exceeds ε: any key in the first half counts, not
+only the first token. s = the share of the L·H heads that are; the sink ratio is the mean of s
+over the sequences with T ≥ `sink_min_len` (8), NaN when none is that long. Causal attention
+makes the first T queries of a sequence blind to what follows, so reading them inside the longer
+sequence gives what the paper gets by feeding the first T tokens alone. Deviations: the paper
+feeds C4 texts cut to T = 64 tokens; the scan reads whatever corpus it is given, in chunks of up
+to `max_seq_len`, and counts every chunk as one sequence (short ones with T = n); the paper sets
+no minimum length (with T < 8 a uniform head already passes ε, H_T / T > 0.3). On a
+bidirectional encoder the first T queries also see later keys, so the number is not the paper's.
+
+**First-token sink ratio** (:attr:`SinkStats.first_token_sink_ratio`), Gu et al.'s view pooled
+over the corpus. Per (layer, head) and key position k the scan sums the attention key k receives
+from the queries that can see it and divides by how many there were, summed over texts before
+dividing (token weighted): α_k = Σ_texts Σ_i A_ik / Σ_texts (T − k). The first-token sink score
+of a head is α_0 pooled this way (:attr:`SinkStats.scores`); a head whose score exceeds ε is a
+first-token *sink head* (:attr:`SinkStats.sink_heads`), and the first-token sink ratio is the
+share of heads that are. Unlike Eq. 28 it looks at key 0 only and at every query, and it is one
+corpus-wide decision per head rather than a mean over sequences.
 
 Per token, Gu et al.'s Sink^ε_k is the share of (layer, head) pairs with α_k > ε in that text; a
 token is a *sink token* when that share reaches `sink_token_share`. Keys seen by fewer than
@@ -26,8 +46,8 @@ from jaxtyping import Float
 
 from tl_spikesink.anatomy import hook_name
 from tl_spikesink.probes.engine import Probe, Step
-from tl_spikesink.probes.reducers import TopEntries
-from tl_spikesink.probes.spikes import _check_same, _share
+from tl_spikesink.probes.reducers import TopEntries, check_same, share
+from tl_spikesink.results import Result
 from tl_spikesink.tokens import TokenRef, is_delimiter
 
 _META = ("text_index", "start", "position", "token_id")
@@ -49,8 +69,8 @@ class SinkToken:
         return is_delimiter(self.text)
 
 
-@dataclass(frozen=True)
-class SinkStats:
+@dataclass(frozen=True, repr=False)
+class SinkStats(Result):
     """Attention-sink statistics of one scan; merge two to get the scan of both corpora."""
 
     n_layers: int
@@ -70,6 +90,14 @@ class SinkStats:
     distance_nosink_count: Float[torch.Tensor, "layer head"]
     """Queries counted in `distance_nosink_sum` (those with another key to attend to)."""
     candidates: TopEntries
+    probe_len: int
+    """Eq. 27's T is min(n, probe_len): only a sequence's first `probe_len` queries are read."""
+    min_len: int
+    """Sequences with T below this are left out of the Eq. 28 sink ratio."""
+    sink_head_count: Float[torch.Tensor, "layer head"]
+    """Number of counted sequences in which each head was an Eq. 28 sink head."""
+    n_ratio_sequences: int
+    """Sequences counted in the Eq. 28 sink ratio (those with T >= `min_len`)."""
     token_strings: dict[int, str] = field(default_factory=dict)
 
     @property
@@ -108,14 +136,57 @@ class SinkStats:
         return tuple(tuple(x) for x in (self.scores > self.epsilon).nonzero().tolist())
 
     @property
-    def sink_ratio(self) -> float:
-        """Share of all heads that are sink heads."""
+    def first_token_sink_ratio(self) -> float:
+        """Share of all heads whose corpus-pooled first-token score α_0 exceeds ε (Gu et al.)."""
         return float((self.scores > self.epsilon).float().mean())
 
     @property
-    def sink_ratio_per_layer(self) -> Float[torch.Tensor, " layer"]:
-        """Share of each layer's heads that are sink heads."""
+    def first_token_sink_ratio_per_layer(self) -> Float[torch.Tensor, " layer"]:
+        """Share of each layer's heads whose first-token sink score exceeds ε."""
         return (self.scores > self.epsilon).float().mean(-1)
+
+    @property
+    def sink_ratio_per_head(self) -> Float[torch.Tensor, "layer head"]:
+        """Share of the counted sequences in which each head is an Eq. 28 sink head (NaN: none).
+
+        Its mean over all heads is :attr:`sink_ratio`, since the mean of the per-sequence shares
+        s equals the mean over heads of how often each head is a sink head.
+        """
+        if not self.n_ratio_sequences:
+            return torch.full((self.n_layers, self.n_heads), float("nan"), dtype=torch.float64)
+        return self.sink_head_count / self.n_ratio_sequences
+
+    @property
+    def sink_ratio_per_layer(self) -> Float[torch.Tensor, " layer"]:
+        """The Eq. 28 sink ratio restricted to each layer's heads (mean of s over sequences)."""
+        return self.sink_ratio_per_head.mean(-1)
+
+    @property
+    def sink_ratio(self) -> float:
+        """The paper's sink ratio (Eq. 28): mean over sequences of the share of sink heads.
+
+        A head is a sink head in a sequence when some key k < ⌊T/2⌋ gets α_k > ε from the first
+        T = min(n, probe_len) queries; sequences with T < `min_len` are not counted; NaN when no
+        sequence was counted. See the module docstring for how it deviates from the paper.
+        """
+        return float(self.sink_ratio_per_head.mean())
+
+    @property
+    def sink_ratio_definition(self) -> str:
+        """One line saying what :attr:`sink_ratio` measures, with this scan's parameters."""
+        return (
+            f"Eq. 28 of Sun et al. 2026: mean over sequences with T >= {self.min_len} of the share "
+            f"of heads with max_(k < T/2) alpha_k > {self.epsilon}, alpha_k = (1/T) sum_(t<T) "
+            f"A[t, k] over the first T = min(n, {self.probe_len}) queries"
+        )
+
+    @property
+    def first_token_sink_ratio_definition(self) -> str:
+        """One line saying what :attr:`first_token_sink_ratio` measures."""
+        return (
+            f"share of heads whose first-token score alpha_0 = sum A[i, 0] / sum T, pooled over "
+            f"all queries of the corpus, exceeds {self.epsilon} (Gu et al. 2024)"
+        )
 
     @property
     def tokens(self) -> tuple[SinkToken, ...]:
@@ -133,12 +204,12 @@ class SinkStats:
     @property
     def share_first(self) -> float:
         """Share of sink tokens that are the first token of their sequence."""
-        return _share(self.tokens, lambda t: t.token.is_first)
+        return share(self.tokens, lambda t: t.token.is_first)
 
     @property
     def share_delimiter(self) -> float:
         """Share of sink tokens that are delimiters."""
-        return _share(self.tokens, lambda t: t.is_delimiter)
+        return share(self.tokens, lambda t: t.is_delimiter)
 
     def shift_texts(self, offset: int) -> SinkStats:
         """The same statistics with text indices moved by `offset` (to merge separate corpora)."""
@@ -150,7 +221,11 @@ class SinkStats:
 
     def merge(self, other: SinkStats) -> SinkStats:
         """The statistics of both scans' corpora together."""
-        _check_same(self, other, ("n_layers", "n_heads", "epsilon", "sink_token_share"))
+        check_same(
+            self,
+            other,
+            ("n_layers", "n_heads", "epsilon", "sink_token_share", "probe_len", "min_len"),
+        )
         width = max(self.alpha_count.numel(), other.alpha_count.numel())
         return SinkStats(
             n_layers=self.n_layers,
@@ -164,6 +239,11 @@ class SinkStats:
             distance_nosink_sum=self.distance_nosink_sum + other.distance_nosink_sum,
             distance_nosink_count=self.distance_nosink_count + other.distance_nosink_count,
             candidates=self.candidates.merge(other.candidates),
+            probe_len=self.probe_len,
+            min_len=self.min_len,
+            # Counts of whole sequences: integers in float64, so the sum is exact in any order.
+            sink_head_count=self.sink_head_count + other.sink_head_count,
+            n_ratio_sequences=self.n_ratio_sequences + other.n_ratio_sequences,
             token_strings={**self.token_strings, **other.token_strings},
         )
 
@@ -184,8 +264,13 @@ class SinkProbe(Probe):
         min_queries: int,
         top_k: int,
         max_candidates: int,
+        probe_len: int = 64,
+        min_len: int = 8,
     ):
         self.n_layers, self.n_heads = n_layers, n_heads
+        self.probe_len, self.min_len = probe_len, min_len
+        self.sink_head_count = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+        self.n_ratio_sequences = 0
         self.epsilon, self.sink_token_share, self.min_queries = (
             epsilon,
             sink_token_share,
@@ -224,8 +309,22 @@ class SinkProbe(Probe):
         self.rel_pos = (rel[None, :] - batch.first.to(device)[:, None]).float()  # [batch, pos]
         self.first_col = batch.first.to(device)
         self.eligible = self.seen_by >= self.min_queries
+        self._start_ratio(lengths, rel)
         self._grow(width)
         self.alpha_count[:width] += self.seen_by.sum(0).cpu()
+
+    def _start_ratio(self, lengths: torch.Tensor, rel: torch.Tensor) -> None:
+        # Eq. 27: each sequence's first T queries, as weights over the padded query columns, and
+        # the keys k < T // 2 it may sink on, at relative positions (gathered through `align`).
+        t = lengths.clamp(max=self.probe_len)
+        first = self.first_col
+        q_rel = rel[None, :] - first[:, None]
+        self.ratio_t = t
+        self.ratio_rows = t >= self.min_len
+        self.ratio_queries = ((q_rel >= 0) & (q_rel < t[:, None])).float()
+        self.ratio_keys = rel[None, :] < (t // 2)[:, None]
+        # No query or key the ratio reads lies past column first + T: slice the pattern there.
+        self.ratio_width = int((first + t).max()) if len(t) else 0
 
     def _grow(self, width: int) -> None:
         if width > self.alpha_count.numel():
@@ -249,7 +348,21 @@ class SinkProbe(Probe):
         self.mass_sum[layer] += received.sum((0, 2)).double().cpu()
         alpha = received / self.seen_by.clamp(min=1)[:, None, :].float()
         self.votes += ((alpha > self.epsilon) & self.eligible[:, None, :]).sum(1)
+        self._ratio(layer, p)
         self._distance(layer, p)
+
+    def _ratio(self, layer: int, p: torch.Tensor) -> None:
+        w = self.ratio_width
+        if w == 0:
+            return
+        received = torch.einsum("bhqk,bq->bhk", p[:, :, :w, :w], self.ratio_queries[:, :w])
+        b, h, _ = received.shape
+        cols = self.align[:, :w].clamp(max=w - 1)
+        received = received.gather(-1, cols[:, None, :].expand(b, h, w))
+        alpha = received / self.ratio_t[:, None, None].clamp(min=1).float()
+        best = alpha.masked_fill(~self.ratio_keys[:, None, :w], -1.0).amax(-1)
+        sink = (best > self.epsilon) & self.ratio_rows[:, None]
+        self.sink_head_count[layer] += sink.sum(0).double().cpu()
 
     def _distance(self, layer: int, p: torch.Tensor) -> None:
         # Σ_j A_ij (i − j) = i·Σ_j A_ij − Σ_j A_ij·j: one matrix-vector product, no [q, k] buffer.
@@ -268,6 +381,8 @@ class SinkProbe(Probe):
 
     def end_batch(self, step: Step, logits: torch.Tensor | None = None) -> None:
         """Turn this batch's per-token head votes into sink-token candidates."""
+        # Counted here, not in start_batch: a pass skipped for this batch saw no pattern.
+        self.n_ratio_sequences += int(self.ratio_rows.sum())
         share = (self.votes / (self.n_layers * self.n_heads)).cpu()
         batch = self.batch
         b, k = share.shape
@@ -303,4 +418,8 @@ class SinkProbe(Probe):
             distance_nosink_sum=self.distance_nosink_sum,
             distance_nosink_count=self.distance_nosink_count,
             candidates=self.candidates,
+            probe_len=self.probe_len,
+            min_len=self.min_len,
+            sink_head_count=self.sink_head_count.clone(),
+            n_ratio_sequences=self.n_ratio_sequences,
         )

@@ -8,7 +8,14 @@ through read-only hooks on `hook_resid_post`, `hook_attn_out` and `hook_mlp_out`
 Lifecycle: a *step-up* block is one whose attention or MLP output writes at least half of a spike
 (same sign, at the same token and channel) into the residual stream; a *step-down* block is one
 whose output removes at least half of a spike the residual carried in. The layers between form
-the plateau.
+the plateau. Blocks are TransformerLens (layer, component) pairs; the seed paper (Sun, Canziani,
+LeCun & Zhu 2026) numbers the same sublayers 1 .. 2L, see :func:`tl_spikesink.anatomy.paper_block`.
+
+Spike (:attr:`SpikeStats.spike`): the absolute magnitude the paper's tables report in their
+"Spike" column, here the largest |x| at `hook_resid_post` in the spike channels over all layers.
+The paper gives no threshold or channel rule for it; this one reads only the channels that carry
+a massive activation, so it is NaN for a scan without any (the paper would still print a number,
+e.g. 92 for its QK-norm model).
 """
 
 from __future__ import annotations
@@ -25,13 +32,27 @@ from jaxtyping import Float, Int
 from tl_spikesink.anatomy import Site, hook_name
 from tl_spikesink.corpus import Batch
 from tl_spikesink.probes.engine import Probe, Step
-from tl_spikesink.probes.reducers import BIN_SHIFT, N_BINS, TopEntries, abs_bits, histogram_quantile
+from tl_spikesink.probes.reducers import (
+    BIN_SHIFT,
+    N_BINS,
+    TopEntries,
+    abs_bits,
+    check_same,
+    histogram_quantile,
+    share,
+)
+from tl_spikesink.results import Result
 from tl_spikesink.tokens import TokenRef, is_delimiter
 
 SPIKE_SITES: tuple[Site, ...] = ("resid_post", "attn_out", "mlp_out")
 _META = ("text_index", "start", "position", "channel", "token_id")
 _STEP_SHARE = 0.5
 """A block steps a spike up (down) when its output carries at least this share of it."""
+SPIKE_DEFINITION = (
+    "largest |x| at hook_resid_post in the spike channels, over all layers and tokens "
+    "(the 'Spike' column of Sun et al. 2026); null without a massive activation"
+)
+"""What :attr:`SpikeStats.spike` measures, as reports print it."""
 
 
 @dataclass(frozen=True)
@@ -64,8 +85,8 @@ class SpikeToken:
         return is_delimiter(self.text)
 
 
-@dataclass(frozen=True)
-class SpikeStats:
+@dataclass(frozen=True, repr=False)
+class SpikeStats(Result):
     """Massive-activation statistics of one scan; merge two to get the scan of both corpora."""
 
     sites: tuple[Site, ...]
@@ -170,24 +191,27 @@ class SpikeStats:
     @property
     def share_first(self) -> float:
         """Share of spike tokens that are the first token of their sequence."""
-        return _share(self.tokens, lambda t: t.token.is_first)
+        return share(self.tokens, lambda t: t.token.is_first)
 
     @property
     def share_delimiter(self) -> float:
         """Share of spike tokens that are delimiters (punctuation or whitespace)."""
-        return _share(self.tokens, lambda t: t.is_delimiter)
+        return share(self.tokens, lambda t: t.is_delimiter)
 
     @cached_property
-    def lifecycle(self) -> dict[str, Counter]:
-        """Counts of step-up and step-down events per (layer, component), over spike entries.
+    def _steps(self) -> dict[str, dict[tuple[int, str], list[float]]]:
+        """Per kind and (layer, component), |x| of each spike the block stepped up or down.
 
-        Keys `"step_up"` and `"step_down"` map `(layer, "attn" | "mlp")` to the number of
-        (token, channel) spikes that component created or cancelled.
+        A step-up is measured after the block (the residual value it helped write), a step-down
+        before it (the value it cancels).
         """
-        events: dict[str, Counter] = {"step_up": Counter(), "step_down": Counter()}
+        steps: dict[str, dict[tuple[int, str], list[float]]] = {
+            "step_up": defaultdict(list),
+            "step_down": defaultdict(list),
+        }
         outputs = [s for s in ("attn_out", "mlp_out") if s in self.sites]
         if not outputs:
-            return events
+            return steps
         resid = {(a.layer, a.token, a.channel): a.value for a in self.massive}
         written: dict[tuple[int, TokenRef, int], list[tuple[str, float]]] = defaultdict(list)
         for site in outputs:
@@ -205,14 +229,57 @@ class SpikeStats:
                     and value * after > 0
                     and abs(value) >= _STEP_SHARE * abs(after)
                 ):
-                    events["step_up"][(layer, component)] += 1
+                    steps["step_up"][(layer, component)].append(abs(after))
                 if (
                     before is not None
                     and value * before < 0
                     and abs(value) >= _STEP_SHARE * abs(before)
                 ):
-                    events["step_down"][(layer, component)] += 1
-        return events
+                    steps["step_down"][(layer, component)].append(abs(before))
+        return steps
+
+    @cached_property
+    def lifecycle(self) -> dict[str, Counter]:
+        """Counts of step-up and step-down events per (layer, component), over spike entries.
+
+        Keys `"step_up"` and `"step_down"` map `(layer, "attn" | "mlp")` to the number of
+        (token, channel) spikes that component created or cancelled.
+        """
+        return {
+            kind: Counter({block: len(v) for block, v in sorted(by_block.items())})
+            for kind, by_block in self._steps.items()
+        }
+
+    @cached_property
+    def lifecycle_peaks(self) -> dict[str, dict[tuple[int, str], float]]:
+        """The largest spike each step-up / step-down block handled, keyed like :attr:`lifecycle`.
+
+        For a step-up block: the largest |x| at `hook_resid_post` of its layer among the spikes
+        it created; for a step-down block: the largest |x| it cancelled (before the block).
+        """
+        return {
+            kind: {block: max(v) for block, v in sorted(by_block.items())}
+            for kind, by_block in self._steps.items()
+        }
+
+    @cached_property
+    def spike(self) -> float:
+        """The paper's "Spike": the largest |x| at `hook_resid_post` in the spike channels.
+
+        Taken over every layer and token of the scan, in :attr:`channels`; NaN when the scan
+        found no massive activation (so there are no spike channels). Each layer keeps its
+        largest entries first, so the value is exact unless :attr:`truncated` says otherwise.
+        """
+        if not self.channels:
+            return float("nan")
+        channels = torch.tensor(self.channels)
+        best = float("nan")
+        for e in self.entries["resid_post"]:
+            keep = torch.isin(e.meta[:, 3], channels)
+            if bool(keep.any()):
+                top = float(e.keys[keep].max())
+                best = top if best != best else max(best, top)
+        return best
 
     @property
     def step_up_layers(self) -> tuple[int, ...]:
@@ -226,7 +293,7 @@ class SpikeStats:
 
     def merge(self, other: SpikeStats) -> SpikeStats:
         """The statistics of both scans' corpora together."""
-        _check_same(self, other, ("sites", "n_layers", "abs_threshold", "rel_threshold"))
+        check_same(self, other, ("sites", "n_layers", "abs_threshold", "rel_threshold"))
         return SpikeStats(
             sites=self.sites,
             n_layers=self.n_layers,
@@ -258,20 +325,6 @@ def _take(e: TopEntries, keep: torch.Tensor) -> TopEntries:
     return replace(e, keys=e.keys[keep], values=e.values[keep], meta=e.meta[keep])
 
 
-def _share(items: tuple, pred: Callable[[Any], bool]) -> float:
-    return sum(map(pred, items)) / len(items) if items else float("nan")
-
-
-def _check_same(a: Any, b: Any, fields: tuple[str, ...]) -> None:
-    from tl_spikesink.errors import SpikeSinkError
-
-    for f in fields:
-        if getattr(a, f) != getattr(b, f):
-            raise SpikeSinkError(
-                f"cannot merge results with different {f} "
-                f"({getattr(a, f)!r} vs {getattr(b, f)!r}); "
-                "scan both shards with the same model and settings"
-            )
 
 
 class SpikeProbe(Probe):

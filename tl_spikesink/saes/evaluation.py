@@ -38,6 +38,7 @@ from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.evaluation.logits import next_token_logprobs, nll
 from tl_spikesink.probes.engine import HookFn, Pass, Probe, Step, run
 from tl_spikesink.probes.scan import ScanConfig, ScanResult, as_corpus, scan_corpus
+from tl_spikesink.results import Result
 from tl_spikesink.saes.masks import (
     TOKEN_CLASSES,
     DelimiterIds,
@@ -60,8 +61,8 @@ GROUPS: dict[str, tuple[TokenClass, ...]] = {
 """Rows of the report: each class, the tokens that are neither spike nor sink, and all tokens."""
 
 
-@dataclass(frozen=True)
-class SAEReport:
+@dataclass(frozen=True, repr=False)
+class SAEReport(Result):
     """Sums over a corpus of how an SAE reconstructs one hook point, per token class."""
 
     model: str
@@ -203,7 +204,7 @@ class SAEReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready numbers, settings and provenance (NaN becomes null)."""
-        from tl_spikesink.views.text import _clean
+        from tl_spikesink.views.format import json_clean
 
         rows = {
             g: {
@@ -217,7 +218,7 @@ class SAEReport:
             }
             for g in GROUPS
         }
-        return _clean(
+        return json_clean(
             {
                 "model": self.model,
                 "hook": self.hook,
@@ -240,7 +241,7 @@ class SAEReport:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The report as JSON text, also written to `path` if given."""
-        from tl_spikesink.views.text import json_text
+        from tl_spikesink.views.format import json_text
 
         return json_text(self.to_dict(), path)
 
@@ -483,11 +484,11 @@ def _scan_id(scan: ScanResult) -> dict[str, Any]:
 
 
 def _describe(sae: Any) -> dict[str, Any]:
-    from tl_spikesink.views.text import _clean
+    from tl_spikesink.views.format import json_clean
 
     meta = getattr(sae.cfg, "metadata", None)
     meta = meta.to_dict() if hasattr(meta, "to_dict") else {}
-    return _clean(
+    return json_clean(
         {
             "class": type(sae).__name__,
             "architecture": sae.cfg.architecture(),

@@ -29,6 +29,7 @@ from tl_spikesink.anatomy import Anatomy
 from tl_spikesink.corpus import Corpus, default_texts, tokenize
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.probes.engine import HookFn, Probe, Step, run
+from tl_spikesink.results import Result
 from tl_spikesink.saes.masks import SpikeRule
 from tl_spikesink.saes.splice import activation_width, layer_of
 
@@ -36,8 +37,8 @@ Exclude = Literal["spikes"] | None
 """Which positions to drop from training activations: "spikes" (those the rule flags) or None."""
 
 
-@dataclass(frozen=True)
-class Activations:
+@dataclass(frozen=True, repr=False)
+class Activations(Result):
     """Activations at one hook point over a corpus (pads dropped), with their spike flags."""
 
     x: Float[torch.Tensor, "n d_in"]

@@ -5,17 +5,19 @@ Names load on first use, so `import tl_spikesink` (and the CLI's parser) stays l
 * ``variants``: the architectures (norm placement, gates, head dimension) and regimes;
 * ``tasks``: the data (bigram-backcopy, natural text) and the fixed probe batch;
 * ``runs``: :func:`train`, its config, the emergence snapshots and checkpoints;
-* ``ablation``: :func:`ablate`, the table over variants and seeds;
-* ``plots``: emergence curves and the table as bars.
+* ``ablation``: :func:`ablation_study`, the table over variants and seeds.
+
+Its figures (emergence curves, the table as bars) are views: :mod:`tl_spikesink.views.training`.
 """
 
+import warnings
 from importlib import import_module
 from typing import Any
 
 _NAMES = {
     "AblationRow": "ablation",
     "AblationTable": "ablation",
-    "ablate": "ablation",
+    "ablation_study": "ablation",
     "load_table": "ablation",
     "SeedStat": "ablation",
     "BigramBackcopy": "tasks",
@@ -33,15 +35,29 @@ _NAMES = {
     "VARIANTS": "variants",
     "Variant": "variants",
     "build_model": "variants",
-    "plot_ablation": "plots",
-    "plot_emergence": "plots",
 }
 """Public names and the module holding each."""
+
+
+_RENAMED = {
+    "ablate": ("training.ablation", "ablation_study"),
+    "plot_ablation": ("views.training", "plot_ablation"),
+    "plot_emergence": ("views.training", "plot_emergence"),
+}
+"""Old names (``ablate`` read like an intervention; plots are views) → where they are now."""
 
 
 def __getattr__(name: str) -> Any:
     if name in _NAMES:
         return getattr(import_module(f"tl_spikesink.training.{_NAMES[name]}"), name)
+    if name in _RENAMED:
+        module, new = _RENAMED[name]
+        warnings.warn(
+            f"tl_spikesink.training.{name} is now tl_spikesink.{module}.{new}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(import_module(f"tl_spikesink.{module}"), new)
     raise AttributeError(f"module 'tl_spikesink.training' has no attribute {name!r}")
 
 

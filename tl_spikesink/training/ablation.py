@@ -19,10 +19,11 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.views.text import text_table
+from tl_spikesink.results import Result
 from tl_spikesink.training.runs import TrainConfig, TrainingRun, train
 from tl_spikesink.training.tasks import BigramBackcopy, Task
 from tl_spikesink.training.variants import VARIANTS, Variant, variant
+from tl_spikesink.views.format import text_table
 
 COLUMNS: tuple[str, ...] = (
     "loss",
@@ -103,8 +104,8 @@ class AblationRow:
         }
 
 
-@dataclass(frozen=True)
-class AblationTable:
+@dataclass(frozen=True, repr=False)
+class AblationTable(Result):
     """The ablation table, with every run (and so every emergence curve) it came from."""
 
     rows: tuple[AblationRow, ...]
@@ -141,9 +142,9 @@ class AblationTable:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready table: settings, rows, and every run's emergence history."""
-        from tl_spikesink.views.text import _clean
+        from tl_spikesink.views.format import json_clean
 
-        return _clean(
+        return json_clean(
             {
                 "config": asdict(self.config),
                 "task": self.task,
@@ -154,7 +155,7 @@ class AblationTable:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The table as JSON text, also written to `path` if given."""
-        from tl_spikesink.views.text import json_text
+        from tl_spikesink.views.format import json_text
 
         return json_text(self.to_dict(), path)
 
@@ -242,7 +243,7 @@ def load_table(path: str | Path) -> AblationTable:
         ) from None
 
 
-def ablate(
+def ablation_study(
     variants: Sequence[str | Variant] | str = ("baseline", "sandwich", "gate_input"),
     *,
     seeds: int | Sequence[int] = 3,
@@ -318,7 +319,7 @@ def ablate(
         except BrokenProcessPool:
             raise SpikeSinkError(
                 "a training worker died before finishing. Spawned workers re-import the calling "
-                "script: call ablate(..., workers=N) from a notebook, the CLI, or a script "
+                "script: call ablation_study(..., workers=N) from a notebook, the CLI, or a script "
                 "file under `if __name__ == '__main__':` (not from stdin), or use workers=1"
             ) from None
     bar.close()
@@ -342,4 +343,4 @@ def _train_job(
     return train(v, config, task, out=out, progress=progress)[1]
 
 
-__all__ = ["AblationRow", "AblationTable", "SeedStat", "ablate", "load_table"]
+__all__ = ["AblationRow", "AblationTable", "SeedStat", "ablation_study", "load_table"]

@@ -33,6 +33,7 @@ from tl_spikesink.corpus import Corpus
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.evaluation.scoring import evaluate
 from tl_spikesink.probes.scan import ScanConfig
+from tl_spikesink.results import Result
 from tl_spikesink.training.tasks import BigramBackcopy, Task, probe_corpus, task_from_dict
 from tl_spikesink.training.variants import Variant, build_model, model_config
 
@@ -125,8 +126,8 @@ class Snapshot:
     """Wall time since training started."""
 
 
-@dataclass(frozen=True)
-class TrainingRun:
+@dataclass(frozen=True, repr=False)
+class TrainingRun(Result):
     """What one training run did: settings, emergence history, where the checkpoint is."""
 
     variant: Variant
@@ -143,9 +144,9 @@ class TrainingRun:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready record of the run."""
-        from tl_spikesink.views.text import _clean
+        from tl_spikesink.views.format import json_clean
 
-        return _clean(
+        return json_clean(
             {
                 "variant": self.variant.to_dict(),
                 "config": asdict(self.config),
@@ -158,7 +159,7 @@ class TrainingRun:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The record as JSON text, also written to `path` if given."""
-        from tl_spikesink.views.text import json_text
+        from tl_spikesink.views.format import json_text
 
         return json_text(self.to_dict(), path)
 

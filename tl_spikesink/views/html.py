@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
-import math
 import re
 from collections.abc import Iterable, Sequence
 from functools import cache
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tl_spikesink.errors import SpikeSinkError
+from tl_spikesink.views.format import layer_list, num, pct
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -162,8 +162,8 @@ def _widgets(
     max_tokens: int,
     max_attention_tokens: int,
 ) -> list[tuple[str, str, Any]]:
-    from tl_spikesink.views import widgets as w
     from tl_spikesink.corpus import default_texts
+    from tl_spikesink.views import widgets as w
 
     if texts is None:
         # Two texts: the top-k widget then has two samples (its layer columns need two).
@@ -215,7 +215,7 @@ def _widgets(
         (
             "Sink scores on this text",
             f"On {note}: α_0 of every head on this one text (the Plots section pools the corpus).",
-            w.sink_scores_widget(model, text, epsilon=k.epsilon, max_tokens=max_tokens),
+            w.plot_text_sink_scores(model, text, epsilon=k.epsilon, max_tokens=max_tokens),
         )
     )
     return out
@@ -236,17 +236,17 @@ def _summary(r: ScanResult) -> str:
         ),
         (
             "spike rule",
-            f"|x| > {_num(s.abs_threshold)} and > {_num(s.rel_threshold)} × layer median "
+            f"|x| > {num(s.abs_threshold)} and > {num(s.rel_threshold)} × layer median "
             "(hook_resid_post)",
         ),
         ("spike channels", ", ".join(map(str, s.channels)) or "none"),
-        ("massive layers", _layer_list(s.massive_layers)),
+        ("massive layers", layer_list(s.massive_layers)),
         ("step-up blocks", _events(s.lifecycle["step_up"])),
         ("step-down blocks", _events(s.lifecycle["step_down"])),
         (
             "spike tokens",
-            f"{len(s.tokens)} (first token {_pct(s.share_first)}, delimiters "
-            f"{_pct(s.share_delimiter)})"
+            f"{len(s.tokens)} (first token {pct(s.share_first)}, delimiters "
+            f"{pct(s.share_delimiter)})"
             + (" — truncated, raise max_candidates" if s.truncated else ""),
         ),
         (
@@ -260,8 +260,8 @@ def _summary(r: ScanResult) -> str:
         ),
         (
             "sink tokens",
-            f"{len(k.tokens)} (first token {_pct(k.share_first)}, delimiters "
-            f"{_pct(k.share_delimiter)}; {_pct(r.sink_spike_overlap)} are also spike tokens)",
+            f"{len(k.tokens)} (first token {pct(k.share_first)}, delimiters "
+            f"{pct(k.share_delimiter)}; {pct(r.sink_spike_overlap)} are also spike tokens)",
         ),
     ]
     rows = "".join(f"<tr><th>{_esc(a)}</th><td>{_esc(b)}</td></tr>" for a, b in facts)
@@ -386,7 +386,7 @@ def _cell(v: Any) -> str:
     if isinstance(v, bool):
         return str(v)
     if isinstance(v, float):
-        return _num(v)
+        return num(v)
     if isinstance(v, (list, tuple)):
         return ", ".join(map(_cell, v))
     if isinstance(v, dict):
@@ -396,20 +396,10 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def _num(x: float) -> str:
-    if math.isnan(x):
-        return "–"
-    if x == int(x) and abs(x) < 1e6:
-        return str(int(x))
-    return f"{x:.4g}"
 
 
-def _pct(x: float) -> str:
-    return "–" if x != x else f"{100 * x:.0f}%"
 
 
-def _layer_list(layers: tuple[int, ...]) -> str:
-    return ", ".join(map(str, layers)) if layers else "none"
 
 
 def _events(counter: dict) -> str:

@@ -18,16 +18,16 @@ from typing import TYPE_CHECKING
 import plotly.graph_objects as go
 import torch
 
-from tl_spikesink.views.plots import _finish, _values
+from tl_spikesink.views.plots import finish_figure, plot_values
 
 if TYPE_CHECKING:
-    from tl_spikesink.mechanism.claims import ClaimsTable
     from tl_spikesink.mechanism import (
         HeadDecomposition,
         QuadraticForm,
         Representations,
         SiluRegime,
     )
+    from tl_spikesink.mechanism.claims import ClaimsTable
 
 _SPIKE, _OTHER = "#d62728", "#1f77b4"
 _VERDICT_COLORS = {"holds": "#d9f2d9", "does not hold": "#f8d7d7", "not applicable": "#eeeeee"}
@@ -50,8 +50,8 @@ def plot_silu_regime(result: SiluRegime) -> go.Figure:
     ):
         fig.add_trace(
             go.Scatter(
-                x=_values(result.norm_ratio[mask]),
-                y=_values(result.cosine[mask]),
+                x=plot_values(result.norm_ratio[mask]),
+                y=plot_values(result.cosine[mask]),
                 name=name,
                 mode="markers",
                 marker={
@@ -73,7 +73,7 @@ def plot_silu_regime(result: SiluRegime) -> go.Figure:
     )
     fig.update_xaxes(title_text="‖act(z)‖ / ‖z‖")
     fig.update_yaxes(title_text="cos(z, act(z))")
-    return _finish(fig, f"SiLU regime of block {result.layer}'s MLP, per token", height=420)
+    return finish_figure(fig, f"SiLU regime of block {result.layer}'s MLP, per token", height=420)
 
 
 def plot_quadratic_norms(result: QuadraticForm) -> go.Figure:
@@ -88,7 +88,7 @@ def plot_quadratic_norms(result: QuadraticForm) -> go.Figure:
         [
             go.Scatter(
                 x=list(range(norms.numel())),
-                y=_values(norms),
+                y=plot_values(norms),
                 name="channels",
                 mode="markers",
                 marker={"color": _OTHER, "size": 4},
@@ -96,7 +96,7 @@ def plot_quadratic_norms(result: QuadraticForm) -> go.Figure:
             ),
             go.Scatter(
                 x=spike,
-                y=_values(norms[spike]),
+                y=plot_values(norms[spike]),
                 name="spike channels",
                 mode="markers+text",
                 text=[str(k) for k in spike],
@@ -109,7 +109,7 @@ def plot_quadratic_norms(result: QuadraticForm) -> go.Figure:
     fig.update_xaxes(title_text="output channel k")
     fig.update_yaxes(title_text="‖S_k‖_F", type="log")
     title = f"SwiGLU quadratic form of block {result.layer}'s MLP: size per output channel"
-    return _finish(fig, title, height=400)
+    return finish_figure(fig, title, height=400)
 
 
 def plot_quadratic_spectrum(result: QuadraticForm) -> go.Figure:
@@ -126,7 +126,7 @@ def plot_quadratic_spectrum(result: QuadraticForm) -> go.Figure:
         fig.add_trace(
             go.Scatter(
                 x=list(range(vals.numel())),
-                y=_values(vals),
+                y=plot_values(vals),
                 name=f"S_{k}",
                 meta=k,
                 mode="lines+markers",
@@ -150,7 +150,7 @@ def plot_quadratic_spectrum(result: QuadraticForm) -> go.Figure:
     )
     fig.update_xaxes(title_text="eigenvalue rank (ascending)")
     fig.update_yaxes(title_text="eigenvalue λ")
-    return _finish(fig, f"Spectrum of S_k, block {result.layer}, spike channels", height=400)
+    return finish_figure(fig, f"Spectrum of S_k, block {result.layer}, spike channels", height=400)
 
 
 def plot_representations(result: Representations) -> go.Figure:
@@ -165,7 +165,7 @@ def plot_representations(result: Representations) -> go.Figure:
         [
             go.Scatter(
                 x=layers,
-                y=_values(values),
+                y=plot_values(values),
                 name=name,
                 mode="lines+markers",
                 line={"color": color},
@@ -185,7 +185,7 @@ def plot_representations(result: Representations) -> go.Figure:
     )
     fig.update_xaxes(title_text="layer (resid_post)")
     fig.update_yaxes(title_text="mean pairwise cosine", range=[-0.05, 1.05])
-    return _finish(fig, "How alike spike tokens become across depth", height=400)
+    return finish_figure(fig, "How alike spike tokens become across depth", height=400)
 
 
 def plot_head_decomposition(result: HeadDecomposition) -> go.Figure:
@@ -212,12 +212,12 @@ def plot_head_decomposition(result: HeadDecomposition) -> go.Figure:
         custom = torch.cat([grid[mask].double(), *(f[mask].double()[:, None] for f in fields)], 1)
         fig.add_trace(
             go.Scatter(
-                x=_values(result.sink_attention[mask]),
-                y=_values(result.relative_norm[mask]),
+                x=plot_values(result.sink_attention[mask]),
+                y=plot_values(result.relative_norm[mask]),
                 name=name,
                 mode="markers",
                 marker={"color": color, "size": 7, "opacity": 0.75},
-                customdata=[_values(row) for row in custom],
+                customdata=[plot_values(row) for row in custom],
                 hovertemplate=(
                     "L%{customdata[0]}H%{customdata[1]}<br>attention on sinks %{x:.3f}"
                     "<br>‖output‖ / layer mean %{y:.3f}<br>from sink values %{customdata[2]:.3g},"
@@ -229,7 +229,7 @@ def plot_head_decomposition(result: HeadDecomposition) -> go.Figure:
     fig.add_hline(y=1.0, line_dash="dot", line_color="#7f7f7f")
     fig.update_xaxes(title_text="attention on sink tokens (ordinary queries)", range=[-0.02, 1.02])
     fig.update_yaxes(title_text="‖head output‖ / layer's mean head")
-    return _finish(fig, "What each head writes at ordinary tokens", height=440)
+    return finish_figure(fig, "What each head writes at ordinary tokens", height=440)
 
 
 def plot_claims(table: ClaimsTable) -> go.Figure:
@@ -264,7 +264,7 @@ def plot_claims(table: ClaimsTable) -> go.Figure:
     title = (
         f"Claims for {table.model} ({table.n_tokens} tokens, {table.n_spike_tokens} spike tokens)"
     )
-    return _finish(fig, title, height=min(1200, 120 + 48 * len(rows)))
+    return finish_figure(fig, title, height=min(1200, 120 + 48 * len(rows)))
 
 
 __all__ = [

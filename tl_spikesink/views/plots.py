@@ -93,7 +93,7 @@ def plot_massive_activations(result: ScanResult) -> go.Figure:
         f"Massive activations across depth — {result.model} "
         f"(step-up {_layer_list(s.step_up_layers)}; step-down {_layer_list(s.step_down_layers)})"
     )
-    return _finish(fig, title, height=440)
+    return finish_figure(fig, title, height=440)
 
 
 def plot_sink_ratio(result: ScanResult) -> go.Figure:
@@ -126,7 +126,7 @@ def plot_sink_ratio(result: ScanResult) -> go.Figure:
     )
     fig.update_xaxes(title_text="layer", dtick=_dtick(k.n_layers))
     fig.update_yaxes(title_text="share of heads with α₀ > ε", range=[0, 1.05])
-    return _finish(fig, f"Sink ratio per layer (ε = {k.epsilon})", height=360)
+    return finish_figure(fig, f"Sink ratio per layer (ε = {k.epsilon})", height=360)
 
 
 def plot_alpha(result: ScanResult, *, max_position: int = 64, max_heads: int = 8) -> go.Figure:
@@ -146,7 +146,7 @@ def plot_alpha(result: ScanResult, *, max_position: int = 64, max_heads: int = 8
     fig = go.Figure(
         go.Scatter(
             x=positions,
-            y=_values(alpha.mean((0, 1))),
+            y=plot_values(alpha.mean((0, 1))),
             name="mean over heads",
             mode="lines",
             line={"color": "black", "width": 3},
@@ -156,7 +156,7 @@ def plot_alpha(result: ScanResult, *, max_position: int = 64, max_heads: int = 8
     for layer, head in heads:
         fig.add_trace(
             go.Scatter(
-                x=positions, y=_values(alpha[layer, head]), name=f"L{layer}H{head}", mode="lines"
+                x=positions, y=plot_values(alpha[layer, head]), name=f"L{layer}H{head}", mode="lines"
             )
         )
     fig.add_hline(y=k.epsilon, line_dash="dot", annotation_text=f"ε = {k.epsilon}")
@@ -165,7 +165,7 @@ def plot_alpha(result: ScanResult, *, max_position: int = 64, max_heads: int = 8
     shown = (
         f"top {len(heads)} of {len(k.sink_heads)} sink heads" if k.sink_heads else "no sink heads"
     )
-    return _finish(fig, f"Attention received by key position ({shown})", height=400)
+    return finish_figure(fig, f"Attention received by key position ({shown})", height=400)
 
 
 def plot_sink_scores(result: ScanResult) -> go.Figure:
@@ -179,7 +179,7 @@ def plot_sink_scores(result: ScanResult) -> go.Figure:
         named "sink heads (α₀ > ε)".
     """
     k = result.sinks
-    return _score_heatmap(k.scores, k.epsilon, f"First-token sink score per head ({result.model})")
+    return score_heatmap(k.scores, k.epsilon, f"First-token sink score per head ({result.model})")
 
 
 def plot_attention_distance(result: ScanResult) -> go.Figure:
@@ -235,7 +235,7 @@ def plot_attention_distance(result: ScanResult) -> go.Figure:
     )
     fig.update_xaxes(title_text="attention distance (tokens), with the sink key")
     fig.update_yaxes(title_text="without the sink key (renormalized)")
-    return _finish(fig, "Attention distance: " + "; ".join(summary), height=440)
+    return finish_figure(fig, "Attention distance: " + "; ".join(summary), height=440)
 
 
 _KIND_COLORS = {
@@ -333,7 +333,7 @@ def plot_interventions(table: ExperimentTable) -> go.Figure:
         f"Decoupling experiment — {table.model} ({c.get('n_tokens', 0):,} tokens of "
         f"{c.get('name', 'the evaluation corpus')})"
     )
-    fig = _finish(fig, title, height=max(360, 30 * len(rows) + 210))
+    fig = finish_figure(fig, title, height=max(360, 30 * len(rows) + 210))
     return fig.update_layout(legend={"y": -0.3}, margin={"b": 100})
 
 
@@ -344,10 +344,10 @@ def _bar_value(x: float, log: bool) -> float | None:
     return float(x)
 
 
-def _score_heatmap(scores: torch.Tensor, epsilon: float, title: str) -> go.Figure:
+def score_heatmap(scores: torch.Tensor, epsilon: float, title: str) -> go.Figure:
     """A [layer, head] score heatmap in [0, 1] with heads above ε outlined."""
     n_layers, n_heads = scores.shape
-    z = [_values(row) for row in scores]
+    z = [plot_values(row) for row in scores]
     show_text = n_layers * n_heads <= _MAX_CELL_TEXT
     fig = go.Figure(
         go.Heatmap(
@@ -381,7 +381,7 @@ def _score_heatmap(scores: torch.Tensor, epsilon: float, title: str) -> go.Figur
     fig.update_xaxes(title_text="head", dtick=1)
     fig.update_yaxes(title_text="layer", dtick=_dtick(n_layers), autorange="reversed")
     height = min(900, max(320, 22 * n_layers + 140))
-    return _finish(fig, title, height=height)
+    return finish_figure(fig, title, height=height)
 
 
 _SITE_TITLES = {
@@ -404,7 +404,7 @@ def _line(
         x=x,
         # Zeros have no place on a log axis: leave a gap. Streaming medians of all-zero layers
         # come back as denormals (the histogram's zero bin), which count as zero too.
-        y=[v if v is not None and v >= _TINY else None for v in _values(y)],
+        y=[v if v is not None and v >= _TINY else None for v in plot_values(y)],
         name=name,
         meta=site,
         legendgroup=name,
@@ -415,7 +415,7 @@ def _line(
     )
 
 
-def _values(x: torch.Tensor) -> list[float | None]:
+def plot_values(x: torch.Tensor) -> list[float | None]:
     """Plain floats for JSON; NaN (no data) becomes a gap."""
     return [None if v != v else v for v in x.double().tolist()]
 
@@ -432,7 +432,8 @@ def _layer_list(layers: tuple[int, ...]) -> str:
     return ", ".join(f"L{layer}" for layer in layers) or "none"
 
 
-def _finish(fig: go.Figure, title: str, height: int) -> go.Figure:
+def finish_figure(fig: go.Figure, title: str, height: int) -> go.Figure:
+    """The house layout every figure of the package ends with: title, template, margins."""
     fig.update_layout(
         title={"text": title, "x": 0.01, "font": {"size": 15}},
         template=_TEMPLATE,

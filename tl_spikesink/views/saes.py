@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from tl_spikesink.views.text import text_table
+from tl_spikesink.views.format import num, pct, signed, text_table
 
 if TYPE_CHECKING:
     from tl_spikesink.saes.evaluation import SAEReport
@@ -19,20 +19,10 @@ _RUN_LABELS = {
 }
 
 
-def _num(x: float) -> str:
-    if x != x:
-        return "-"
-    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e5 or x == 0 else f"{x:.2e}"
 
 
-def _pct(x: float) -> str:
-    if x != x:
-        return "-"
-    return f"{100 * x:.1f}%" if abs(x) < 10 else f"{_num(100 * x)}%"
 
 
-def _signed(x: float) -> str:
-    return "-" if x != x else f"{x:+.3g}"
 
 
 def render_report(r: SAEReport) -> str:
@@ -44,11 +34,11 @@ def render_report(r: SAEReport) -> str:
         [
             g,
             f"{r.n(g):,}",
-            _num(r.mse(g)),
-            _pct(r.explained_variance(g)),
-            _num(r.l0(g)),
-            _signed(r.delta_loss("sae", g)) if "sae" in r.runs else "-",
-            _pct(r.spike_channel_error_share(g)),
+            num(r.mse(g)),
+            pct(r.explained_variance(g)),
+            num(r.l0(g)),
+            signed(r.delta_loss("sae", g)) if "sae" in r.runs else "-",
+            pct(r.spike_channel_error_share(g)),
         ]
         for g in GROUPS
     ]
@@ -66,17 +56,17 @@ def render_report(r: SAEReport) -> str:
         f"({r.n_sink_spike:,} sink tokens are also spike tokens);",
         "Δloss: loss with the SAE spliced in everywhere minus clean, at positions of that class.",
         f"latents: {r.d_sae:,}, dead on this corpus {r.dead_latents:,} "
-        f"({_pct(r.dead_latents / r.d_sae)})",
+        f"({pct(r.dead_latents / r.d_sae)})",
     ]
     clean = r.loss("clean")
-    out.append(f"next-token loss: clean {_num(clean)}")
+    out.append(f"next-token loss: clean {num(clean)}")
     for run in r.runs[1:]:
-        rec = "" if run == "zero" else f", loss recovered {_pct(r.loss_recovered(run))}"
-        out.append(f"  {_RUN_LABELS[run]}: {_num(r.loss(run))} ({_signed(r.delta_loss(run))}{rec})")
+        rec = "" if run == "zero" else f", loss recovered {pct(r.loss_recovered(run))}"
+        out.append(f"  {_RUN_LABELS[run]}: {num(r.loss(run))} ({signed(r.delta_loss(run))}{rec})")
     for g in ("spike", "sink"):
         top = r.firing_latents(g, 5)
         if top:
-            shown = ", ".join(f"#{i} ({_pct(a)} vs {_pct(b)} of normal)" for i, a, b in top)
+            shown = ", ".join(f"#{i} ({pct(a)} vs {pct(b)} of normal)" for i, a, b in top)
             out.append(f"latents firing on {g} tokens: {shown}")
     return "\n".join(out)
 
@@ -103,17 +93,17 @@ def compare_reports(reports: Mapping[str, SAEReport]) -> str:
         rows.append(
             [
                 name,
-                _pct(r.explained_variance("all")),
-                _pct(r.explained_variance("normal")),
-                _pct(r.explained_variance("spike")),
-                _num(r.mse("normal")),
-                _num(r.l0("normal")),
+                pct(r.explained_variance("all")),
+                pct(r.explained_variance("normal")),
+                pct(r.explained_variance("spike")),
+                num(r.mse("normal")),
+                num(r.l0("normal")),
                 f"{r.dead_latents:,}/{r.d_sae:,}",
-                _signed(r.delta_loss("sae")) if "sae" in has else "-",
-                _pct(r.loss_recovered("sae")) if "sae" in has else "-",
-                _signed(r.delta_loss("spike_only")) if "spike_only" in has else "-",
-                _pct(r.loss_recovered("bypass")) if "bypass" in has else "-",
-                _pct(r.spike_channel_error_share("spike")),
+                signed(r.delta_loss("sae")) if "sae" in has else "-",
+                pct(r.loss_recovered("sae")) if "sae" in has else "-",
+                signed(r.delta_loss("spike_only")) if "spike_only" in has else "-",
+                pct(r.loss_recovered("bypass")) if "bypass" in has else "-",
+                pct(r.spike_channel_error_share("spike")),
             ]
         )
     return "\n".join(

@@ -3,38 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
+from tl_spikesink.views.format import json_clean, layer_list, num, pct
 
 if TYPE_CHECKING:
     from tl_spikesink.probes.scan import ScanResult
 
 _SHOWN_TOKENS = 10
-
-
-def _clean(x: Any) -> Any:
-    """JSON has no NaN: missing numbers become null; tensors become lists."""
-    if isinstance(x, torch.Tensor):
-        return _clean(x.tolist())
-    if isinstance(x, float):
-        return None if math.isnan(x) or math.isinf(x) else x
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    return x
-
-
-def json_text(data: dict[str, Any], path: str | Path | None = None) -> str:
-    """`data` as indented JSON text, also written to `path` if given (every report's `to_json`)."""
-    text = json.dumps(data, indent=1)
-    if path is not None:
-        Path(path).write_text(text)
-    return text
 
 
 def to_dict(r: ScanResult) -> dict[str, Any]:
@@ -52,7 +28,7 @@ def to_dict(r: ScanResult) -> dict[str, Any]:
         for kind, counter in s.lifecycle.items()
         for (layer, comp), n in sorted(counter.items())
     ]
-    return _clean(
+    return json_clean(
         {
             "model": r.model,
             "prepend_bos": r.prepend_bos,
@@ -117,29 +93,12 @@ def to_dict(r: ScanResult) -> dict[str, Any]:
     )
 
 
-def text_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """Lines of a plain-text table: first column left-aligned, the rest right-aligned."""
-    width = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-
-    def fmt(cells: list[str]) -> str:
-        pairs = enumerate(zip(cells, width, strict=True))
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in pairs)
-
-    return [fmt(header), fmt(["-" * w for w in width]), *(fmt(r) for r in rows)]
 
 
-def _num(x: float) -> str:
-    if x != x:
-        return "-"
-    return f"{x:.3g}" if abs(x) < 1e4 else f"{x:.2e}"
 
 
-def _pct(x: float) -> str:
-    return "-" if x != x else f"{100 * x:.0f}%"
 
 
-def _layers(layers: tuple[int, ...]) -> str:
-    return ", ".join(map(str, layers)) if layers else "none"
 
 
 def summary(r: ScanResult) -> str:
@@ -149,21 +108,21 @@ def summary(r: ScanResult) -> str:
         f"tl_spikesink scan of {r.model}: {r.n_tokens:,} tokens in {r.n_sequences:,} sequences "
         f"(prepend_bos={r.prepend_bos}; corpus {', '.join(c['name'] for c in r.corpus)})",
         "",
-        f"SPIKES  |x| > {_num(s.abs_threshold)} and > {_num(s.rel_threshold)} x layer median, "
+        f"SPIKES  |x| > {num(s.abs_threshold)} and > {num(s.rel_threshold)} x layer median, "
         "hook_resid_post",
         f"  spike channels   {', '.join(map(str, s.channels[:8])) or 'none'}",
-        f"  massive layers   {_layers(s.massive_layers)}",
+        f"  massive layers   {layer_list(s.massive_layers)}",
         f"  step-up blocks   {_events(s.lifecycle['step_up'])}",
         f"  step-down blocks {_events(s.lifecycle['step_down'])}",
-        f"  spike tokens     {len(s.tokens)} (first token {_pct(s.share_first)}, "
-        f"delimiters {_pct(s.share_delimiter)})",
+        f"  spike tokens     {len(s.tokens)} (first token {pct(s.share_first)}, "
+        f"delimiters {pct(s.share_delimiter)})",
     ]
     if s.truncated:
         lines.append("  (some layer had more candidates than max_candidates; raise it to see all)")
     for t in s.tokens[:_SHOWN_TOKENS]:
         lines.append(
             f"    text {t.token.text_index:>4} pos {t.token.position:>4} {t.text!r:<12} "
-            f"{_num(t.max_value):>9}  channels {','.join(map(str, t.channels))}"
+            f"{num(t.max_value):>9}  channels {','.join(map(str, t.channels))}"
         )
     lines += ["", "  layer      top1      top2      top3    median   top1/median"]
     tops, med = s.top("resid_post", 3), s.median("resid_post")
@@ -172,7 +131,7 @@ def summary(r: ScanResult) -> str:
         m = float(med[layer])
         ratio = a / m if m else float("nan")
         lines.append(
-            f"  {layer:>5} {_num(a):>9} {_num(b):>9} {_num(c):>9} {_num(m):>9} {_num(ratio):>13}"
+            f"  {layer:>5} {num(a):>9} {num(b):>9} {num(c):>9} {num(m):>9} {num(ratio):>13}"
         )
     heads = sorted(k.sink_heads, key=lambda lh: -float(k.scores[lh]))
     lines += [
@@ -185,8 +144,8 @@ def summary(r: ScanResult) -> str:
             ", ".join(f"L{layer}H{h} {float(k.scores[layer, h]):.2f}" for layer, h in heads[:8])
             or "none"
         ),
-        f"  sink tokens      {len(k.tokens)} (first token {_pct(k.share_first)}, delimiters "
-        f"{_pct(k.share_delimiter)}; {_pct(r.sink_spike_overlap)} are also spike tokens)",
+        f"  sink tokens      {len(k.tokens)} (first token {pct(k.share_first)}, delimiters "
+        f"{pct(k.share_delimiter)}; {pct(r.sink_spike_overlap)} are also spike tokens)",
     ]
     return "\n".join(lines)
 

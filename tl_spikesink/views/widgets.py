@@ -22,6 +22,7 @@ import functools
 import html
 import json
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -209,12 +210,13 @@ def spike_topk_widget(
     )
 
 
-def sink_scores_widget(
+def plot_text_sink_scores(
     model: Any, text: str, *, epsilon: float = 0.3, max_tokens: int | None = None
 ) -> go.Figure:
-    """Layers × heads heatmap of the first-token sink score α_0 on one text.
+    """Layers × heads heatmap (plotly) of the first-token sink score α_0 on one text.
 
-    For scores pooled over a corpus, plot the scan: :func:`tl_spikesink.views.plots.plot_sink_scores`.
+    For scores pooled over a corpus, plot the scan: :func:`~tl_spikesink.views.plots.plot_sink_scores`.
+    (Named ``sink_scores_widget`` before 0.2, although it returns a plotly figure.)
 
     Args:
         model: a HookedTransformer-like model; only read.
@@ -225,14 +227,24 @@ def sink_scores_widget(
     Returns:
         A plotly heatmap figure.
     """
-    from tl_spikesink.views.plots import _score_heatmap
+    from tl_spikesink.views.plots import score_heatmap
 
     names = [hook_name("pattern", layer) for layer in range(Anatomy.of(model).n_layers)]
     tokens, kept = _forward(model, text, dict.fromkeys(names, _first_key_alpha), None, max_tokens)
     scores = torch.stack([kept[n] for n in names])
-    return _score_heatmap(
+    return score_heatmap(
         scores, epsilon, f"First-token sink score on one text ({len(tokens)} tokens)"
     )
+
+
+def sink_scores_widget(*args: Any, **kwargs: Any) -> go.Figure:
+    """Deprecated name of :func:`plot_text_sink_scores` (it returns a plotly figure)."""
+    warnings.warn(
+        "sink_scores_widget is now plot_text_sink_scores (it returns a plotly figure)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return plot_text_sink_scores(*args, **kwargs)
 
 
 _CDN_CALL = re.compile(
@@ -358,6 +370,7 @@ def _check_layer(layer: int, n_layers: int) -> None:
 __all__ = [
     "SINK_MARK",
     "attention_heads_widget",
+    "plot_text_sink_scores",
     "sink_scores_widget",
     "spike_tokens_widget",
     "spike_topk_widget",
