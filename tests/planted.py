@@ -141,3 +141,107 @@ def sentences(n: int, seed: int = 0, min_words: int = 14, max_words: int = 30) -
 def uniform_alpha0(lengths: list[int]) -> float:
     """Pooled first-token score of a head that attends uniformly: Σ_texts H_T / Σ_texts T."""
     return sum(sum(1 / (i + 1) for i in range(t)) for t in lengths) / sum(lengths)
+
+
+KEY_SINK_HEAD = (0, 1)
+"""The head of :func:`planted_key_sink` and :func:`planted_late_sink` (layer 0's second head)."""
+_POSITION_CHANNEL = 15
+"""A noise channel the positional builders clear and use as a position feature."""
+
+
+def _positional_head(model: HookedTransformer, query: int, key: int) -> None:
+    """Point head KEY_SINK_HEAD's query at channel `query` and its key at channel `key`."""
+    layer, head = KEY_SINK_HEAD
+    attn = model.blocks[layer].attn
+    attn.W_Q[head, query, 0] = 10.0
+    attn.W_K[head, key, 0] = 10.0
+
+
+def planted_key_sink(key_position: int = 3, n_ctx: int = 64) -> HookedTransformer:
+    """The planted model, plus a head (0, 1) that sinks on relative position `key_position`.
+
+    Channel 15 carries no noise and a learned position feature at `key_position` only; head
+    (0, 1) queries with channel 1 (every token) and keys on channel 15, so every query that can
+    see key `key_position` puts (almost) all its attention there, and earlier queries attend
+    uniformly. Its first-token score stays low; under Eq. 28 it is a sink head in every
+    sequence with ⌊T/2⌋ > key_position.
+    """
+    model = planted_model(n_ctx=n_ctx, positional="standard")
+    with torch.no_grad():
+        model.embed.W_E[:, _POSITION_CHANNEL] = 0.0
+        model.pos_embed.W_pos[key_position, _POSITION_CHANNEL] = 1.0
+        _positional_head(model, query=1, key=_POSITION_CHANNEL)
+    return model
+
+
+def planted_late_sink(from_position: int = 64, n_ctx: int = 128) -> HookedTransformer:
+    """The planted model, plus a head (0, 1) that sinks on the first token only from late queries.
+
+    Channel 15 carries no noise and a position feature at every position >= `from_position`;
+    head (0, 1) queries with it and keys on the BOS marker, so queries before `from_position`
+    attend uniformly and later ones put (almost) all their attention on the first token.
+    """
+    model = planted_model(n_ctx=n_ctx, positional="standard")
+    with torch.no_grad():
+        model.embed.W_E[:, _POSITION_CHANNEL] = 0.0
+        model.pos_embed.W_pos[from_position:, _POSITION_CHANNEL] = 1.0
+        _positional_head(model, query=_POSITION_CHANNEL, key=0)
+    return model
+
+
+def planted_steps(
+    writes: list[float], bos_only: tuple[int, ...] = (), noise: float = 0.05, n_ctx: int = 64
+) -> HookedTransformer:
+    """A spike built block by block: layer l's MLP adds `writes[l]` to channel 7 at spike tokens.
+
+    Spike tokens are BOS and "." (trigger channel 2), or BOS only (marker channel 0) for the
+    layers in `bos_only`. Attention writes nothing. Each MLP's output weight is solved from
+    the BOS residual it reads, so the writes are exact at BOS (and at "." while every earlier
+    write reached it too). Ordinary tokens carry small noise (`noise`), so every layer's
+    massive cut is the absolute 100.
+    """
+    n_layers = len(writes)
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers,
+        d_model=16,
+        n_heads=N_HEADS,
+        d_head=4,
+        d_mlp=8,
+        d_vocab=len(VOCAB),
+        n_ctx=n_ctx,
+        act_fn="silu",
+        gated_mlp=True,
+        normalization_type="RMS",
+        default_prepend_bos=True,
+        model_name="planted-steps",
+        seed=0,
+    )
+    model = HookedTransformer(cfg, tokenizer())
+    gen = torch.Generator().manual_seed(0)
+    silu = torch.nn.functional.silu
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for name, p in model.named_parameters():
+            if name.endswith(".w"):
+                p.fill_(1.0)
+        emb = model.embed.W_E
+        noise_channels = [4, 5, 6, *range(8, 16)]
+        emb[:, 1] = 1.0
+        emb[:, noise_channels] = noise * torch.randn(len(VOCAB), len(noise_channels), generator=gen)
+        bos, dot = VOCAB.index("<bos>"), VOCAB.index(".")
+        for t, marker in ((bos, 0), (dot, 3)):
+            emb[t] = 0.0
+            emb[t, [1, 2, marker]] = 1.0
+        at_bos = 0.0  # channel 7 of the BOS residual before the current layer
+        for layer, write in enumerate(writes):
+            if write == 0:
+                continue
+            trigger = 0 if layer in bos_only else 2
+            x = 1.0 / ((3 + at_bos**2) / 16 + cfg.eps) ** 0.5  # normalized trigger at BOS
+            mlp = model.blocks[layer].mlp
+            mlp.W_gate[trigger, 0] = 1.0
+            mlp.W_in[trigger, 0] = 1.0
+            mlp.W_out[0, SPIKE_CHANNEL] = write / float(silu(torch.tensor(x)) * x)
+            at_bos += write
+    return model

@@ -11,15 +11,13 @@ import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Int
 
+from tl_spikesink.config import LongTexts, PaddingSide
 from tl_spikesink.errors import SpikeSinkError
-
-LongTexts = Literal["chunk", "truncate", "error"]
-PaddingSide = Literal["right", "left"]
 
 
 @dataclass(frozen=True)

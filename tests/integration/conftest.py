@@ -4,7 +4,7 @@ import pytest
 @pytest.fixture(scope="session")
 def smollm2():
     """SmolLM2-135M, fetched from PyPI once per machine into the cache; shared read-only."""
-    from tl_spikesink.models.loading import load
+    from tl_spikesink.models import load
 
     return load("smollm2-135m", device="cpu", progress=False)
 

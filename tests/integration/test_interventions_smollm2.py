@@ -57,7 +57,7 @@ def test_defaults_target_the_main_spike_at_block_11(clean, evaluations):
 
 def test_zeroing_the_spike_breaks_the_model_and_the_mean_does_not(clean, evaluations):
     zero, mean = evaluations["zero"], evaluations["mean"]
-    assert zero.perplexity > 1000 * clean.perplexity  # science.md: 44 -> 2.9e6 on held-out prose
+    assert zero.perplexity > 1000 * clean.perplexity  # docs/definitions.md: 44 -> 2.9e6 on held-out prose
     assert zero.kl > 5 and zero.top1_agreement < 0.2
     assert abs(mean.perplexity / clean.perplexity - 1) < 0.10  # Sun et al.: the value is a constant
     assert mean.top1_agreement > 0.9

@@ -1,4 +1,4 @@
-"""The spike → sink mechanism on SmolLM2-135M, against the facts measured by hand (science.md)."""
+"""The spike → sink mechanism on SmolLM2-135M, against the facts measured by hand (docs/definitions.md, "Our offline models")."""
 
 import pytest
 import torch

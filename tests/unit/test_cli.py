@@ -7,11 +7,12 @@ import pytest
 from planted import SPIKE_CHANNEL, sentences
 
 from tl_spikesink.cli import commands as cli
+from tl_spikesink.cli import options
 
 
 @pytest.fixture
 def use_planted(planted, monkeypatch):
-    monkeypatch.setattr(cli, "_load_model", lambda args: planted)
+    monkeypatch.setattr(options, "load_model", lambda args: planted)
 
 
 def test_scan_prints_summary_and_writes_the_documented_json(use_planted, tmp_path, capsys):

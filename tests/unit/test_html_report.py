@@ -133,10 +133,11 @@ def test_extra_tables_render_rows_generically(result, tmp_path):
 
 
 def test_cli_writes_the_report(planted, tmp_path, monkeypatch):
-    pytest.importorskip("tl_spikesink.models.loading")  # the CLI's model choices come from it
+    
     from tl_spikesink.cli import commands as cli
+    from tl_spikesink.cli import options
 
-    monkeypatch.setattr(cli, "_load_model", lambda args: planted)
+    monkeypatch.setattr(options, "load_model", lambda args: planted)
     text_file = tmp_path / "texts.txt"
     text_file.write_text("\n".join(sentences(5)) + "\n")
     for command in ("report", "scan"):

@@ -315,8 +315,9 @@ def test_collect_and_train_drop_spikes(planted, texts):
 
 def test_cli_sae_command(planted, texts, tmp_path, monkeypatch, capsys):
     from tl_spikesink.cli import commands as cli
+    from tl_spikesink.cli import options
 
-    monkeypatch.setattr(cli, "_load_model", lambda args: planted)
+    monkeypatch.setattr(options, "load_model", lambda args: planted)
     path = tmp_path / "texts.txt"
     path.write_text("\n".join(texts[:6]))
     for name, drop in (("exact", ()), ("drop7", (SPIKE_CHANNEL,))):

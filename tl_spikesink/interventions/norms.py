@@ -1,7 +1,7 @@
 """Norm swaps: replace RMSNorm at inference, to see what the norm does to spikes and sinks.
 
 RMSNorm divides a token by its own RMS. A spike token's RMS is its spike, so the norm turns every
-spike token into nearly the same vector (the "RMSNorm bound" of science.md); the swaps below take
+spike token into nearly the same vector (the "RMSNorm bound" of docs/definitions.md); the swaps below take
 that away in different ways, with the weights left as they are.
 
 Method: TransformerLens RMSNorm and RMSNormPre compute ``scale = hook_scale(sqrt(mean(x²) + eps))``

@@ -7,9 +7,10 @@ rel_threshold × the layer's median |x|). The relative part matters: in SmolLM2'
 layers every ordinary token carries |x| ≈ 150 in spike channel 507, so 100 alone would
 catch them all. At spike tokens the spike channels are set to 0 ("zero"), to their mean
 over the spike tokens of a clean calibration pass at the same hook ("mean"), or clamped to
-±value ("clamp"). The default layer is the block that creates the main spike: the first
-layer whose resid_post top-1 reaches half the largest top-1 of any layer (on SmolLM2
-block 11, not the ~870 step-up of blocks 1–2).
+±value ("clamp"). The default layer is the scan's spike site
+(:func:`tl_spikesink.probes.site.spike_site`): the layer of the step-up block that carries the
+largest spike (on SmolLM2-135M layer 11's MLP, paper block 24); the settings record which site
+was used and why (``settings["site"]``).
 
 The model is borrowed: every hook returns a new tensor, and the calibration pass only reads.
 """
@@ -36,13 +37,12 @@ from tl_spikesink.interventions.base import (
     spike_cuts,
 )
 from tl_spikesink.probes.engine import HookFn, Probe, Step, run
+from tl_spikesink.probes.site import NoStepUpBlock, SpikeSite, spike_site
 
 if TYPE_CHECKING:
     from tl_spikesink.probes.scan import ScanResult
 
 SpikeMode = Literal["zero", "mean", "clamp"]
-_MAIN_SPIKE_SHARE = 0.5
-"""The main spike's block is the first whose resid_post top-1 reaches this share of the largest."""
 
 
 def spike_ablation(
@@ -62,8 +62,8 @@ def spike_ablation(
     Args:
         scan: a clean scan, for the defaults (layers, channels, threshold).
         mode: "zero", "mean" (Sun et al. 2024) or "clamp".
-        layers: blocks at whose ``hook_resid_post`` to intervene (default: the block that creates
-            the main spike, see the module docstring).
+        layers: blocks at whose ``hook_resid_post`` to intervene (default: the layer of the
+            scan's spike site, see the module docstring).
         channels: spike channels (default: the channels massive at those layers in the scan).
         value: the bound for "clamp": |x| is clamped to `value` at spike tokens.
         calibration: texts or a Corpus for "mean": the mean of each channel over the spike tokens
@@ -79,7 +79,12 @@ def spike_ablation(
             f"unknown spike ablation mode {mode!r}; choose one of {get_args(SpikeMode)}"
         )
     dims = model_dims(scan, model)
-    layers = _main_spike_layers(scan) if layers is None else tuple(int(x) for x in layers)
+    site: dict[str, Any] = {"reason": "layers given by the caller"}
+    if layers is None:
+        found = _site(scan)
+        layers, site = (found.layer,), found.to_dict()
+    else:
+        layers = tuple(int(x) for x in layers)
     check_layers(layers, dims, "spike_ablation")
     channels = (
         _spike_channels(scan, layers) if channels is None else tuple(int(c) for c in channels)
@@ -98,6 +103,7 @@ def spike_ablation(
         "layers": list(layers),
         "channels": list(channels),
         "threshold": {str(layer): cut for layer, cut in cuts.items()},
+        "site": site,
     }
     means: dict[int, torch.Tensor] = {}
     if mode == "mean":
@@ -191,16 +197,16 @@ def _spike_means(
     return {layer: (probe.sums[layer] / probe.counts[layer]).float() for layer in cuts}
 
 
-def _main_spike_layers(scan: ScanResult | None) -> tuple[int, ...]:
+def _site(scan: ScanResult | None) -> SpikeSite:
     if scan is None:
         raise SpikeSinkError("pass a scan result or layers= to choose where to ablate")
-    top = scan.spikes.top("resid_post", 1)[:, 0]
-    if not scan.spikes.massive:
-        raise SpikeSinkError(
-            f"the scan of {scan.model} found no massive activation to ablate; pass layers= and "
-            "channels= to ablate anyway"
-        )
-    return (int((top >= _MAIN_SPIKE_SHARE * top.max()).nonzero()[0, 0]),)
+    hint = "; pass layers= and channels= to ablate anyway"
+    try:
+        return spike_site(scan)
+    except NoStepUpBlock as e:
+        raise NoStepUpBlock(e.model, e.first, e.last, hint) from e
+    except SpikeSinkError as e:
+        raise SpikeSinkError(f"{e}{hint}") from e
 
 
 def _spike_channels(scan: ScanResult | None, layers: tuple[int, ...]) -> tuple[int, ...]:

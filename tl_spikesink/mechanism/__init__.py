@@ -8,7 +8,7 @@ returns a frozen result. A token is a *spike token* in these passes when |resid_
 the block that creates the main spike) exceeds the scan's massive-activation cut in one of the
 scan's spike channels.
 
-Links of the chain, each a reconstruction (see /work/shared/science.md):
+Links of the chain, each a reconstruction (see docs/definitions.md):
 
 1. **SiLU regime** (:func:`silu_regime`): in the spike layer's MLP, spike tokens drive a few gate
    neurons so hard that SiLU(z) ≈ z over the whole gate vector: cos(z, SiLU z) ≈ 1 and

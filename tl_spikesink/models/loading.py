@@ -11,18 +11,22 @@ loads read only that cache (:mod:`~tl_spikesink.models.cache`). Decoders come ba
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformer_lens import HookedTransformer
 
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.models.cache import cache_dir, cache_root, materialise, publish
+from tl_spikesink.models.cache import cache_root, materialise, publish
 from tl_spikesink.models.fetch import fetch, file_sha256
 from tl_spikesink.models.gguf import convert, validate
 from tl_spikesink.models.layout import fast_layout
 from tl_spikesink.models.registry import DEFAULT_MODEL, ENCODERS, MODEL_NAMES, MODELS
 
-__all__ = ["DEFAULT_MODEL", "ENCODERS", "MODELS", "MODEL_NAMES", "cache_dir", "load", "load_gguf"]
+if TYPE_CHECKING:
+    from tl_spikesink.models.encoder import EncoderModel
+
+__all__ = ["load", "load_gguf"]
 
 
 def load(
@@ -32,7 +36,7 @@ def load(
     dtype: torch.dtype = torch.float32,
     cache_dir: str | Path | None = None,
     progress: bool = True,
-) -> HookedTransformer:
+) -> HookedTransformer | EncoderModel:
     """Load a built-in model, fetching and converting it on first use.
 
     Args:

@@ -15,78 +15,14 @@ from typing import Any
 
 import torch
 
-from tl_spikesink.anatomy import Anatomy, Site, require_hooks
-from tl_spikesink.corpus import Corpus, LongTexts, PaddingSide, default_texts, tokenize
-from tl_spikesink.errors import SpikeSinkError
+from tl_spikesink.anatomy import Anatomy, require_hooks
+from tl_spikesink.config import ScanConfig
+from tl_spikesink.corpus import Corpus, default_texts, tokenize
 from tl_spikesink.probes.engine import HookFn, Probe, device_of, run
 from tl_spikesink.probes.reducers import check_same
 from tl_spikesink.probes.sinks import SinkProbe, SinkStats
-from tl_spikesink.probes.spikes import SPIKE_SITES, SpikeProbe, SpikeStats
+from tl_spikesink.probes.spikes import SpikeProbe, SpikeStats
 from tl_spikesink.results import Result
-
-
-@dataclass(frozen=True)
-class ScanConfig:
-    """Settings of a scan; every report records them."""
-
-    batch_size: int = 8
-    """Sequences per forward pass."""
-    max_seq_len: int | None = None
-    """Longest sequence fed to the model; longer texts are chunked (default: the model's n_ctx)."""
-    max_tokens: int | None = None
-    """Stop after this many tokens of the corpus."""
-    long_texts: LongTexts = "chunk"
-    """A text longer than max_seq_len is split into chunks, truncated, or refused ("error")."""
-    padding_side: PaddingSide = "right"
-    """Side on which batches are padded; results do not depend on it."""
-    prepend_bos: bool | None = None
-    """Prepend BOS to each sequence (default: the model's own `default_prepend_bos`)."""
-    abs_threshold: float = 100.0
-    """A massive activation exceeds this absolute value ..."""
-    rel_threshold: float = 1000.0
-    """... and this multiple of its layer's median |x| (Sun et al. 2024)."""
-    spike_sites: tuple[Site, ...] = SPIKE_SITES
-    """Hook sites whose activations are scanned for spikes (resid_post is required)."""
-    epsilon: float = 0.3
-    """ε of both sink ratios: a head is a sink head when its α exceeds this (Eq. 28, Gu et al.)."""
-    sink_probe_len: int = 64
-    """T of the Eq. 28 sink ratio is min(n, this): a sequence's first T queries are read."""
-    sink_min_len: int = 8
-    """Sequences with T below this are left out of the Eq. 28 sink ratio."""
-    sink_token_share: float = 0.1
-    """A token is a sink token when this share of all heads give it α > epsilon."""
-    min_queries: int = 4
-    """Keys seen by fewer queries are not judged as sink tokens."""
-    top_k: int = 10
-    """Largest entries kept per (site, layer) whatever their size."""
-    max_candidates: int = 4096
-    """Most entries above threshold kept per (site, layer); results say when it was hit."""
-    seed: int = 0
-    """Seed set before scanning (the scan itself draws no random numbers)."""
-
-    def __post_init__(self) -> None:
-        if "resid_post" not in self.spike_sites:
-            raise SpikeSinkError("spike_sites must include 'resid_post' (spikes are defined there)")
-        if self.top_k < 3:
-            raise SpikeSinkError(
-                f"top_k must be at least 3 (reports show the top 3), got {self.top_k}"
-            )
-        if self.max_candidates < self.top_k:
-            raise SpikeSinkError(
-                f"max_candidates ({self.max_candidates}) must be at least top_k ({self.top_k})"
-            )
-        if not 0 < self.epsilon < 1:
-            raise SpikeSinkError(f"epsilon must lie in (0, 1), got {self.epsilon}")
-        if self.sink_probe_len < 2:
-            raise SpikeSinkError(
-                f"sink_probe_len must be at least 2 (keys k < T/2 are judged), "
-                f"got {self.sink_probe_len}"
-            )
-        if not 1 <= self.sink_min_len <= self.sink_probe_len:
-            raise SpikeSinkError(
-                f"sink_min_len must lie in [1, sink_probe_len = {self.sink_probe_len}] (else no "
-                f"sequence is ever counted), got {self.sink_min_len}"
-            )
 
 
 @dataclass(frozen=True, repr=False)

@@ -1,14 +1,16 @@
 """The spike site of a scan: which block makes the main spike, one rule for every analysis.
 
-The site is read off the scan's lifecycle (:attr:`.SpikeStats.lifecycle`): a *step-up block* is a (layer, component) whose own attention or MLP output writes at least half
-of a massive activation (same sign, same token and channel) into the residual stream, as the seed
-paper's Fig. 1 and Table 1 identify them (Sun, Canziani, LeCun & Zhu 2026, §3.1). A model may
-have several (SmolLM2-135M: a small one early and the big one in layer 11); the *main* one is the
-step-up block that carries the largest spike, the largest |x| at `hook_resid_post` of its layer
-among the spikes it created (ties: more step-up events, then the earlier block). The largest
-spike is chosen over the most events because a small early spike can sit on as many tokens as
-the big one (both on every first token) while the analyses that use the site (ablation,
-representations, MLP mechanism) are about the spike the model carries along its plateau.
+The site is read off the scan's lifecycle (:attr:`.SpikeStats.lifecycle`): a *step-up block* is
+a (layer, component) whose own attention or MLP output writes at least half of a massive
+activation (same sign, same token and channel) into the residual stream, as the seed paper's
+Fig. 1 and Table 1 identify them (Sun, Canziani, LeCun & Zhu 2026, §3.1). A model may have
+several; the *main* one is the step-up block that carries the largest spike, the largest |x| at
+`hook_resid_post` of its layer among the spikes it created (ties: more step-up events, then the
+earlier block). The largest spike is chosen over the most events because a small early spike can
+sit on as many tokens as the big one (both on every first token), while the analyses that use
+the site (ablation, representations, MLP mechanism) are about the spike the model carries along
+its plateau. The paper's own step-up blocks are the "one or two early blocks whose own output
+carries the extreme value", which is the same block whenever there is one extreme value.
 
 When spikes exist but no block writes half of any of them, the spike grows over many blocks and
 there is no site: :func:`spike_site` raises :class:`NoStepUpBlock`, which names the layers that
@@ -143,12 +145,18 @@ def spike_site(scan: Any) -> SpikeSite:
         main=main,
         layer=layer,
         channels=channels,
-        cut=float(spikes.cut[layer]),
+        cut=_cut(spikes, layer),
         step_down=later[0] if later else None,
         step_down_layers=later,
         peak=float(peaks[best]),
         reason=reason,
     )
+
+
+def _cut(spikes: Any, layer: int) -> float:
+    # In Python floats, as the interventions compute it, so both agree to the last bit.
+    median = float(spikes.median("resid_post").nan_to_num(0.0)[layer])
+    return max(spikes.abs_threshold, spikes.rel_threshold * median)
 
 
 __all__ = ["NoStepUpBlock", "SiteBlock", "SpikeSite", "spike_site"]

@@ -44,7 +44,6 @@ from tl_spikesink.probes.reducers import (
 from tl_spikesink.results import Result
 from tl_spikesink.tokens import TokenRef, is_delimiter
 
-SPIKE_SITES: tuple[Site, ...] = ("resid_post", "attn_out", "mlp_out")
 _META = ("text_index", "start", "position", "channel", "token_id")
 _STEP_SHARE = 0.5
 """A block steps a spike up (down) when its output carries at least this share of it."""

@@ -170,7 +170,7 @@ class NaturalText:
     def _tok(self) -> Any:
         from transformers import AutoTokenizer
 
-        from tl_spikesink.models.loading import cache_dir, load
+        from tl_spikesink.models import cache_dir, load
 
         path = cache_dir() / "smollm2-135m" / "tokenizer"
         if not path.exists():  # the first load converts the model and caches its tokenizer

@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from tl_spikesink.anatomy import paper_block
+from tl_spikesink.probes.spikes import SPIKE_DEFINITION
 from tl_spikesink.views.format import json_clean, layer_list, num, pct
 
 if TYPE_CHECKING:
     from tl_spikesink.probes.scan import ScanResult
+    from tl_spikesink.probes.spikes import SpikeStats
 
 _SHOWN_TOKENS = 10
 
@@ -24,10 +27,30 @@ def to_dict(r: ScanResult) -> dict[str, Any]:
             row[f"{site}_median"] = float(s.median(site)[layer])
         layers.append(row)
     events = [
-        {"kind": kind, "layer": layer, "component": comp, "count": n}
+        {
+            "kind": kind,
+            "layer": layer,
+            "component": comp,
+            "paper_block": paper_block(layer, comp),
+            "count": n,
+        }
         for kind, counter in s.lifecycle.items()
         for (layer, comp), n in sorted(counter.items())
     ]
+    steps = {
+        kind: [
+            {
+                "layer": layer,
+                "component": comp,
+                "paper_block": paper_block(layer, comp),
+                "events": n,
+                "largest": s.lifecycle_peaks[kind][(layer, comp)],
+            }
+            for (layer, comp), n in sorted(counter.items())
+        ]
+        for kind, counter in s.lifecycle.items()
+    }
+    ratio, ratio_layer = _max_ratio(s)
     return json_clean(
         {
             "model": r.model,
@@ -45,6 +68,10 @@ def to_dict(r: ScanResult) -> dict[str, Any]:
                 "abs_threshold": s.abs_threshold,
                 "rel_threshold": s.rel_threshold,
                 "channels": list(s.channels),
+                "spike": s.spike,
+                "spike_definition": SPIKE_DEFINITION,
+                "max_top1_over_median": ratio,
+                "max_top1_over_median_layer": ratio_layer,
                 "tokens": [
                     {
                         "text_index": t.token.text_index,
@@ -61,6 +88,8 @@ def to_dict(r: ScanResult) -> dict[str, Any]:
                 "massive_layers": list(s.massive_layers),
                 "step_up_layers": list(s.step_up_layers),
                 "step_down_layers": list(s.step_down_layers),
+                "step_up": steps["step_up"],
+                "step_down": steps["step_down"],
                 "lifecycle": events,
                 "share_first": s.share_first,
                 "share_delimiter": s.share_delimiter,
@@ -70,7 +99,15 @@ def to_dict(r: ScanResult) -> dict[str, Any]:
                 "epsilon": k.epsilon,
                 "scores": k.scores,
                 "sink_ratio": k.sink_ratio,
+                "sink_ratio_definition": k.sink_ratio_definition,
                 "sink_ratio_per_layer": k.sink_ratio_per_layer,
+                "sink_ratio_per_head": k.sink_ratio_per_head,
+                "sink_ratio_sequences": k.n_ratio_sequences,
+                "sink_probe_len": k.probe_len,
+                "sink_min_len": k.min_len,
+                "first_token_sink_ratio": k.first_token_sink_ratio,
+                "first_token_sink_ratio_definition": k.first_token_sink_ratio_definition,
+                "first_token_sink_ratio_per_layer": k.first_token_sink_ratio_per_layer,
                 "sink_heads": [list(h) for h in k.sink_heads],
                 "row_mass": k.row_mass,
                 "sink_token_share": k.sink_token_share,
@@ -114,6 +151,8 @@ def summary(r: ScanResult) -> str:
         f"  massive layers   {layer_list(s.massive_layers)}",
         f"  step-up blocks   {_events(s.lifecycle['step_up'])}",
         f"  step-down blocks {_events(s.lifecycle['step_down'])}",
+        f"  Spike            {num(s.spike)} (largest |x| in the spike channels, any layer: the "
+        "paper's 'Spike')",
         f"  spike tokens     {len(s.tokens)} (first token {pct(s.share_first)}, "
         f"delimiters {pct(s.share_delimiter)})",
     ]
@@ -124,7 +163,13 @@ def summary(r: ScanResult) -> str:
             f"    text {t.token.text_index:>4} pos {t.token.position:>4} {t.text!r:<12} "
             f"{num(t.max_value):>9}  channels {','.join(map(str, t.channels))}"
         )
-    lines += ["", "  layer      top1      top2      top3    median   top1/median"]
+    ratio, ratio_layer = _max_ratio(s)
+    at = "" if ratio_layer is None else f" at layer {ratio_layer}"
+    lines += [
+        "",
+        f"  max top1/median  {num(ratio)}{at}; Spike {num(s.spike)}",
+        "  layer      top1      top2      top3    median   top1/median",
+    ]
     tops, med = s.top("resid_post", 3), s.median("resid_post")
     for layer in range(r.n_layers):
         a, b, c = tops[layer].tolist()
@@ -136,9 +181,13 @@ def summary(r: ScanResult) -> str:
     heads = sorted(k.sink_heads, key=lambda lh: -float(k.scores[lh]))
     lines += [
         "",
-        f"SINKS  first-token sink score > eps = {k.epsilon}",
-        f"  sink ratio       {k.sink_ratio:.3f} "
-        f"({len(k.sink_heads)} of {r.n_layers * r.n_heads} heads)",
+        f"SINKS  eps = {k.epsilon}",
+        f"  sink ratio       {num(k.sink_ratio)} (Eq. 28, {k.n_ratio_sequences:,} sequences: mean "
+        f"share of heads with alpha_k > eps at some key k < T/2,",
+        f"                   alpha_k over the first T = min(n, {k.probe_len}) queries; T < "
+        f"{k.min_len} left out)",
+        f"  first-token      {num(k.first_token_sink_ratio)} ({len(k.sink_heads)} of "
+        f"{r.n_layers * r.n_heads} heads with corpus-pooled first-token score alpha_0 > eps)",
         "  top sink heads   "
         + (
             ", ".join(f"L{layer}H{h} {float(k.scores[layer, h]):.2f}" for layer, h in heads[:8])
@@ -153,4 +202,17 @@ def summary(r: ScanResult) -> str:
 def _events(counter: dict) -> str:
     if not counter:
         return "none"
-    return ", ".join(f"{layer} ({comp}, {n})" for (layer, comp), n in sorted(counter.items()))
+    return ", ".join(
+        f"layer {layer} {comp} = paper block {paper_block(layer, comp)} ({n} events)"
+        for (layer, comp), n in sorted(counter.items())
+    )
+
+
+def _max_ratio(s: SpikeStats) -> tuple[float, int | None]:
+    """Largest resid_post top-1 / median |x| over layers, and its layer (NaN, None: none)."""
+    ratio = s.top("resid_post", 1)[:, 0] / s.median("resid_post")
+    ratio = ratio.where(ratio.isfinite(), float("nan"))
+    if bool(ratio.isnan().all()):
+        return float("nan"), None
+    layer = int(ratio.nan_to_num(-1.0).argmax())
+    return float(ratio[layer]), layer

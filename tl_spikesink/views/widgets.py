@@ -32,10 +32,10 @@ from circuitsvis.utils.render import RenderedHTML, render
 from jaxtyping import Float
 
 from tl_spikesink.anatomy import Anatomy, Site, hook_name
+from tl_spikesink.config import SPIKE_SITES
 from tl_spikesink.corpus import tokenize
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.probes.engine import HookFn, Probe, run
-from tl_spikesink.probes.spikes import SPIKE_SITES
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
