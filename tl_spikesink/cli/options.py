@@ -147,21 +147,10 @@ def read_texts(args: argparse.Namespace) -> tuple[list[str] | None, str | None]:
 
 def corpus_of(model: Any, args: argparse.Namespace, config: Any) -> Any:
     """The corpus the options name, tokenized as `config` says (None texts: the default)."""
-    from tl_spikesink.corpus import tokenize
     from tl_spikesink.probes.scan import as_corpus
 
     texts, name = read_texts(args)
-    if texts is None:
-        return as_corpus(model, None, config)
-    return tokenize(
-        model,
-        texts,
-        name=name,
-        max_seq_len=config.max_seq_len,
-        max_tokens=config.max_tokens,
-        long_texts=config.long_texts,
-        prepend_bos=config.prepend_bos,
-    )
+    return as_corpus(model, texts, config, name)
 
 
 def emit(text: str, path: str | None, payload: dict[str, Any] | None = None) -> None:

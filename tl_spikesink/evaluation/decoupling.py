@@ -20,8 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tl_spikesink.anatomy import Anatomy
@@ -30,7 +29,7 @@ from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.evaluation.scoring import Evaluation, evaluate_all
 from tl_spikesink.interventions import Intervention, sink_key_removal, spike_ablation
 from tl_spikesink.interventions.norms import NormKind, norm_scales, norm_swap
-from tl_spikesink.probes.scan import ScanConfig, ScanResult, environment
+from tl_spikesink.probes.scan import ScanConfig, ScanResult, as_corpus, environment
 from tl_spikesink.results import Result
 from tl_spikesink.views.format import num, text_table
 
@@ -131,11 +130,6 @@ class ExperimentTable(Result):
             }
         )
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        """The record as JSON text, also written to `path` if given."""
-        from tl_spikesink.views.format import json_text
-
-        return json_text(self.to_dict(), path)
 
     def __str__(self) -> str:
         return render(self)
@@ -176,14 +170,12 @@ def experiment(
     cut = int(len(paragraphs) * CALIBRATION_SHARE)
     split = []
     if texts is None:
-        texts = _as_eval_corpus(
-            model, paragraphs[cut:], "pydoc_data.topics (default), evaluation part", config
+        texts = as_corpus(
+            model, paragraphs[cut:], config, "pydoc_data.topics (default), evaluation part"
         )
         split.append(f"evaluation: default corpus paragraphs {cut}..{len(paragraphs) - 1}")
     else:
-        texts = (
-            texts if isinstance(texts, Corpus) else _as_eval_corpus(model, texts, "texts", config)
-        )
+        texts = as_corpus(model, texts, config)
         split.append(f"evaluation: {texts.name}")
     if calibration is None:
         calibration = paragraphs[:cut]
@@ -192,15 +184,9 @@ def experiment(
     else:
         cal_name = calibration.name if isinstance(calibration, Corpus) else "calibration"
         split.append(f"calibration: {cal_name}")
-    if not isinstance(calibration, Corpus):
-        calibration = tokenize(
-            model,
-            calibration,
-            name=cal_name,
-            max_tokens=calibration_tokens,
-            max_seq_len=config.max_seq_len,
-            prepend_bos=config.prepend_bos,
-        )
+    calibration = as_corpus(
+        model, calibration, replace(config, max_tokens=calibration_tokens), cal_name
+    )
     _check_disjoint(texts, calibration)
 
     clean = run(model, texts, [None], config=config, progress=progress)[0]
@@ -265,18 +251,6 @@ def standard_interventions(
     else:
         log.info("the model has no RMSNorm: norm swaps left out")
     return out
-
-
-def _as_eval_corpus(model: Any, texts: Sequence[str], name: str, config: ScanConfig) -> Corpus:
-    return tokenize(
-        model,
-        texts,
-        name=name,
-        max_seq_len=config.max_seq_len,
-        max_tokens=config.max_tokens,
-        long_texts=config.long_texts,
-        prepend_bos=config.prepend_bos,
-    )
 
 
 def _check_disjoint(evaluation: Corpus, calibration: Corpus) -> None:

@@ -55,7 +55,7 @@ def _gate_up(model: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     return g, u
 
 
-def u_frobenius(model: Any, layer: int | None = None) -> Float[torch.Tensor, "..."]:
+def u_frobenius(model: Any, layer: int | None = None) -> Float[torch.Tensor, ...]:
     """‖U_k‖_F of every output channel k, in closed form.
 
     Args:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,11 +80,6 @@ class ScanResult(Result):
 
         return to_dict(self)
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        """The report as JSON text, also written to `path` if given."""
-        from tl_spikesink.views.format import json_text
-
-        return json_text(self.to_dict(), path)
 
     def __str__(self) -> str:
         from tl_spikesink.views.text import summary
@@ -209,18 +203,20 @@ def scan_corpus(
 
 
 def as_corpus(
-    model: Any, texts: Sequence[str] | str | Corpus | None, config: ScanConfig
+    model: Any,
+    texts: Sequence[str] | str | Corpus | None,
+    config: ScanConfig,
+    name: str | None = None,
 ) -> Corpus:
-    """`texts` tokenized as the scan reads them (a Corpus as it is; None: the default corpus)."""
+    """`texts` tokenized as `config` says (a Corpus as it is; None: the default corpus)."""
     if isinstance(texts, Corpus):
         return texts
-    name = "texts"
     if texts is None:
         texts, name = default_texts(), "pydoc_data.topics (default)"
     return tokenize(
         model,
         texts,
-        name=name,
+        name=name or "texts",
         max_seq_len=config.max_seq_len,
         max_tokens=config.max_tokens,
         long_texts=config.long_texts,

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
@@ -239,11 +238,6 @@ class SAEReport(Result):
             }
         )
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        """The report as JSON text, also written to `path` if given."""
-        from tl_spikesink.views.format import json_text
-
-        return json_text(self.to_dict(), path)
 
     def __str__(self) -> str:
         from tl_spikesink.views.saes import render_report

@@ -153,11 +153,6 @@ class AblationTable(Result):
             }
         )
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        """The table as JSON text, also written to `path` if given."""
-        from tl_spikesink.views.format import json_text
-
-        return json_text(self.to_dict(), path)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AblationTable:

@@ -157,11 +157,6 @@ class TrainingRun(Result):
             }
         )
 
-    def to_json(self, path: str | Path | None = None) -> str:
-        """The record as JSON text, also written to `path` if given."""
-        from tl_spikesink.views.format import json_text
-
-        return json_text(self.to_dict(), path)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainingRun:
