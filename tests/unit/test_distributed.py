@@ -244,7 +244,7 @@ def test_cli_under_torchrun(tmp_path, planted):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=DEADLINE_S, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("spike channels") == 1  # printed once, by rank 0
+    assert done.stdout.count("tl_spikesink scan of") == 1  # printed once, by rank 0
     report = ts.scan(planted, TEXTS, CONFIG, progress=False)
     written = json.loads(out.read_text())
     assert written["n_tokens"] == report.n_tokens

@@ -262,8 +262,9 @@ def test_standard_set_leaves_out_what_does_not_apply(texts, calibration):
 def test_cli_intervene(model, texts, calibration, tmp_path, capsys, monkeypatch):
     pytest.importorskip("tl_spikesink.models.loading")
     from tl_spikesink.cli import commands as cli
+    from tl_spikesink.cli import options
 
-    monkeypatch.setattr(cli, "_load_model", lambda args: model)
+    monkeypatch.setattr(options, "load_model", lambda args: model)
     text_file, cal_file, out = tmp_path / "t.txt", tmp_path / "c.txt", tmp_path / "table.json"
     text_file.write_text("\n".join(texts[:4]))
     cal_file.write_text("\n".join(calibration))

@@ -179,6 +179,27 @@ def test_zero_ablation_removes_the_planted_spike(planted, clean, corpus):
     assert r.spikes.top("mlp_out", 1)[2, 0] < 1e-3
 
 
+def test_default_layer_is_the_spike_site(planted, clean, texts):
+    from planted import planted_steps
+
+    from tl_spikesink.probes.site import NoStepUpBlock, spike_site
+
+    iv = spike_ablation(clean, mode="zero")
+    site = iv.settings["site"]
+    assert iv.settings["layers"] == [spike_site(clean).layer] == [1]
+    assert (site["layer"], site["component"], site["paper_block"]) == (1, "mlp", 4)
+    assert "paper block 4" in site["reason"]
+    # Two step-up blocks: the one carrying the largest spike, not the first or the busiest.
+    two = ts.scan(planted_steps([500.0, 0.0, 5000.0, 0.0], bos_only=(2,)), texts, progress=False)
+    assert spike_ablation(two, mode="zero").settings["layers"] == [2]
+    # Layers given: the settings say so.
+    given = spike_ablation(clean, mode="zero", layers=[2])
+    assert given.settings["site"] == {"reason": "layers given by the caller"}
+    gradual = ts.scan(planted_steps([40.0] * 6), texts[:6], progress=False)
+    with pytest.raises(NoStepUpBlock, match="blocks 2–5.*layers="):
+        spike_ablation(gradual, mode="zero")
+
+
 def test_zero_ablation_changes_only_spike_channel_at_spike_tokens(planted, clean):
     tokens = one_text(planted)
     names = ["blocks.1.hook_resid_post", "blocks.2.hook_mlp_out", "blocks.2.hook_resid_post"]

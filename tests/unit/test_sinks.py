@@ -2,7 +2,17 @@
 
 import pytest
 import torch
-from planted import N_HEADS, N_LAYERS, SINK_HEAD, planted_model, sentences, uniform_alpha0
+from planted import (
+    KEY_SINK_HEAD,
+    N_HEADS,
+    N_LAYERS,
+    SINK_HEAD,
+    planted_key_sink,
+    planted_late_sink,
+    planted_model,
+    sentences,
+    uniform_alpha0,
+)
 
 import tl_spikesink as ts
 
@@ -15,7 +25,15 @@ def test_planted_sink_head_and_uniform_heads(planted, texts):
     expected[SINK_HEAD] = 1.0
     assert torch.allclose(k.scores, expected, atol=1e-5)
     assert k.sink_heads == (SINK_HEAD,)
-    assert k.sink_ratio == pytest.approx(1 / (N_LAYERS * N_HEADS))
+    assert k.first_token_sink_ratio == pytest.approx(1 / (N_LAYERS * N_HEADS))
+    # Eq. 28: only the planted head sinks in each sequence (>= 15 tokens: uniform heads stay
+    # below eps, H_T / T < 0.3).
+    assert k.sink_ratio == 1 / (N_LAYERS * N_HEADS)
+    assert k.n_ratio_sequences == len(texts)
+    expected_heads = torch.zeros(N_LAYERS, N_HEADS, dtype=torch.float64)
+    expected_heads[SINK_HEAD] = 1.0
+    assert torch.equal(k.sink_ratio_per_head, expected_heads)
+    assert k.sink_ratio_per_layer.tolist() == [1 / N_HEADS, 0.0, 0.0]
     assert torch.allclose(k.row_mass, torch.ones(N_LAYERS, N_HEADS, dtype=torch.float64), atol=1e-5)
     assert {t.token for t in k.tokens} == {ts.tokens.TokenRef(i, 0, 0) for i in range(len(texts))}
     assert k.share_first == 1.0 and k.share_delimiter == 0.0
@@ -138,3 +156,155 @@ def test_planted_sink_head_looks_back_to_the_first_token(planted, texts):
         sum((i - 1) / 2 for t in lengths for i in range(1, t)) / sum(t - 1 for t in lengths),
         rel=1e-4,
     )
+
+
+# ---------------------------------------------------------------- the sink ratio of Eq. 27–28
+
+
+def words(n):
+    """A text of `n` ordinary words: n + 1 tokens with BOS on the planted tokenizer."""
+    return " ".join(["the", "cat", "sat"][i % 3] for i in range(n))
+
+
+def brute_force_eq28(model, texts, probe_len=64, min_len=8, epsilon=0.3):
+    """Per-head count of sequences in which the head is an Eq. 28 sink head, one at a time."""
+    counts = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, dtype=torch.float64)
+    n = 0
+    for c in ts.tokenize(model, texts).chunks:
+        t = min(len(c.tokens), probe_len)
+        if t < min_len:
+            continue
+        n += 1
+        _, cache = model.run_with_cache(torch.tensor([c.tokens[:t]]))
+        for layer in range(model.cfg.n_layers):
+            a = cache[f"blocks.{layer}.attn.hook_pattern"][0].double()  # [head, query, key]
+            alpha = a.sum(1) / t
+            counts[layer] += (alpha[:, : t // 2].amax(-1) > epsilon).double()
+    return counts, n
+
+
+def test_sink_at_key_3_counts_under_eq28_but_not_as_a_first_token_sink(texts):
+    model = planted_key_sink(key_position=3)
+    for side in ("right", "left"):
+        k = ts.scan(model, texts, batch_size=5, padding_side=side, progress=False).sinks
+        assert k.scores[KEY_SINK_HEAD] < k.epsilon  # the key-3 head barely looks at token 0
+        assert KEY_SINK_HEAD not in k.sink_heads
+        assert k.sink_ratio_per_head[KEY_SINK_HEAD] == 1.0  # ... but sinks in every sequence
+        assert k.sink_ratio == 2 / (N_LAYERS * N_HEADS)
+        assert k.first_token_sink_ratio == pytest.approx(1 / (N_LAYERS * N_HEADS))
+        # α_3 of the key-3 head, pooled Gu-style: every query that sees key 3 attends there.
+        assert k.alpha[(*KEY_SINK_HEAD, 3)] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_key_3_is_out_of_reach_when_t_is_at_most_7():
+    # ⌊T/2⌋ = 3 for T = 7: keys 0..2 only, so the key-3 head is no sink there (min_len 1).
+    model = planted_key_sink(key_position=3)
+    k = ts.scan(model, [words(6)], sink_min_len=1, progress=False).sinks
+    assert k.n_ratio_sequences == 1
+    assert k.sink_ratio_per_head[KEY_SINK_HEAD] == 0.0
+
+
+def test_exact_sink_ratio_mixes_sequences_of_known_shares(planted, texts):
+    # An 8-token sequence makes every uniform head a sink head (α_0 = H_8 / 8 = 0.340 > 0.3), so
+    # s = 1 there; in the 24 longer texts only the planted head is (s = 1/6).
+    assert sum(1 / (i + 1) for i in range(8)) / 8 > 0.3 > sum(1 / (i + 1) for i in range(10)) / 10
+    k = ts.scan(planted, [*texts, words(7)], batch_size=5, progress=False).sinks
+    assert k.n_ratio_sequences == len(texts) + 1
+    assert k.sink_ratio == pytest.approx((len(texts) / 6 + 1) / (len(texts) + 1), abs=1e-12)
+    ten = ts.scan(planted, [words(9)], progress=False).sinks  # T = 10: H_10 / 10 < 0.3
+    assert ten.sink_ratio == pytest.approx(1 / 6, abs=1e-12)
+
+
+def test_sequences_shorter_than_min_len_are_left_out(planted, texts):
+    # A 7-token sequence would count every head (H_7 / 7 = 0.37 > 0.3): it must not count.
+    short = words(6)
+    alone = ts.scan(planted, [short], progress=False).sinks
+    assert alone.n_ratio_sequences == 0 and alone.sink_ratio != alone.sink_ratio  # NaN
+    assert torch.isnan(alone.sink_ratio_per_layer).all()
+    with_short = ts.scan(planted, [*texts, short], batch_size=5, progress=False).sinks
+    assert with_short.n_ratio_sequences == len(texts)
+    assert with_short.sink_ratio == pytest.approx(1 / 6, abs=1e-12)
+    counted = ts.scan(planted, [*texts, short], sink_min_len=7, progress=False).sinks
+    assert counted.n_ratio_sequences == len(texts) + 1
+    assert counted.sink_ratio == pytest.approx((len(texts) / 6 + 1) / (len(texts) + 1), abs=1e-12)
+
+
+@pytest.mark.parametrize("probe_len", [64, 16])
+def test_eq28_matches_brute_force_on_either_padding_side(probe_len):
+    model = random_model("rotary")
+    texts = sentences(11, seed=4, min_words=3, max_words=45)
+    counts, n = brute_force_eq28(model, texts, probe_len=probe_len)
+    assert 0 < n < len(texts)  # some texts are shorter than 8 tokens
+    assert 0 < counts.sum() < n * counts.numel()  # not trivially all or none
+    got = {}
+    for side, batch in (("right", 4), ("left", 3)):
+        r = ts.scan(
+            model,
+            texts,
+            batch_size=batch,
+            padding_side=side,
+            sink_probe_len=probe_len,
+            progress=False,
+        )
+        assert r.sinks.n_ratio_sequences == n
+        assert torch.equal(r.sinks.sink_head_count, counts), side
+        got[side] = r.sinks.sink_ratio
+    assert got["right"] == got["left"] == pytest.approx(float(counts.sum()) / (n * counts.numel()))
+
+
+def test_queries_after_probe_len_are_ignored():
+    # Head (0, 1) sinks on the first token only from query 64 on: with T = min(n, 64) it is
+    # uniform (α_0 = H_64 / 64), read over all 100 queries it would be a sink head (≈ 0.40).
+    model = planted_late_sink(from_position=64, n_ctx=128)
+    text = words(99)
+    k = ts.scan(model, [text], progress=False).sinks
+    assert k.sink_ratio_per_head[KEY_SINK_HEAD] == 0.0
+    assert k.sink_ratio == pytest.approx(1 / 6, abs=1e-12)
+    assert KEY_SINK_HEAD in k.sink_heads  # the corpus-pooled first-token score does see them
+    every = ts.scan(model, [text], sink_probe_len=128, progress=False).sinks
+    assert every.sink_ratio_per_head[KEY_SINK_HEAD] == 1.0
+    # The first 64 queries do not depend on what follows: the 64-token prefix gives the same.
+    prefix = ts.scan(model, [words(63)], progress=False).sinks
+    assert torch.equal(prefix.sink_head_count, k.sink_head_count)
+
+
+@pytest.mark.parametrize("cut", [1, 5, 8])
+def test_merge_is_exact_for_the_eq28_counts(cut):
+    model = random_model("standard")
+    texts = sentences(10, seed=6, min_words=3, max_words=45)
+    whole = ts.scan(model, texts, batch_size=4, progress=False).sinks
+    a = ts.scan(model, texts[:cut], batch_size=3, progress=False)
+    b = ts.scan(model, texts[cut:], batch_size=3, progress=False)
+    merged = a.merge(b).sinks
+    assert torch.equal(merged.sink_head_count, whole.sink_head_count)
+    assert merged.n_ratio_sequences == whole.n_ratio_sequences
+    assert merged.sink_ratio == whole.sink_ratio
+    assert torch.equal(merged.sink_ratio_per_head, whole.sink_ratio_per_head)
+
+
+def test_merge_refuses_different_probe_settings(planted, texts):
+    a = ts.scan(planted, texts[:3], progress=False).sinks
+    b = ts.scan(planted, texts[3:6], sink_probe_len=32, progress=False).sinks
+    with pytest.raises(ts.SpikeSinkError, match="probe_len"):
+        a.merge(b)
+
+
+def test_sink_ratio_settings_are_checked():
+    with pytest.raises(ts.SpikeSinkError, match="sink_probe_len"):
+        ts.ScanConfig(sink_probe_len=1)
+    with pytest.raises(ts.SpikeSinkError, match="sink_min_len"):
+        ts.ScanConfig(sink_min_len=65)
+    with pytest.raises(ts.SpikeSinkError, match="sink_min_len"):
+        ts.ScanConfig(sink_min_len=0)
+
+
+def test_report_shows_both_sink_ratios_with_their_definitions(texts):
+    r = ts.scan(planted_key_sink(), texts, progress=False)
+    d = r.to_dict()["sinks"]
+    assert d["sink_ratio"] == pytest.approx(1 / 3) and "Eq. 28" in d["sink_ratio_definition"]
+    assert d["first_token_sink_ratio"] == pytest.approx(1 / 6)
+    assert "first-token" in d["first_token_sink_ratio_definition"]
+    assert d["sink_ratio_sequences"] == len(texts) and d["sink_probe_len"] == 64
+    assert d["sink_ratio_per_head"][0] == [1.0, 1.0]
+    text = str(r)
+    assert "sink ratio       0.333 (Eq. 28" in text and "first-token      0.167" in text

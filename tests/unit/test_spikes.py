@@ -78,3 +78,48 @@ def test_capacity_truncation_is_reported(planted, texts):
     r = ts.scan(planted, texts, top_k=3, max_candidates=5, progress=False)
     assert r.spikes.truncated
     assert len(r.spikes.massive) == 5
+
+
+def test_absolute_spike_is_the_largest_value_in_the_spike_channels(planted, texts):
+    r = ts.scan(planted, texts, batch_size=5, progress=False)
+    corpus = ts.tokenize(planted, texts)
+    exact = 0.0
+    for c in corpus.chunks:
+        _, cache = planted.run_with_cache(torch.tensor([c.tokens]))
+        for layer in range(3):
+            x = cache[f"blocks.{layer}.hook_resid_post"][0, :, SPIKE_CHANNEL].abs().max()
+            exact = max(exact, float(x))
+    assert r.spikes.spike == exact
+    assert abs(r.spikes.spike - SPIKE) < 1.0
+    assert r.spikes.lifecycle_peaks["step_up"] == {(1, "mlp"): r.spikes.spike}
+    assert r.spikes.lifecycle_peaks["step_down"] == {(2, "mlp"): r.spikes.spike}
+
+
+def test_no_spike_means_no_absolute_spike(texts):
+    model = planted_model()
+    with torch.no_grad():
+        model.blocks[1].mlp.W_out.zero_()
+    r = ts.scan(model, texts[:4], progress=False)
+    assert r.spikes.spike != r.spikes.spike  # NaN
+    assert r.to_dict()["spikes"]["spike"] is None
+
+
+def test_report_names_paper_blocks_and_the_spike(planted, texts):
+    r = ts.scan(planted, texts, batch_size=5, progress=False)
+    d = r.to_dict()["spikes"]
+    assert d["step_up"] == [
+        {
+            "layer": 1,
+            "component": "mlp",
+            "paper_block": 4,
+            "events": len(r.spikes.tokens),
+            "largest": r.spikes.spike,
+        }
+    ]
+    assert [(e["layer"], e["component"], e["paper_block"]) for e in d["step_down"]] == [
+        (2, "mlp", 6)
+    ]
+    assert d["spike"] == r.spikes.spike and "Spike" in d["spike_definition"]
+    text = str(r)
+    assert "layer 1 mlp = paper block 4" in text and "layer 2 mlp = paper block 6" in text
+    assert "Spike            3e+03" in text

@@ -80,7 +80,6 @@ class ScanResult(Result):
 
         return to_dict(self)
 
-
     def __str__(self) -> str:
         from tl_spikesink.views.text import summary
 

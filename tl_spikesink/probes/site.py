@@ -35,13 +35,17 @@ class NoStepUpBlock(SpikeSinkError):
     """The scan has massive activations, but no block's own output writes half of any of them."""
 
     def __init__(self, model: str, first: int, last: int, hint: str = ""):
-        self.model, self.first, self.last = model, first, last
-        """Name of the scanned model; first and last layer whose resid_post holds a spike."""
+        # The model's name, and the first and last layer whose resid_post holds a spike.
+        self.model, self.first, self.last, self.hint = model, first, last, hint
         super().__init__(
             f"no step-up block: the spike accumulates over blocks {first}–{last} "
             f"(TransformerLens layers whose resid_post holds a massive activation in the scan of "
             f"{model}; no attention or MLP output there writes half of a spike){hint}"
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from its parts, so it survives pickling (worker processes).
+        return type(self), (self.model, self.first, self.last, self.hint)
 
 
 class SiteBlock(NamedTuple):

@@ -6,10 +6,12 @@ through read-only hooks on `hook_resid_post`, `hook_attn_out` and `hook_mlp_out`
 (site, layer), a log-histogram of |x| (for medians) and the largest entries with their location.
 
 Lifecycle: a *step-up* block is one whose attention or MLP output writes at least half of a spike
-(same sign, at the same token and channel) into the residual stream; a *step-down* block is one
-whose output removes at least half of a spike the residual carried in. The layers between form
-the plateau. Blocks are TransformerLens (layer, component) pairs; the seed paper (Sun, Canziani,
-LeCun & Zhu 2026) numbers the same sublayers 1 .. 2L, see :func:`tl_spikesink.anatomy.paper_block`.
+(same sign, at the same token and channel) into the residual stream, unless the residual carried a
+spike of the opposite sign there before the block (overshooting a cancellation is a step-down);
+a *step-down* block is one whose output removes at least half of a spike the residual carried
+in. The layers between form the plateau. Blocks are TransformerLens (layer, component) pairs;
+the seed paper (Sun, Canziani, LeCun & Zhu 2026) numbers the same sublayers 1 .. 2L, see
+:func:`tl_spikesink.anatomy.paper_block`.
 
 Spike (:attr:`SpikeStats.spike`): the absolute magnitude the paper's tables report in their
 "Spike" column, here the largest |x| at `hook_resid_post` in the spike channels over all layers.
@@ -223,10 +225,13 @@ class SpikeStats(Result):
             after = resid.get((layer, ref, ch))
             before = resid.get((layer - 1, ref, ch))
             for component, value in outs:
+                # A block that flips a spike's sign cancels it: a step-down, not a new origin.
+                flipped = before is not None and after is not None and before * after < 0
                 if (
                     after is not None
                     and value * after > 0
                     and abs(value) >= _STEP_SHARE * abs(after)
+                    and not flipped
                 ):
                     steps["step_up"][(layer, component)].append(abs(after))
                 if (
@@ -322,8 +327,6 @@ class SpikeStats(Result):
 
 def _take(e: TopEntries, keep: torch.Tensor) -> TopEntries:
     return replace(e, keys=e.keys[keep], values=e.values[keep], meta=e.meta[keep])
-
-
 
 
 class SpikeProbe(Probe):

@@ -130,14 +130,6 @@ def to_dict(r: ScanResult) -> dict[str, Any]:
     )
 
 
-
-
-
-
-
-
-
-
 def summary(r: ScanResult) -> str:
     """The text summary `print(result)` and the CLI show."""
     s, k = r.spikes, r.sinks
@@ -151,8 +143,6 @@ def summary(r: ScanResult) -> str:
         f"  massive layers   {layer_list(s.massive_layers)}",
         f"  step-up blocks   {_events(s.lifecycle['step_up'])}",
         f"  step-down blocks {_events(s.lifecycle['step_down'])}",
-        f"  Spike            {num(s.spike)} (largest |x| in the spike channels, any layer: the "
-        "paper's 'Spike')",
         f"  spike tokens     {len(s.tokens)} (first token {pct(s.share_first)}, "
         f"delimiters {pct(s.share_delimiter)})",
     ]
@@ -167,7 +157,8 @@ def summary(r: ScanResult) -> str:
     at = "" if ratio_layer is None else f" at layer {ratio_layer}"
     lines += [
         "",
-        f"  max top1/median  {num(ratio)}{at}; Spike {num(s.spike)}",
+        f"  Spike            {num(s.spike)} (largest |x| in the spike channels, any layer: the "
+        f"paper's 'Spike'); max top1/median {num(ratio)}{at}",
         "  layer      top1      top2      top3    median   top1/median",
     ]
     tops, med = s.top("resid_post", 3), s.median("resid_post")
