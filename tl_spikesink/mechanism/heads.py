@@ -110,9 +110,9 @@ class HeadDecomposition(Result):
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (tensors as nested lists)."""
-        return {
-            k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()
-        }
+        from tl_spikesink.views.format import json_clean
+
+        return json_clean(dict(self.__dict__))
 
     def __str__(self) -> str:
         return (
