@@ -75,8 +75,8 @@ def test_zeroing_the_spike_breaks_the_model_and_the_mean_does_not(clean, evaluat
 
 def test_removing_sink_keys_removes_the_sinks(clean, evaluations):
     sinks = evaluations["sinks"]
-    assert clean.sink_ratio > 0.3
-    assert sinks.sink_ratio < 0.02
+    assert clean.scan.sinks.first_token_sink_ratio > 0.3
+    assert sinks.scan.sinks.first_token_sink_ratio < 0.02
     # No attention is left on the first key: the distance with and without it is the same.
     assert sinks.sink_head_distance == pytest.approx(sinks.sink_head_distance_without_sink, rel=0.1)
     assert clean.sink_head_distance > 1.3 * clean.sink_head_distance_without_sink
