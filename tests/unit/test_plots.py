@@ -129,6 +129,7 @@ def known_table():
             top1_agreement=1.0,
             max_spike_ratio=ratio,
             sink_ratio=sink,
+            first_token_sink_ratio=sink,
             sink_head_distance=5.0,
             sink_head_distance_without_sink=2.0,
             n_spike_tokens=3,

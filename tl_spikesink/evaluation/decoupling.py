@@ -55,6 +55,9 @@ class ExperimentRow:
     top1_agreement: float
     max_spike_ratio: float
     sink_ratio: float
+    """The paper's Eq. 27–28 sink ratio under the intervention."""
+    first_token_sink_ratio: float
+    """Share of heads whose pooled first-token sink score exceeds ε (Gu et al.)."""
     sink_head_distance: float
     sink_head_distance_without_sink: float
     n_spike_tokens: int
@@ -74,6 +77,7 @@ class ExperimentRow:
             top1_agreement=ev.top1_agreement,
             max_spike_ratio=ev.max_spike_ratio,
             sink_ratio=ev.sink_ratio,
+            first_token_sink_ratio=ev.scan.sinks.first_token_sink_ratio,
             sink_head_distance=ev.sink_head_distance,
             sink_head_distance_without_sink=ev.sink_head_distance_without_sink,
             n_spike_tokens=len(ev.scan.spikes.tokens),
