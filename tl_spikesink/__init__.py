@@ -48,6 +48,8 @@ _NAMES = {
     # what causes them, next to the paper
     "claims": "mechanism.claims",
     "ClaimsTable": "mechanism.claims",
+    "paper_row": "mechanism.paper",
+    "PaperRow": "mechanism.paper",
     # views
     "plot_massive_activations": "views.plots",
     "plot_sink_scores": "views.plots",
