@@ -245,3 +245,37 @@ def planted_steps(
             mlp.W_out[0, SPIKE_CHANNEL] = write / float(silu(torch.tensor(x)) * x)
             at_bos += write
     return model
+
+
+_LOCAL_CHANNELS = (13, 14)
+"""Noise channels :func:`planted_local_sink` clears for a rotating position feature."""
+
+
+def planted_local_sink(theta: float = 0.049, n_ctx: int = 64, seed: int = 0) -> HookedTransformer:
+    """The planted model whose sink head (0, 0) is also local, and whose heads both write.
+
+    Channels 13–14 carry (cos θp, sin θp) at position p and no noise; the sink head adds a
+    query·key term on them, so the score of key j at query i gains c·cos θ(i − j) and its
+    non-sink attention falls off with distance. Its BOS term is weakened to about 90 % of the
+    attention, as in real sink heads. Both layer-0 heads copy channel 4 (as in
+    :func:`planted_with_values`) and a seeded unembedding reads channels 5–6, so restricting
+    either head can change the loss; the other head (0, 1) stays uniform.
+    """
+    model = planted_model(seed=seed, n_ctx=n_ctx)
+    gen = torch.Generator().manual_seed(seed + 1)
+    pos = torch.arange(n_ctx, dtype=torch.float32)
+    attn = model.blocks[0].attn
+    with torch.no_grad():
+        a, b = _LOCAL_CHANNELS
+        model.embed.W_E[:, list(_LOCAL_CHANNELS)] = 0.0
+        model.pos_embed.W_pos[:, a] = torch.cos(theta * pos)
+        model.pos_embed.W_pos[:, b] = torch.sin(theta * pos)
+        model.pos_embed.W_pos[0, [a, b]] = 0.0  # the first token's key has no local term
+        attn.W_Q[0, 1, 0] = attn.W_K[0, 0, 0] = 3.0
+        for dim, channel in ((1, a), (2, b)):
+            attn.W_Q[0, channel, dim] = attn.W_K[0, channel, dim] = 2.9
+        for head, out in ((0, 5), (1, 6)):
+            attn.W_V[head, 4, 0] = 1.0
+            attn.W_O[head, 0, out] = 1.0
+        model.unembed.W_U[[5, 6]] = torch.randn(2, len(VOCAB), generator=gen)
+    return model

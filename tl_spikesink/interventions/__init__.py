@@ -4,7 +4,11 @@ A factory returns an :class:`Intervention` (named ``(hook_name, fn)`` pairs); ``
 installs them for a ``with`` block and removes them on exit, also on error.
 """
 
-from tl_spikesink.interventions.attention import attention_gate, sink_key_removal
+from tl_spikesink.interventions.attention import (
+    attention_gate,
+    sink_key_removal,
+    window_attention,
+)
 from tl_spikesink.interventions.base import Intervention, compose
 from tl_spikesink.interventions.norms import NormScales, norm_scales, norm_swap
 from tl_spikesink.interventions.spikes import spike_ablation
@@ -18,4 +22,5 @@ __all__ = [
     "norm_swap",
     "sink_key_removal",
     "spike_ablation",
+    "window_attention",
 ]

@@ -6,6 +6,10 @@
   left empty (query 0 keeps key 0). Positions count from each sequence's first real token,
   found as the first query that can see its own key; with right padding
   (:meth:`Corpus.batches`' default) or no padding that is column 0, so position == column.
+- **Window attention** at ``blocks.L.attn.hook_attn_scores`` (StreamingLLM / DuoAttention's
+  "streaming heads"): each chosen head keeps only the first `sinks` keys and the `window` most
+  recent keys (the query's own included); every other key gets -inf. Right padding (or none) is
+  assumed, so positions are columns.
 - **Attention gate** at ``blocks.L.attn.hook_z``: each chosen head's z is multiplied by a
   constant (default 0 on the scan's sink heads).
 
@@ -179,4 +183,61 @@ def _gate_hook(gates: dict[int, float]) -> HookFn:
     return hook
 
 
-__all__ = ["attention_gate", "sink_key_removal"]
+def window_attention(
+    heads: Sequence[tuple[int, int]],
+    window: int,
+    *,
+    sinks: int = 1,
+    model: Any = None,
+    name: str | None = None,
+) -> Intervention:
+    """Restrict chosen heads to the first `sinks` keys plus a recent window of `window` keys.
+
+    Args:
+        heads: (layer, head) pairs to restrict.
+        window: keys i − window + 1 … i stay visible to query i.
+        sinks: the first this many keys stay visible too (0: window attention alone).
+        model: used to check the heads' range.
+        name: the intervention's name in reports.
+    """
+    pairs = tuple((int(a), int(b)) for a, b in heads)
+    if not pairs:
+        raise SpikeSinkError("window_attention: no head chosen; pass (layer, head) pairs")
+    if window < 1 or sinks < 0:
+        raise SpikeSinkError(f"window must be ≥ 1 and sinks ≥ 0, got {window} and {sinks}")
+    check_heads(pairs, model_dims(None, model), "window_attention")
+    per_layer: dict[int, tuple[int, ...]] = {}
+    for layer, head in pairs:
+        per_layer[layer] = (*per_layer.get(layer, ()), head)
+    hooks = tuple(
+        (hook_name("attn_scores", layer), _window_hook(window, sinks, per_layer[layer]))
+        for layer in sorted(per_layer)
+    )
+    return Intervention(
+        name=name or f"window {window} + {sinks} sink(s) ({len(pairs)} heads)",
+        fwd_hooks=hooks,
+        settings={
+            "kind": "window_attention",
+            "window": window,
+            "sinks": sinks,
+            "heads": [list(p) for p in pairs],
+        },
+        description=f"{len(pairs)} head(s) see the first {sinks} and the last {window} keys",
+    )
+
+
+def _window_hook(window: int, sinks: int, heads: tuple[int, ...]) -> HookFn:
+    def hook(scores: Float[torch.Tensor, "batch head query key"], hook: Any) -> torch.Tensor:
+        _, h, q, k = scores.shape
+        check_head_count(heads, h, hook)
+        query = torch.arange(q, device=scores.device)[:, None] + (k - q)
+        key = torch.arange(k, device=scores.device)[None, :]
+        hidden = (key >= sinks) & (key <= query - window)  # [query, key]
+        select = torch.zeros(h, dtype=torch.bool, device=scores.device)
+        select[list(heads)] = True
+        return scores.masked_fill(hidden[None, None] & select[None, :, None, None], float("-inf"))
+
+    return hook
+
+
+__all__ = ["attention_gate", "sink_key_removal", "window_attention"]
