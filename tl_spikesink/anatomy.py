@@ -190,6 +190,26 @@ def _norm_placement(model: Any, cfg: Any) -> str:
     return "sandwich" if getattr(cfg, "use_normalization_before_and_after", False) else "pre"
 
 
+NORM_SCALE_ATTR = "tl_spikesink_first_norm_scale"
+"""Attribute where :func:`tl_spikesink.load` keeps layer 0's ln1 gain, which ``fold_ln`` folds away."""
+
+
+def first_norm_scale(model: Any) -> Any:
+    """The learned gain γ of layer 0's pre-attention norm, or None where it cannot be known.
+
+    What :func:`tl_spikesink.load` recorded before folding, else the norm's own weight when it
+    is unfolded (``normalization_type`` "RMS"/"LN"); None for a model loaded another way with
+    folded norms.
+    """
+    recorded = getattr(model, NORM_SCALE_ATTR, None)
+    if recorded is not None:
+        return recorded
+    w = getattr(getattr(_first_block(model), "ln1", None), "w", None)
+    if w is not None and getattr(model.cfg, "normalization_type", None) in ("RMS", "LN"):
+        return w.detach()
+    return None
+
+
 def require_hooks(model: Any, sites: tuple[Site, ...], layers: range, analysis: str) -> None:
     """Fail early, naming the missing hook, if `model` lacks a hook point an analysis needs."""
     available = model.hook_dict

@@ -24,17 +24,26 @@ def table(planted, texts, scan):
 
 def test_every_claim_holds_on_planted(table):
     assert isinstance(table, ClaimsTable)
-    links = {"silu", "quadratic", "rmsnorm", "sink", "short-range", "heads"}
+    links = {"silu", "quadratic", "rmsnorm", "sink", "short-range", "heads", "first-tokens"}
     assert {r.link for r in table.rows} == links
-    # The planted sink head puts ~all attention on BOS, so it has no distance without it.
-    (local,) = [r for r in table.rows if r.link == "short-range"]
-    assert local.verdict == "not applicable" and "only to the sink key" in local.note
+    # The planted sink head puts ~all attention on BOS, so it has no distance without it; the
+    # texts are shorter than the window test's first query.
+    ours, share, causal = [r for r in table.rows if r.link == "short-range"]
+    assert ours.verdict == "not applicable" and "only to the sink key" in ours.note
+    assert ours.claim.startswith("(our metric)")
+    assert share.verdict == causal.verdict == "not applicable" and "too short" in share.note
     # Every W_V / W_O of the planted model is zero: no head writes, nothing to decompose.
     heads = [r for r in table.rows if r.link == "heads"]
     assert len(heads) == 2 and all(r.verdict == "not applicable" for r in heads)
     assert "writes" in heads[0].note
+    static, self_sink, scale = [r for r in table.rows if r.link == "first-tokens"]
+    assert static.verdict == "holds" and scale.verdict == "holds"
+    # Its heads are uniform past the BOS sink: delimiters do not prefer themselves.
+    assert self_sink.verdict == "does not hold"
     assert [
-        r for r in table.rows if r.verdict != "holds" and r.link not in ("short-range", "heads")
+        r
+        for r in table.rows
+        if r.verdict != "holds" and r.link not in ("short-range", "heads", "first-tokens")
     ] == []
     assert table.n_spike_tokens > 0
 

@@ -447,3 +447,15 @@ def test_published_weights_are_contiguous_whatever_the_layout(tiny_cache, tmp_pa
     cache.publish(models.fast_layout(model), tokenizer(), target, "tiny.gguf", "0" * 64)
     weights = torch.load(target / "weights.pt", weights_only=True)
     assert all(w.is_contiguous() for w in weights.values())
+
+
+def test_the_first_norm_gain_survives_folding_and_the_cache(tiny_cache, tmp_path):
+    from tl_spikesink.anatomy import NORM_SCALE_ATTR, first_norm_scale
+
+    model, _, build, _ = tiny_cache
+    gain = torch.linspace(0.5, 2.0, model.cfg.d_model)
+    setattr(model, NORM_SCALE_ATTR, gain)  # what gguf.convert records before folding
+    target = tmp_path / "with-gain"
+    cache.publish(model, tokenizer(), target, "tiny.gguf", "0" * 64)
+    loaded = cache.materialise(target, "tiny", "cpu", torch.float32, build)
+    torch.testing.assert_close(first_norm_scale(loaded), gain)

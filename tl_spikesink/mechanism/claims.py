@@ -22,11 +22,22 @@ from tl_spikesink.anatomy import Anatomy
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.mechanism import captures as mech
 from tl_spikesink.mechanism.attention import short_range, sink_geometry
+from tl_spikesink.mechanism.first_tokens import STATIC_TOLERANCE, first_tokens
 from tl_spikesink.mechanism.heads import head_decomposition
+from tl_spikesink.mechanism.locality import locality
 from tl_spikesink.mechanism.mlp import quadratic_from, quadratic_names, silu_from, silu_names
 from tl_spikesink.mechanism.representations import representation_names, representations_from
 
 Verdict = Literal["holds", "does not hold", "not applicable"]
+
+OURS_SHORT_RANGE = "(our metric) without the sink key, sink heads attend more locally"
+WINDOW_SHARE = "sink heads keep more of their non-sink attention in the recent window"
+WINDOW_CAUSAL = "restricting sink heads to the first token + recent window moves the loss less"
+FIRST_TOKEN_CLAIMS = {
+    "static": "Eq. 22: the first token's head outputs are h̃₀W_V + b_V: largest relative error",
+    "self_sink": "delimiters attend to themselves more than other tokens in early layers",
+    "scale": "delimiter embeddings are more collinear with the first norm's gain: mean cos",
+}
 
 
 @dataclass(frozen=True)
@@ -335,16 +346,53 @@ def claims(
         return [
             _below(
                 "short-range",
-                "without the sink key, sink heads attend more locally: mean distance (tokens)",
+                f"{OURS_SHORT_RANGE}: mean distance (tokens)",
                 r.sink_distance_without_sink,
                 r.other_distance_without_sink,
                 "other heads",
             )
         ]
 
-    rows += _guarded(
-        "short-range", ("without the sink key, sink heads attend more locally",), local
-    )
+    rows += _guarded("short-range", (OURS_SHORT_RANGE,), local)
+
+    def windows() -> list[Claim]:
+        loc = locality(model, corpus, scan)
+        verdict, reason = loc.verdict
+        if verdict == "not applicable":
+            raise SpikeSinkError(reason)
+        w, i = loc.causal_window, list(loc.windows).index(loc.causal_window)
+        return [
+            _above("short-range", f"{WINDOW_SHARE} (w = {w})", loc.sink_share(i),
+                   loc.other_share(i), "other heads of their layers"),
+            _below("short-range", f"{WINDOW_CAUSAL}: |Δloss| (nats), w = {w}",
+                   abs(loc.delta_loss_sink), abs(loc.delta_loss_control),
+                   "as many other heads of their layers"),
+        ]  # fmt: skip
+
+    rows += _guarded("short-range", (WINDOW_SHARE, WINDOW_CAUSAL), windows)
+
+    first = None
+
+    def first_token_row(key: str) -> list[Claim]:
+        nonlocal first
+        if not scan.spikes.massive:  # §3.1.3 explains which tokens spike; here none do
+            raise SpikeSinkError("the scan found no massive activation")
+        first = first or first_tokens(model, corpus, scan)
+        verdict, reason = getattr(first, f"{key}_verdict")
+        if verdict == "not applicable":
+            raise SpikeSinkError(reason)
+        claim = FIRST_TOKEN_CLAIMS[key]
+        if key == "static":
+            return [_at_most("first-tokens", claim, float(first.static_error.max()),
+                             STATIC_TOLERANCE, reason)]  # fmt: skip
+        if key == "self_sink":
+            value, other = first.early(first.self_delimiter), first.early(first.self_other)
+            return [_above("first-tokens", claim, value, other, "other tokens")]
+        value, other = first.scale_cos_delimiter, first.scale_cos_other
+        return [_above("first-tokens", claim, value, other, "other vocabulary items")]
+
+    for key, claim in FIRST_TOKEN_CLAIMS.items():
+        rows += _guarded("first-tokens", (claim,), lambda key=key: first_token_row(key))
 
     def heads() -> list[Claim]:
         sink_heads = scan.sinks.sink_heads

@@ -81,6 +81,8 @@ class Locality(Result):
         """("holds" | "does not hold" | "not applicable", the reason) for "sink heads are local"."""
         if not self.sink_heads:
             return "not applicable", "no sink head"
+        if not self.control_heads:
+            return "not applicable", "every head of the sink heads' layers is a sink head"
         if not self.n_queries:
             return "not applicable", f"no query at position ≥ {self.min_query}: texts too short"
         shares = [(self.sink_share(i), self.other_share(i)) for i in range(len(self.windows))]

@@ -23,14 +23,15 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from tl_spikesink.anatomy import NORM_SCALE_ATTR
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.models.fetch import file_sha256
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 2
+FORMAT = 3
 """Bump when the cache layout or the conversion recipe changes: older folders are rebuilt.
-2: SHA-256s of every file and of the metadata itself."""
+2: SHA-256s of every file and of the metadata itself. 3: layer 0's ln1 gain, from before folding."""
 META, WEIGHTS, TOKENIZER = "meta.json", "weights.pt", "tokenizer"
 
 
@@ -131,6 +132,8 @@ def publish(
         meta: dict[str, Any] = {
             "format": FORMAT, "gguf": gguf_name, "gguf_sha256": gguf_sha256,
             "cfg": {k: getattr(cfg, k) for k in fields},
+            "first_norm_scale": None if (g := getattr(model, NORM_SCALE_ATTR, None)) is None
+                                else g.tolist(),
             "sha256": {name: file_sha256(tmp / name, progress and name == WEIGHTS)
                        for name in _cached_files(tmp)},
         }  # fmt: skip
@@ -215,5 +218,7 @@ def load_cached(
             raise RuntimeError(f"missing {lost[:3]}, unexpected {unexpected[:3]}")
     except (OSError, ValueError, KeyError, TypeError, AssertionError, RuntimeError) as exc:
         raise UnreadableCacheError(exc) from exc
+    if meta.get("first_norm_scale") is not None:
+        setattr(model, NORM_SCALE_ATTR, torch.tensor(meta["first_norm_scale"]))
     model.move_model_modules_to_device()
     return model.eval()

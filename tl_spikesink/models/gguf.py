@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from tl_spikesink.anatomy import NORM_SCALE_ATTR
 from tl_spikesink.errors import SpikeSinkError
 
 logger = logging.getLogger(__name__)
@@ -483,8 +484,11 @@ def convert(path: Path, progress: bool) -> tuple[HookedTransformer, Any]:
         state_dict = {k: v.detach().clone() for k, v in converter(hf, cfg).items()}
         del hf
         model = HookedTransformer(cfg, move_to_device=False)
+        gain = state_dict.get("blocks.0.ln1.w")  # folding removes it; §3.1.3 compares with it
         model.load_and_process_state_dict(
             state_dict, fold_ln=True, center_writing_weights=False, center_unembed=False,
             fold_value_biases=True, refactor_factored_attn_matrices=False,
         )  # fmt: skip
+    if gain is not None:
+        setattr(model, NORM_SCALE_ATTR, gain.float().clone())
     return model, tokenizer
