@@ -91,3 +91,15 @@ def test_the_model_is_left_as_found(texts):
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not [n for n, h in model.hook_dict.items() if h.fwd_hooks]
+
+
+def test_the_paper_page_is_offline_and_holds_our_rows(planted, texts, scan, tmp_path):
+    from tl_spikesink.views.paper import write_paper_html
+
+    row = paper_row(planted, texts, scan=scan, progress=False)
+    page = write_paper_html(row, tmp_path / "paper.html").read_text()
+    assert "planted (ours)" in page and "Llama-2-7B" in page and "Qwen3-8B" in page
+    assert page.count("<tr") >= len(TABLE1) + len(TABLE2) + len(row.claims.rows)
+    assert "Eq. 22" in page and "not applicable" in page  # the first-token and window rows
+    assert "http" not in page and "<script" not in page  # opens offline, requests nothing
+    assert row._repr_html_() == page

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from tl_spikesink.cli import options
 
@@ -15,7 +16,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     options.add_corpus(p, max_tokens=4096)
     p.add_argument("--no-vocab", action="store_true", help="skip the vocabulary probe (Table 2)")
     p.add_argument("--no-claims", action="store_true", help="skip the mechanism claims")
-    options.add_outputs(p, json="write the row as JSON")
+    options.add_outputs(
+        p, json="write the row as JSON", html="write the row as one offline HTML page"
+    )
     p.set_defaults(run=run)
 
 
@@ -23,6 +26,7 @@ def run(args: argparse.Namespace) -> None:
     """Measure the model as the paper does and print the row beside the published ones."""
     from tl_spikesink.mechanism.paper import paper_row
 
+    options.check_outputs(args)
     model = options.load_model(args)
     texts, _ = options.read_texts(args)
     row = paper_row(
@@ -34,6 +38,10 @@ def run(args: argparse.Namespace) -> None:
         progress=not args.no_progress,
     )
     options.emit(str(row), args.json, row.to_dict())
+    if args.html:
+        from tl_spikesink.views.paper import write_paper_html
+
+        print(f"wrote {write_paper_html(row, args.html)}", file=sys.stderr)
 
 
 __all__ = ["add_parser", "run"]

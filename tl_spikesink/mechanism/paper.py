@@ -142,6 +142,11 @@ class PaperRow(Result):
             }
         )
 
+    def _repr_html_(self) -> str:
+        from tl_spikesink.views.paper import paper_html
+
+        return paper_html(self)
+
     def __str__(self) -> str:
         def blocks(x: Any) -> str:
             return MISSING if x is None else (", ".join(map(str, x)) or "none")
