@@ -45,6 +45,7 @@ _NAMES = {
     "Evaluation": "evaluation",
     "experiment": "evaluation",
     "ExperimentTable": "evaluation",
+    "streaming": "evaluation.streaming",
     # what causes them, next to the paper
     "claims": "mechanism.claims",
     "ClaimsTable": "mechanism.claims",

@@ -188,7 +188,18 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+STREAMING_WINDOWS = (64, 256)
+"""Default recent windows W of :func:`tl_spikesink.evaluation.streaming.streaming`."""
+STREAMING_SINKS = (0, 4)
+"""Default numbers of first keys kept (StreamingLLM's 0 and 4)."""
+STREAMING_SEQ_LEN = 1024
+"""Default tokens per sequence of the streaming evaluation."""
+
+
 __all__ = [
+    "STREAMING_SEQ_LEN",
+    "STREAMING_SINKS",
+    "STREAMING_WINDOWS",
     "LongTexts",
     "PaddingSide",
     "SPIKE_SITES",

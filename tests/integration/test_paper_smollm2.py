@@ -36,3 +36,15 @@ def test_sink_ratio_spike_and_claims(row):
     assert 1.5e4 < d["spike"] < 4e4
     verdicts = {(c["link"], c["verdict"]) for c in d["claims"]}
     assert ("quadratic", "holds") in verdicts and ("rmsnorm", "holds") in verdicts
+
+
+def test_first_token_and_locality_rows_are_measured(row):
+    claims = {c["claim"].split(" (")[0].split(":")[0]: c for c in json.loads(row.to_json())["claims"]}
+    static = [c for k, c in claims.items() if k.startswith("Eq. 22")]
+    assert static and static[0]["verdict"] == "holds" and static[0]["measured"] < 1e-3
+    self_sink = [c for k, c in claims.items() if k.startswith("delimiters attend")]
+    assert self_sink[0]["verdict"] == "holds"  # measured 10.0 % vs 8.4 % over layers 0-11
+    scale = [c for k, c in claims.items() if k.startswith("delimiter embeddings")]
+    assert scale[0]["verdict"] != "not applicable"  # the gain was kept before folding
+    window = [c for c in claims.values() if c["link"] == "short-range"]
+    assert len(window) == 3 and all(c["measured"] is not None for c in window)

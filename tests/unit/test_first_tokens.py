@@ -8,7 +8,7 @@ import torch
 from planted import VOCAB, planted_model, planted_with_values, sentences
 
 from tl_spikesink.anatomy import NORM_SCALE_ATTR
-from tl_spikesink.mechanism.first_tokens import first_tokens, is_delimiter
+from tl_spikesink.mechanism.first_tokens import delimiter_mask, first_tokens
 
 TEXTS = sentences(24)
 DOT = VOCAB.index(".")
@@ -23,9 +23,9 @@ def _self_sinking_dots():
     return model
 
 
-def test_delimiters_are_punctuation_and_whitespace_only():
-    assert is_delimiter(".") and is_delimiter(" ,") and is_delimiter("\n\n") and is_delimiter("。")
-    assert not is_delimiter("the") and not is_delimiter(" a.") and not is_delimiter("<bos>")
+def test_the_vocabulary_delimiters_are_the_scan_s_delimiters():
+    mask = delimiter_mask(planted_model())
+    assert mask.nonzero()[:, 0].tolist() == [DOT]  # "<bos>", "<pad>" and words are not
 
 
 def test_eq22_holds_in_a_causal_model_and_is_not_applicable_in_an_encoder():

@@ -96,3 +96,12 @@ def test_short_texts_give_not_applicable(planted, texts):
     loc = locality(planted, texts, min_query=64)
     assert loc.n_queries == 0
     assert loc.verdict == ("not applicable", "no query at position ≥ 64: texts too short")
+
+
+def test_an_encoder_has_no_recent_window(planted):
+    import copy
+
+    encoder = copy.deepcopy(planted)
+    encoder.cfg.attention_dir = "bidirectional"
+    with pytest.raises(SpikeSinkError, match="causal attention"):
+        locality(encoder, LONG)

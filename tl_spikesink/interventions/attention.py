@@ -18,7 +18,7 @@ Every hook returns a new tensor; none writes into the one it is handed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -37,6 +37,21 @@ from tl_spikesink.probes.engine import HookFn
 
 if TYPE_CHECKING:
     from tl_spikesink.probes.scan import ScanResult
+
+
+def heads_by_layer(pairs: Sequence[tuple[int, int]]) -> dict[int, tuple[int, ...]]:
+    """{layer: its heads} of (layer, head) pairs, in the order given."""
+    out: dict[int, tuple[int, ...]] = {}
+    for layer, head in pairs:
+        out[layer] = (*out.get(layer, ()), head)
+    return out
+
+
+def score_hooks(
+    per_layer: Mapping[int, Any], make: Callable[[Any], HookFn]
+) -> tuple[tuple[str, HookFn], ...]:
+    """One ``hook_attn_scores`` hook per layer, made from that layer's heads, in depth order."""
+    return tuple((hook_name("attn_scores", la), make(per_layer[la])) for la in sorted(per_layer))
 
 
 def sink_key_removal(
@@ -88,13 +103,8 @@ def sink_key_removal(
         check_heads(pairs, dims, "sink_key_removal")
         if not pairs:
             raise SpikeSinkError(f"sink_key_removal: no head selected ({label}); nothing to remove")
-        per_layer = {}
-        for layer, head in pairs:
-            per_layer[layer] = (*(per_layer.get(layer) or ()), head)
-    hooks = tuple(
-        (hook_name("attn_scores", layer), _sink_key_hook(positions, per_layer[layer]))
-        for layer in sorted(per_layer)
-    )
+        per_layer = dict(heads_by_layer(pairs))
+    hooks = score_hooks(per_layer, lambda heads: _sink_key_hook(positions, heads))
     return Intervention(
         name=name or f"no sink key ({label})",
         fwd_hooks=hooks,
@@ -206,13 +216,7 @@ def window_attention(
     if window < 1 or sinks < 0:
         raise SpikeSinkError(f"window must be ≥ 1 and sinks ≥ 0, got {window} and {sinks}")
     check_heads(pairs, model_dims(None, model), "window_attention")
-    per_layer: dict[int, tuple[int, ...]] = {}
-    for layer, head in pairs:
-        per_layer[layer] = (*per_layer.get(layer, ()), head)
-    hooks = tuple(
-        (hook_name("attn_scores", layer), _window_hook(window, sinks, per_layer[layer]))
-        for layer in sorted(per_layer)
-    )
+    hooks = score_hooks(heads_by_layer(pairs), lambda heads: _window_hook(window, sinks, heads))
     return Intervention(
         name=name or f"window {window} + {sinks} sink(s) ({len(pairs)} heads)",
         fwd_hooks=hooks,

@@ -4,9 +4,10 @@ Each analysis takes the spike tokens' defining layer, channels and cut, and the 
 :class:`~tl_spikesink.ScanResult` (running :func:`tl_spikesink.probes.scan` when none is given), then
 runs a few forward passes with read-only hooks over a small corpus (default 1,024 tokens) and
 returns a frozen result. A token is a *spike token* in these passes when |resid_post| at the
-*spike layer* (the first block whose residual top-1 reaches half the largest top-1 of any layer,
-the block that creates the main spike) exceeds the scan's massive-activation cut in one of the
-scan's spike channels.
+*spike layer* exceeds the scan's massive-activation cut in one of the scan's spike channels; the
+spike layer is the layer of the step-up block, the block whose own output writes at least half
+of the spike (:func:`spike_site`, the one rule every analysis uses). Where no block does, the
+analyses that need one raise :class:`~tl_spikesink.probes.site.NoStepUpBlock`.
 
 Links of the chain, each a reconstruction (see docs/definitions.md):
 
@@ -24,11 +25,14 @@ Links of the chain, each a reconstruction (see docs/definitions.md):
 4. **Sink geometry** (:func:`sink_geometry`): near-identical inputs give near-identical keys (one
    direction carries their energy), and sink heads give the first-token key a large logit gap
    over the other keys.
-5. **Short-range bias** (:func:`short_range`): with the sink key removed, sink heads attend more
-   locally than other heads (read from the scan, no forward pass).
+5. **Short-range bias** (:func:`locality`): the share of sink heads' non-sink attention inside a
+   recent window vs the other heads of their layers, and the causal window test; the older
+   attention-distance metric of ours stays as :func:`short_range` (read from the scan).
 6. **Head decomposition** (:func:`head_decomposition`): a layer's attention output is a sum over
    heads; the part of each head's output that flows from the sink tokens' values is small, so
    sink heads write little at ordinary tokens (near no-ops).
+7. **Why first tokens and delimiters** (:func:`first_tokens`): Eq. 22's static map, delimiter
+   self-sinking and the embedding–gain cosine (§3.1.3).
 
 Every hook is read-only, added through ``model.hooks`` (which removes exactly what it added, also
 on error) and run under ``torch.inference_mode``; no parameter is touched. Analyses that need a
@@ -38,7 +42,9 @@ turns those into "not applicable" rows.
 
 from tl_spikesink.mechanism.attention import ShortRange, SinkGeometry, short_range, sink_geometry
 from tl_spikesink.mechanism.captures import DEFAULT_MAX_TOKENS, SpikeSite, Texts, spike_site
+from tl_spikesink.mechanism.first_tokens import FirstTokens, first_tokens
 from tl_spikesink.mechanism.heads import HeadDecomposition, head_decomposition
+from tl_spikesink.mechanism.locality import Locality, locality
 from tl_spikesink.mechanism.mlp import (
     QuadraticForm,
     SiluRegime,
@@ -51,7 +57,9 @@ from tl_spikesink.mechanism.representations import Representations, representati
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
+    "FirstTokens",
     "HeadDecomposition",
+    "Locality",
     "Texts",
     "QuadraticForm",
     "Representations",
@@ -60,7 +68,9 @@ __all__ = [
     "SinkGeometry",
     "SpikeSite",
     "all_frobenius",
+    "first_tokens",
     "head_decomposition",
+    "locality",
     "quadratic_form",
     "quadratic_matrix",
     "representations",

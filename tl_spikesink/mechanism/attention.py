@@ -21,18 +21,19 @@ from tl_spikesink.mechanism.captures import (
     Texts,
     as_corpus,
     capture,
-    mean_or_nan,
+    group_mean,
     nanmean,
     scan_of,
     spike_mask,
     spike_site,
 )
+from tl_spikesink.results import Result
 
 # ---------------------------------------------------------------- 4. sink geometry
 
 
-@dataclass(frozen=True)
-class SinkGeometry:
+@dataclass(frozen=True, repr=False)
+class SinkGeometry(Result):
     """Keys of spike tokens and the logit advantage of the first-token key, per head."""
 
     sink_heads: tuple[tuple[int, int], ...]
@@ -51,16 +52,8 @@ class SinkGeometry:
             m[layer, head] = True
         return m
 
-    @property
-    def sink_gap(self) -> float:
-        """Mean logit gap of sink heads."""
-        return mean_or_nan(self.logit_gap[self._is_sink])
-
-    @property
-    def other_gap(self) -> float:
-        """Mean logit gap of the other heads."""
-        return mean_or_nan(self.logit_gap[~self._is_sink])
-
+    sink_gap = group_mean("logit_gap", "_is_sink", True, "Mean logit gap of sink heads.")
+    other_gap = group_mean("logit_gap", "_is_sink", False, "Mean logit gap of the other heads.")
 
 def sink_geometry(
     model: Any,
@@ -137,8 +130,8 @@ def _top_share(k: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- 5. short-range bias
 
 
-@dataclass(frozen=True)
-class ShortRange:
+@dataclass(frozen=True, repr=False)
+class ShortRange(Result):
     """Attention distance of sink heads vs other heads, from the scan."""
 
     sink_heads: tuple[tuple[int, int], ...]

@@ -116,3 +116,17 @@ def mean_or_nan(x: torch.Tensor) -> float:
 def nanmean(x: torch.Tensor) -> float:
     x = x[~x.isnan()]
     return mean_or_nan(x)
+
+
+def group_mean(values: str, mask: str, inside: bool, doc: str) -> property:
+    """A result's property: the mean of its `values` where its `mask` is set (or, not set).
+
+    NaN entries are left out and an empty group gives NaN, so every result splits its tokens or
+    heads into "spike / other" or "sink / other" by the same rule.
+    """
+
+    def get(self: Any) -> float:
+        m = getattr(self, mask)
+        return nanmean(getattr(self, values)[m if inside else ~m])
+
+    return property(get, doc=doc)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from typing import Any, Literal
 
 from tl_spikesink.anatomy import Anatomy
@@ -27,6 +28,8 @@ from tl_spikesink.mechanism.heads import head_decomposition
 from tl_spikesink.mechanism.locality import locality
 from tl_spikesink.mechanism.mlp import quadratic_from, quadratic_names, silu_from, silu_names
 from tl_spikesink.mechanism.representations import representation_names, representations_from
+from tl_spikesink.results import Result
+from tl_spikesink.views.format import json_clean
 
 Verdict = Literal["holds", "does not hold", "not applicable"]
 
@@ -56,8 +59,8 @@ class Claim:
     """Context: the comparison value, or why the claim does not apply."""
 
 
-@dataclass(frozen=True)
-class ClaimsTable:
+@dataclass(frozen=True, repr=False)
+class ClaimsTable(Result):
     """Verdicts on the mechanism's claims for one model and corpus."""
 
     model: str
@@ -68,12 +71,14 @@ class ClaimsTable:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: {"model", "n_tokens", "n_spike_tokens", "rows": [...]}."""
-        return {
-            "model": self.model,
-            "n_tokens": self.n_tokens,
-            "n_spike_tokens": self.n_spike_tokens,
-            "rows": [asdict(r) for r in self.rows],
-        }
+        return json_clean(
+            {
+                "model": self.model,
+                "n_tokens": self.n_tokens,
+                "n_spike_tokens": self.n_spike_tokens,
+                "rows": [asdict(r) for r in self.rows],
+            }
+        )
 
     def __str__(self) -> str:
         head = ("link", "claim", "measured", "threshold", "verdict", "note")
@@ -131,6 +136,201 @@ def _guarded(link: str, claims: tuple[str, ...], build: Callable[[], list[Claim]
         return [Claim(link, c, None, "—", "not applicable", str(e)) for c in claims]
 
 
+class _Measures:
+    """What the links of one claims run share, each measured on first use and kept."""
+
+    def __init__(self, model: Any, corpus: Any, scan: Any, seed: int):
+        self.model, self.corpus, self.scan, self.seed = model, corpus, scan, seed
+        self.n_spike: int | None = None
+
+    @cached_property
+    def site(self) -> mech.SpikeSite:
+        return mech.spike_site(self.scan)
+
+    @cached_property
+    def _captured(self) -> Any:
+        # One pass for the SiLU, quadratic and representation links together.
+        s = self.site
+        names = [*silu_names(self.model, s.layer), *quadratic_names(s.layer)]
+        names += representation_names(self.model, s)
+        cap = mech.capture(self.model, self.corpus, names)
+        self.n_spike = int(mech.spike_mask(cap, s).sum())
+        return cap
+
+    @property
+    def captured(self) -> Any:
+        cap = self._captured
+        if self.n_spike == 0:
+            raise SpikeSinkError(
+                f"no spike token in these texts at layer {self.site.layer}; pass texts with some"
+            )
+        return cap
+
+    @cached_property
+    def locality(self) -> Any:
+        return locality(self.model, self.corpus, self.scan)
+
+    @cached_property
+    def first_tokens(self) -> Any:
+        if not self.scan.spikes.massive:  # §3.1.3 explains which tokens spike; here none do
+            raise SpikeSinkError("the scan found no massive activation")
+        return first_tokens(self.model, self.corpus, self.scan)
+
+    def sink_heads(self, *, all_allowed: bool = False) -> tuple[tuple[int, int], ...]:
+        heads = self.scan.sinks.sink_heads
+        if not heads:
+            raise SpikeSinkError("the scan found no sink head")
+        if not all_allowed and len(heads) == self.scan.n_layers * self.scan.n_heads:
+            raise SpikeSinkError("every head is a sink head; nothing to compare with")
+        return heads
+
+
+Build = Callable[[_Measures, tuple[str, ...]], list[Claim]]
+
+
+def _silu(m: _Measures, claim: tuple[str, ...]) -> list[Claim]:
+    r = silu_from(m.model, m.captured, m.site)
+    return [
+        _at_least("silu", f"{claim[0]} (block {r.layer}): mean cos(z, act(z))", r.spike_cosine,
+                  0.9, f"other tokens {r.other_cosine:.3g}; norm ratio spike "
+                  f"{r.spike_norm_ratio:.3g} vs other {r.other_norm_ratio:.3g}"),
+        _at_least("silu", f"{claim[1]} (channel {r.channel}, act(z)/z ≥ 0.9): mean share of "
+                  "what they write", r.spike_linear_share, 0.9,
+                  f"other tokens {r.other_linear_share:.3g}"),
+    ]  # fmt: skip
+
+
+def _quadratic(m: _Measures, claim: tuple[str, ...]) -> list[Claim]:
+    mech.require_gated(m.model, "the SwiGLU quadratic form")
+    q = quadratic_from(m.model, m.captured, m.site, 8, m.seed)
+    k = q.channels[0]
+    return [
+        _above("quadratic", f"{claim[0]} (k = {k}): mean |cos|", q.spike_alignment,
+               q.other_alignment, "other tokens"),
+        _at_most("quadratic", f"{claim[1]} (k = {k}): median rel. error",
+                 q.spike_relative_error, 0.25, f"λ* = {float(q.lambda_star[0]):.4g}"),
+        _at_least("quadratic", f"{claim[2]}: ‖S_{k}‖_F / median random ‖S‖_F", q.frobenius_ratio,
+                  2.0, f"|λ*|/‖S‖_F {float(q.lambda_share[0]):.3g} vs random median "
+                  f"{float(q.random_lambda_share.median()):.3g}"),
+    ]  # fmt: skip
+
+
+def _rmsnorm(m: _Measures, claim: tuple[str, ...]) -> list[Claim]:
+    mech.require_rms(m.model, "the RMSNorm bound")
+    r = representations_from(m.model, m.captured, m.site, m.seed)
+    return [
+        _at_least("rmsnorm", f"{claim[0]} (block {r.layer}): mean pairwise cos",
+                  float(r.resid_cosine[r.layer]), 0.9,
+                  f"entering the block {r.resid_pre_cosine:.3g}; "
+                  f"other tokens {float(r.other_resid_cosine[r.layer]):.3g}"),
+        _at_most("rmsnorm", f"{claim[1]}: max over tokens of max_i |x̂_i|/(√d|γ_i|)",
+                 float(r.bound_ratio.max()), 1.0 + 1e-4,
+                 f"spike tokens reach {r.spike_bound_ratio:.3g} of the bound"),
+        _at_least("rmsnorm", f"{claim[2]}: mean share", r.spike_energy, 0.5,
+                  f"other tokens {r.other_energy:.3g}"),
+        _at_least("rmsnorm", f"{claim[3]} (block {r.layer + 1} ln1): mean pairwise cos",
+                  r.normalized_cosine, 0.9, f"other tokens {r.other_normalized_cosine:.3g}"),
+    ]  # fmt: skip
+
+
+def _sink(m: _Measures, claim: tuple[str, ...]) -> list[Claim]:
+    m.sink_heads(all_allowed=True)
+    g = sink_geometry(m.model, m.corpus, m.scan, seed=m.seed)
+    in_sink_heads = _mask(g.sink_heads, g.logit_gap)
+    return [
+        _above("sink", f"{claim[0]}: mean gap", g.sink_gap, g.other_gap, "other heads"),
+        _above("sink", f"{claim[1]} in sink heads: top singular energy share",
+               mech.mean_or_nan(g.key_share_spike[in_sink_heads]),
+               mech.mean_or_nan(g.key_share_other[in_sink_heads]), "other tokens"),
+    ]  # fmt: skip
+
+
+def _distance(m: _Measures, claim: tuple[str, ...]) -> list[Claim]:
+    m.sink_heads()
+    if not Anatomy.of(m.model).causal:
+        raise SpikeSinkError(
+            "attention distance is defined for causal attention; this model attends both ways"
+        )
+    r = short_range(m.scan)
+    if r.sink_distance_without_sink != r.sink_distance_without_sink:  # NaN
+        raise SpikeSinkError(
+            "the sink heads attend only to the sink key; no distance is left without it"
+        )
+    distance = f"{claim[0]}: mean distance (tokens)"
+    return [_below("short-range", distance, r.sink_distance_without_sink,
+                   r.other_distance_without_sink, "other heads")]  # fmt: skip
+
+
+def _windows(m: _Measures, claim: tuple[str, ...]) -> list[Claim]:
+    loc = m.locality
+    verdict, reason = loc.verdict
+    if verdict == "not applicable":
+        raise SpikeSinkError(reason)
+    w = loc.causal_window
+    i = list(loc.windows).index(w)
+    others = "other heads of their layers"
+    return [
+        _above("short-range", f"{claim[0]} (w = {w})", loc.sink_share(i), loc.other_share(i),
+               others),
+        _below("short-range", f"{claim[1]} (w = {w}): |Δloss| (nats)", abs(loc.delta_loss_sink),
+               abs(loc.delta_loss_control), f"as many {others}"),
+    ]  # fmt: skip
+
+
+def _first_tokens(key: str) -> Build:
+    def build(m: _Measures, claim: tuple[str, ...]) -> list[Claim]:
+        f = m.first_tokens
+        verdict, reason = getattr(f, f"{key}_verdict")
+        if verdict == "not applicable":
+            raise SpikeSinkError(reason)
+        if key == "static":
+            return [_at_most("first-tokens", f"{claim[0]}: largest relative error",
+                             float(f.static_error.max()), STATIC_TOLERANCE, reason)]  # fmt: skip
+        if key == "self_sink":
+            value, other, what = f.early(f.self_delimiter), f.early(f.self_other), "other tokens"
+        else:
+            value, other, what = f.scale_cos_delimiter, f.scale_cos_other, "other items"
+        return [_above("first-tokens", claim[0], value, other, what)]
+
+    return build
+
+
+def _heads(m: _Measures, claim: tuple[str, ...]) -> list[Claim]:
+    m.sink_heads()
+    d = head_decomposition(m.model, m.corpus, m.scan)
+    if d.sink_relative_norm != d.sink_relative_norm:  # NaN: no layer with a sink head writes
+        raise SpikeSinkError("no head in the sink heads' layers writes at ordinary tokens")
+    writes = _below("heads", f"{claim[0]}: mean ‖head output‖ / its layer's mean head",
+                    d.sink_relative_norm, d.other_relative_norm, "other heads")  # fmt: skip
+    note = f"sink heads give the sink tokens {d.sink_heads_sink_attention:.3g} of attention"
+    return [
+        replace(writes, note=note),
+        _below("heads", f"{claim[1]}: in sink heads, mean ‖v W_O‖ at sink tokens / at other "
+               "tokens", d.sink_value_ratio, 1.0, "as large"),
+    ]  # fmt: skip
+
+
+LINKS: tuple[tuple[str, tuple[str, ...], Build], ...] = (
+    ("silu", ("spike tokens see the MLP activation as the identity",
+              "the neurons writing the spike channel are in the linear regime"), _silu),
+    ("quadratic", ("spike tokens' x̂ aligns with S_k's trigger direction",
+                   "x̂ᵀS_k x̂ + c reproduces the MLP's spike-channel output",
+                   "S_k is larger than random channels' forms"), _quadratic),
+    ("rmsnorm", ("spike tokens' residuals become near-identical",
+                 "RMSNorm bound |x̂_i| ≤ √d·|γ_i| holds",
+                 "spike tokens' normalized energy is in the spike channels",
+                 "normalized spike tokens are near-identical"), _rmsnorm),
+    ("sink", ("sink heads give the first-token key a larger logit gap than other heads",
+              "spike tokens' keys share one direction"), _sink),
+    ("short-range", (OURS_SHORT_RANGE,), _distance),
+    ("short-range", (WINDOW_SHARE, WINDOW_CAUSAL), _windows),
+    *(("first-tokens", (claim,), _first_tokens(key)) for key, claim in FIRST_TOKEN_CLAIMS.items()),
+    ("heads", ("sink heads write less than other heads at ordinary tokens",
+               "the sink tokens' values are small"), _heads),
+)  # fmt: skip
+"""Every link of the chain: its name, its claims (short form), and what measures them."""
+
+
 def claims(
     model: Any,
     texts: mech.Texts | None = None,
@@ -145,7 +345,7 @@ def claims(
         model: a TransformerLens model; only read (hooks are removed, parameters untouched).
         texts: strings or a :class:`~tl_spikesink.Corpus`; None reads the default offline corpus.
         scan: the model's scan (spike layer, channels, cut, sink heads); run on `texts` if None.
-        max_tokens: tokens read from raw texts (two forward passes over them).
+        max_tokens: tokens read from raw texts.
         seed: seed of the random channel and token samples.
 
     Returns:
@@ -155,285 +355,13 @@ def claims(
 
     corpus = mech.as_corpus(model, default_texts() if texts is None else texts, max_tokens)
     scan = mech.scan_of(model, corpus, scan)
-    rows: list[Claim] = []
-    n_spike: int | None = None
-    state: dict[str, Any] = {}
-
-    def site() -> mech.SpikeSite:
-        if "site" not in state:
-            state["site"] = mech.spike_site(scan)
-        return state["site"]
-
-    def captured() -> Any:
-        # One pass for the SiLU, quadratic and representation links together.
-        if "cap" not in state:
-            s = site()
-            names = [*silu_names(model, s.layer), *quadratic_names(s.layer)]
-            names += representation_names(model, s)
-            state["cap"] = mech.capture(model, corpus, names)
-            n = int(mech.spike_mask(state["cap"], s).sum())
-            state["n_spike"] = n
-        if state["n_spike"] == 0:
-            raise SpikeSinkError(
-                f"no spike token in these texts at layer {site().layer}; pass texts with some"
-            )
-        return state["cap"]
-
-    def silu() -> list[Claim]:
-        r = silu_from(model, captured(), site())
-        return [
-            _at_least(
-                "silu",
-                f"spike tokens see the block-{r.layer} MLP activation as the identity: "
-                "mean cos(z, act(z))",
-                r.spike_cosine,
-                0.9,
-                f"other tokens {r.other_cosine:.3g}; norm ratio spike {r.spike_norm_ratio:.3g} vs "
-                f"other {r.other_norm_ratio:.3g}",
-            ),
-            _at_least(
-                "silu",
-                f"the neurons writing spike channel {r.channel} at spike tokens are in the linear "
-                "regime (act(z)/z ≥ 0.9): mean share of what they write",
-                r.spike_linear_share,
-                0.9,
-                f"other tokens {r.other_linear_share:.3g}",
-            ),
-        ]
-
-    def quadratic() -> list[Claim]:
-        mech.require_gated(model, "the SwiGLU quadratic form")
-        q = quadratic_from(model, captured(), site(), 8, seed)
-        k = q.channels[0]
-        return [
-            _above(
-                "quadratic",
-                f"spike tokens' x̂ aligns with S_{k}'s trigger direction: mean |cos|",
-                q.spike_alignment,
-                q.other_alignment,
-                "other tokens",
-            ),
-            _at_most(
-                "quadratic",
-                f"x̂ᵀS_{k}x̂ + c reproduces the MLP's channel-{k} output at spike tokens: "
-                "median rel. error",
-                q.spike_relative_error,
-                0.25,
-                f"λ* = {float(q.lambda_star[0]):.4g}",
-            ),
-            _at_least(
-                "quadratic",
-                f"S_{k} is larger than random channels' forms: ‖S_{k}‖_F / median random ‖S‖_F",
-                q.frobenius_ratio,
-                2.0,
-                f"|λ*|/‖S‖_F {float(q.lambda_share[0]):.3g} vs random median "
-                f"{float(q.random_lambda_share.median()):.3g}",
-            ),
-        ]
-
-    def rmsnorm() -> list[Claim]:
-        mech.require_rms(model, "the RMSNorm bound")
-        r = representations_from(model, captured(), site(), seed)
-        after = float(r.resid_cosine[r.layer])
-        return [
-            _at_least(
-                "rmsnorm",
-                f"spike tokens' residuals become near-identical at block {r.layer}: "
-                "mean pairwise cos",
-                after,
-                0.9,
-                f"entering the block {r.resid_pre_cosine:.3g}; "
-                f"other tokens {float(r.other_resid_cosine[r.layer]):.3g}",
-            ),
-            _at_most(
-                "rmsnorm",
-                "RMSNorm bound |x̂_i| ≤ √d·|γ_i| holds: max over tokens of max_i |x̂_i|/(√d|γ_i|)",
-                float(r.bound_ratio.max()),
-                1.0 + 1e-4,
-                f"spike tokens reach {r.spike_bound_ratio:.3g} of the bound",
-            ),
-            _at_least(
-                "rmsnorm",
-                "spike tokens' normalized vector puts its energy in the spike channels: mean share",
-                r.spike_energy,
-                0.5,
-                f"other tokens {r.other_energy:.3g}",
-            ),
-            _at_least(
-                "rmsnorm",
-                f"normalized spike tokens (block {r.layer + 1} ln1) are near-identical: "
-                "mean pairwise cos",
-                r.normalized_cosine,
-                0.9,
-                f"other tokens {r.other_normalized_cosine:.3g}",
-            ),
-        ]
-
-    rows += _guarded(
-        "silu",
-        (
-            "spike tokens see the MLP activation as the identity",
-            "the neurons writing the spike channel are in the linear regime",
-        ),
-        silu,
-    )
-    rows += _guarded(
-        "quadratic",
-        (
-            "spike tokens' x̂ aligns with S_k's trigger direction",
-            "x̂ᵀS_k x̂ reproduces the MLP's spike-channel output",
-            "S_k is larger than random channels' forms",
-        ),
-        quadratic,
-    )
-    rows += _guarded(
-        "rmsnorm",
-        (
-            "spike tokens' residuals become near-identical",
-            "RMSNorm bound |x̂_i| ≤ √d·|γ_i| holds",
-            "spike tokens' normalized energy is in the spike channels",
-            "normalized spike tokens are near-identical",
-        ),
-        rmsnorm,
-    )
-
-    def sink() -> list[Claim]:
-        if not scan.sinks.sink_heads:
-            raise SpikeSinkError("the scan found no sink head")
-        g = sink_geometry(model, corpus, scan, seed=seed)
-        sink_share = mech.mean_or_nan(g.key_share_spike[_mask(g.sink_heads, g.logit_gap)])
-        other_share = mech.mean_or_nan(g.key_share_other[_mask(g.sink_heads, g.logit_gap)])
-        return [
-            _above(
-                "sink",
-                "sink heads give the first-token key a larger logit gap than other heads: mean gap",
-                g.sink_gap,
-                g.other_gap,
-                "other heads",
-            ),
-            _above(
-                "sink",
-                "in sink heads, spike tokens' keys share one direction: top singular energy share",
-                sink_share,
-                other_share,
-                "other tokens",
-            ),
-        ]
-
-    rows += _guarded(
-        "sink",
-        (
-            "sink heads give the first-token key a larger logit gap",
-            "spike tokens' keys share one direction",
-        ),
-        sink,
-    )
-
-    def local() -> list[Claim]:
-        if not scan.sinks.sink_heads:
-            raise SpikeSinkError("the scan found no sink head")
-        if not Anatomy.of(model).causal:
-            raise SpikeSinkError(
-                "attention distance is defined for causal attention; this model attends both ways"
-            )
-        r = short_range(scan)
-        if len(r.sink_heads) == scan.n_layers * scan.n_heads:
-            raise SpikeSinkError("every head is a sink head; nothing to compare with")
-        if r.sink_distance_without_sink != r.sink_distance_without_sink:  # NaN
-            raise SpikeSinkError(
-                "the sink heads attend only to the sink key; no distance is left without it"
-            )
-        return [
-            _below(
-                "short-range",
-                f"{OURS_SHORT_RANGE}: mean distance (tokens)",
-                r.sink_distance_without_sink,
-                r.other_distance_without_sink,
-                "other heads",
-            )
-        ]
-
-    rows += _guarded("short-range", (OURS_SHORT_RANGE,), local)
-
-    def windows() -> list[Claim]:
-        loc = locality(model, corpus, scan)
-        verdict, reason = loc.verdict
-        if verdict == "not applicable":
-            raise SpikeSinkError(reason)
-        w, i = loc.causal_window, list(loc.windows).index(loc.causal_window)
-        return [
-            _above("short-range", f"{WINDOW_SHARE} (w = {w})", loc.sink_share(i),
-                   loc.other_share(i), "other heads of their layers"),
-            _below("short-range", f"{WINDOW_CAUSAL}: |Δloss| (nats), w = {w}",
-                   abs(loc.delta_loss_sink), abs(loc.delta_loss_control),
-                   "as many other heads of their layers"),
-        ]  # fmt: skip
-
-    rows += _guarded("short-range", (WINDOW_SHARE, WINDOW_CAUSAL), windows)
-
-    first = None
-
-    def first_token_row(key: str) -> list[Claim]:
-        nonlocal first
-        if not scan.spikes.massive:  # §3.1.3 explains which tokens spike; here none do
-            raise SpikeSinkError("the scan found no massive activation")
-        first = first or first_tokens(model, corpus, scan)
-        verdict, reason = getattr(first, f"{key}_verdict")
-        if verdict == "not applicable":
-            raise SpikeSinkError(reason)
-        claim = FIRST_TOKEN_CLAIMS[key]
-        if key == "static":
-            return [_at_most("first-tokens", claim, float(first.static_error.max()),
-                             STATIC_TOLERANCE, reason)]  # fmt: skip
-        if key == "self_sink":
-            value, other = first.early(first.self_delimiter), first.early(first.self_other)
-            return [_above("first-tokens", claim, value, other, "other tokens")]
-        value, other = first.scale_cos_delimiter, first.scale_cos_other
-        return [_above("first-tokens", claim, value, other, "other vocabulary items")]
-
-    for key, claim in FIRST_TOKEN_CLAIMS.items():
-        rows += _guarded("first-tokens", (claim,), lambda key=key: first_token_row(key))
-
-    def heads() -> list[Claim]:
-        sink_heads = scan.sinks.sink_heads
-        if not sink_heads:
-            raise SpikeSinkError("the scan found no sink head")
-        if len(sink_heads) == scan.n_layers * scan.n_heads:
-            raise SpikeSinkError("every head is a sink head; nothing to compare with")
-        d = head_decomposition(model, corpus, scan)
-        if d.sink_relative_norm != d.sink_relative_norm:  # NaN: no layer with a sink head writes
-            raise SpikeSinkError("no head in the sink heads' layers writes at ordinary tokens")
-        writes = _below(
-            "heads",
-            "sink heads write less than other heads at ordinary tokens: "
-            "mean ‖head output‖ / its layer's mean head",
-            d.sink_relative_norm,
-            d.other_relative_norm,
-            "other heads",
-        )
-        note = f"sink heads give the sink tokens {d.sink_heads_sink_attention:.3g} of attention"
-        return [
-            replace(writes, note=note),
-            _below(
-                "heads",
-                "the sink tokens' values are small: in sink heads, mean ‖v W_O‖ at sink tokens "
-                "/ at other tokens",
-                d.sink_value_ratio,
-                1.0,
-                "as large",
-            ),
-        ]
-
-    rows += _guarded(
-        "heads",
-        (
-            "sink heads write less than other heads at ordinary tokens",
-            "the sink tokens' values are small",
-        ),
-        heads,
-    )
-    n_spike = state.get("n_spike")
-    return ClaimsTable(str(scan.model), corpus.n_tokens, n_spike, tuple(rows))
+    measures = _Measures(model, corpus, scan, seed)
+    rows = [
+        row
+        for link, claim, build in LINKS
+        for row in _guarded(link, claim, lambda build=build, claim=claim: build(measures, claim))
+    ]
+    return ClaimsTable(str(scan.model), corpus.n_tokens, measures.n_spike, tuple(rows))
 
 
 def _mask(heads: tuple[tuple[int, int], ...], like: Any) -> Any:

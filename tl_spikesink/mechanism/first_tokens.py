@@ -7,8 +7,8 @@
    times the weights); near float precision in a causal model, undefined in an encoder.
 2. **Delimiter self-sinking**: in the early layers (up to the step-up block's), the attention a
    token pays to itself, mean over heads, for delimiters (tokens that decode to punctuation or
-   whitespace only) vs the other tokens, first token excluded; also for the spike tokens after
-   position 0, which the paper says self-sink strongly.
+   whitespace only, the scan's rule) vs the other tokens, first token excluded; also for the
+   spike tokens after position 0, which the paper says self-sink strongly.
 3. **Embedding–scale collinearity**: cos(W_E[t], γ) between each vocabulary item's embedding and
    layer 0's pre-attention RMSNorm gain γ, delimiters vs the rest of the vocabulary. γ is read
    from the norm when unfolded, or from what :func:`tl_spikesink.load` kept before folding it.
@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,20 +34,15 @@ from tl_spikesink.mechanism.captures import (
 )
 from tl_spikesink.probes.engine import HookFn, Probe, Step, run
 from tl_spikesink.results import Result
+from tl_spikesink.tokens import is_delimiter
 from tl_spikesink.views.format import json_clean, num, pct
 
 STATIC_TOLERANCE = 1e-3
 """Eq. 22 holds when every layer's relative error is below this (float32 rounding is ~1e-6)."""
-DELIMITER_CHARS = frozenset(string.punctuation + "。，、；：！？…「」『』（）")
-
-
-def is_delimiter(text: str) -> bool:
-    """A token is a delimiter when it decodes to whitespace and punctuation only."""
-    return all(c.isspace() or c in DELIMITER_CHARS for c in text)
 
 
 def delimiter_mask(model: Any) -> torch.Tensor:
-    """[d_vocab] bool: which vocabulary items are delimiters (:func:`is_delimiter`)."""
+    """[d_vocab] bool: the vocabulary items that are delimiters (the scan's rule)."""
     tokenizer = model.tokenizer
     n = int(model.cfg.d_vocab)
     texts = tokenizer.batch_decode([[i] for i in range(min(n, len(tokenizer)))])
@@ -296,4 +290,4 @@ def first_tokens(
     )
 
 
-__all__ = ["FirstTokens", "delimiter_mask", "first_tokens", "is_delimiter"]
+__all__ = ["FirstTokens", "delimiter_mask", "first_tokens"]

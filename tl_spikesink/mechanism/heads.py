@@ -27,7 +27,7 @@ from tl_spikesink.mechanism.captures import (
     Texts,
     as_corpus,
     capture,
-    nanmean,
+    group_mean,
     scan_of,
     spike_mask,
     spike_site,
@@ -88,26 +88,18 @@ class HeadDecomposition(Result):
         o = self.other_value_norm
         return torch.where(o > 0, self.sink_value_norm / o.clamp(min=1e-30), float("nan"))
 
-    @property
-    def sink_relative_norm(self) -> float:
-        """Mean `relative_norm` of the sink heads."""
-        return nanmean(self.relative_norm[self.is_sink])
-
-    @property
-    def other_relative_norm(self) -> float:
-        """Mean `relative_norm` of the other heads."""
-        return nanmean(self.relative_norm[~self.is_sink])
-
-    @property
-    def sink_value_ratio(self) -> float:
-        """Mean `value_ratio` of the sink heads (below 1: the sink tokens' values are small)."""
-        return nanmean(self.value_ratio[self.is_sink])
-
-    @property
-    def sink_heads_sink_attention(self) -> float:
-        """Mean attention that sink heads give S at ordinary queries."""
-        return nanmean(self.sink_attention[self.is_sink])
-
+    sink_relative_norm = group_mean(
+        "relative_norm", "is_sink", True, "Mean `relative_norm` of the sink heads."
+    )
+    other_relative_norm = group_mean(
+        "relative_norm", "is_sink", False, "Mean `relative_norm` of the other heads."
+    )
+    sink_value_ratio = group_mean(
+        "value_ratio", "is_sink", True, "Mean `value_ratio` of the sink heads (below 1: the sink tokens' values are small)."
+    )
+    sink_heads_sink_attention = group_mean(
+        "sink_attention", "is_sink", True, "Mean attention that sink heads give S at ordinary queries."
+    )
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (tensors as nested lists)."""
         from tl_spikesink.views.format import json_clean

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from tl_spikesink.anatomy import hook_name
+from tl_spikesink.anatomy import Anatomy, hook_name
+from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.mechanism.captures import DEFAULT_MAX_TOKENS, Texts, as_corpus, scan_of
 from tl_spikesink.probes.engine import HookFn, Probe, Step, run
 from tl_spikesink.results import Result
@@ -176,15 +177,19 @@ def locality(
     batch_size: int = 8,
 ) -> Locality:
     """Window shares of every head and the causal window test (see the module docstring)."""
-    from tl_spikesink.anatomy import Anatomy
     from tl_spikesink.config import ScanConfig
     from tl_spikesink.corpus import default_texts
     from tl_spikesink.evaluation.scoring import evaluate_all
     from tl_spikesink.interventions.attention import window_attention
 
+    a = Anatomy.of(model)
+    if not a.causal:
+        raise SpikeSinkError(
+            "locality needs causal attention (a recent window of earlier keys); "
+            f"{a.model_name} attends both ways"
+        )
     corpus = as_corpus(model, default_texts() if texts is None else texts, max_tokens)
     scan = scan_of(model, corpus, scan)
-    a = Anatomy.of(model)
     probe = _WindowShare(a.n_layers, a.n_heads, tuple(windows), min_query)
     run(model, corpus, [probe], batch_size=batch_size, progress=False)
     share = probe.inside / probe.rest.where(probe.rest > 1e-9, float("nan"))

@@ -29,18 +29,20 @@ from tl_spikesink.mechanism.captures import (
     Texts,
     as_corpus,
     capture,
+    group_mean,
     mean_or_nan,
     require_gated,
     scan_of,
     spike_mask,
     spike_site,
 )
+from tl_spikesink.results import Result
 
 # ---------------------------------------------------------------- 1. SiLU regime
 
 
-@dataclass(frozen=True)
-class SiluRegime:
+@dataclass(frozen=True, repr=False)
+class SiluRegime(Result):
     """How close one block's MLP activation (default: the spike layer's) is to the identity."""
 
     layer: int
@@ -55,36 +57,22 @@ class SiluRegime:
     """Share of Σ_j |act(z_j)·u_j·W_out[j, channel]| from neurons with act(z_j)/z_j ≥ 0.9."""
     is_spike: Bool[torch.Tensor, " token"]
 
-    @property
-    def spike_linear_share(self) -> float:
-        """Mean `linear_share` over spike tokens (≈ 1: the spike is written linearly)."""
-        return mean_or_nan(self.linear_share[self.is_spike])
-
-    @property
-    def other_linear_share(self) -> float:
-        """Mean `linear_share` over the other tokens."""
-        return mean_or_nan(self.linear_share[~self.is_spike])
-
-    @property
-    def spike_cosine(self) -> float:
-        """Mean cosine over spike tokens (≈ 1 in the linear regime)."""
-        return mean_or_nan(self.cosine[self.is_spike])
-
-    @property
-    def other_cosine(self) -> float:
-        """Mean cosine over the other tokens."""
-        return mean_or_nan(self.cosine[~self.is_spike])
-
-    @property
-    def spike_norm_ratio(self) -> float:
-        """Mean norm ratio over spike tokens."""
-        return mean_or_nan(self.norm_ratio[self.is_spike])
-
-    @property
-    def other_norm_ratio(self) -> float:
-        """Mean norm ratio over the other tokens."""
-        return mean_or_nan(self.norm_ratio[~self.is_spike])
-
+    spike_linear_share = group_mean(
+        "linear_share", "is_spike", True, "Mean `linear_share` over spike tokens (≈ 1: linear)."
+    )
+    other_linear_share = group_mean(
+        "linear_share", "is_spike", False, "Mean `linear_share` over the other tokens."
+    )
+    spike_cosine = group_mean(
+        "cosine", "is_spike", True, "Mean cosine over spike tokens (≈ 1 in the linear regime)."
+    )
+    other_cosine = group_mean("cosine", "is_spike", False, "Mean cosine over the other tokens.")
+    spike_norm_ratio = group_mean(
+        "norm_ratio", "is_spike", True, "Mean norm ratio over spike tokens."
+    )
+    other_norm_ratio = group_mean(
+        "norm_ratio", "is_spike", False, "Mean norm ratio over the other tokens."
+    )
 
 def silu_regime(
     model: Any,
@@ -154,8 +142,8 @@ def silu_from(model: Any, cap: Captured, site: SpikeSite, layer: int | None = No
 # ---------------------------------------------------------------- 2. quadratic form
 
 
-@dataclass(frozen=True)
-class QuadraticForm:
+@dataclass(frozen=True, repr=False)
+class QuadraticForm(Result):
     """The SwiGLU quadratic form S_k of the spike layer's MLP for each spike channel."""
 
     layer: int

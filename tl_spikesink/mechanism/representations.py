@@ -25,7 +25,7 @@ from tl_spikesink.mechanism.captures import (
     Texts,
     as_corpus,
     capture,
-    mean_or_nan,
+    group_mean,
     mean_pairwise_cosine,
     require_rms,
     scan_of,
@@ -65,21 +65,15 @@ class Representations(Result):
         """Whether |x̂_i| ≤ √d·|γ_i| held at every token (float tolerance 1e-4)."""
         return bool((self.bound_ratio <= 1 + 1e-4).all())
 
-    @property
-    def spike_energy(self) -> float:
-        """Mean spike-channel energy share of spike tokens."""
-        return mean_or_nan(self.channel_energy[self.is_spike])
-
-    @property
-    def other_energy(self) -> float:
-        """Mean spike-channel energy share of other tokens."""
-        return mean_or_nan(self.channel_energy[~self.is_spike])
-
-    @property
-    def spike_bound_ratio(self) -> float:
-        """Mean max_i |x̂_i| / √d of spike tokens (near 1: the spike saturates the bound)."""
-        return mean_or_nan(self.bound_ratio[self.is_spike])
-
+    spike_energy = group_mean(
+        "channel_energy", "is_spike", True, "Mean spike-channel energy share of spike tokens."
+    )
+    other_energy = group_mean(
+        "channel_energy", "is_spike", False, "Mean spike-channel energy share of other tokens."
+    )
+    spike_bound_ratio = group_mean(
+        "bound_ratio", "is_spike", True, "Mean max_i |x̂_i| / √d of spike tokens (near 1: the spike saturates the bound)."
+    )
 
 def representations(
     model: Any,

@@ -34,14 +34,15 @@ from tl_spikesink.corpus import Chunk, Corpus
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.mechanism.captures import DEFAULT_MAX_TOKENS, as_corpus, scan_of, spike_site
 from tl_spikesink.probes.engine import HookFn, Probe, Step, run
+from tl_spikesink.results import Result
 
 DEFAULT_BATCH = 512
 DEFAULT_PLATEAU_LAYERS = 2
 _SHOWN = 10
 
 
-@dataclass(frozen=True)
-class VocabSpikes:
+@dataclass(frozen=True, repr=False)
+class VocabSpikes(Result):
     """Spike tokens among all vocabulary items, at position 0 and at position 1 (Table 2)."""
 
     model: str

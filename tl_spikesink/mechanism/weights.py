@@ -38,6 +38,7 @@ import torch
 from jaxtyping import Float
 
 from tl_spikesink.mechanism.captures import require_gated
+from tl_spikesink.results import Result
 
 DEFAULT_FACTOR = 10.0
 """An outlier's ‖U_k‖_F exceeds this multiple of its block's median (and the global median)."""
@@ -111,8 +112,8 @@ class Outlier:
     """|λ⋆| / ‖S_k‖_F: 1 when one direction carries the whole form (Fig. 4)."""
 
 
-@dataclass(frozen=True)
-class WeightReading:
+@dataclass(frozen=True, repr=False)
+class WeightReading(Result):
     """Where the weights say the spike is made and unmade, and whether the scan agrees."""
 
     model: str

@@ -22,7 +22,10 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 
 def _table(head: list[str], rows: list[list[Any]], ours_last: bool = True) -> str:
     def cell(x: Any) -> str:
-        text = "—" if x is None else (", ".join(map(str, x)) or "none") if isinstance(x, list) else str(x)
+        if isinstance(x, list):
+            text = ", ".join(map(str, x)) or "none"
+        else:
+            text = "—" if x is None else str(x)
         cls = ' class="num"' if isinstance(x, int | float) else ""
         return f"<td{cls}>{html.escape(text)}</td>"
 
@@ -45,7 +48,8 @@ def paper_html(row: Any) -> str:
     name = html.escape(d["model"])
     table1 = _table(
         ["Table 1", "blocks", "step-up", "step-down", "step-up (weights)", "step-down (weights)"],
-        [[r["model"], r["blocks"], r["step_up"], r["step_down"], None, None] for r in paper["table1"]]
+        [[r["model"], r["blocks"], r["step_up"], r["step_down"], None, None]
+         for r in paper["table1"]]
         + [[f"{d['model']} (ours)", d["n_blocks"], t1["step_up"], t1["step_down"],
             fw["step_up"], fw["step_down"]]],
     )  # fmt: skip
@@ -90,8 +94,9 @@ def paper_html(row: Any) -> str:
         )
     parts.append(scalars)
     if d["claims"]:
-        parts.append("<h2>Mechanism claims</h2><table><tr><th>link</th><th>claim</th>"
-                     "<th>measured</th><th>threshold</th><th>verdict</th><th>reason</th></tr>")  # fmt: skip
+        head = ("link", "claim", "measured", "threshold", "verdict", "reason")
+        parts.append("<h2>Mechanism claims</h2><table><tr>"
+                     + "".join(f"<th>{h}</th>" for h in head) + "</tr>")  # fmt: skip
         for c in d["claims"]:
             colour = VERDICT_COLOURS.get(c["verdict"], "#fff")
             measured = "—" if c["measured"] is None else f"{c['measured']:.4g}"
