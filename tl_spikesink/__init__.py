@@ -24,7 +24,6 @@ _NAMES = {
     "load": "models",
     "load_gguf": "models",
     "MODELS": "models",
-    "DEFAULT_MODEL": "models",
     "Corpus": "corpus",
     "default_texts": "corpus",
     "tokenize": "corpus",
@@ -51,6 +50,7 @@ _NAMES = {
     "ClaimsTable": "mechanism.claims",
     "paper_row": "mechanism.paper",
     "PaperRow": "mechanism.paper",
+    "super_weights": "mechanism.super_weights",
     # views
     "plot_massive_activations": "views.plots",
     "plot_sink_scores": "views.plots",
@@ -78,6 +78,7 @@ _OTHER_MODULES = (
 """Reachable as attributes (``ts.probes.engine``) without being root names."""
 
 _MOVED = {
+    "DEFAULT_MODEL": "models",
     "Activation": "probes.spikes",
     "Anatomy": "anatomy",
     "AblationTable": "training",

@@ -154,9 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_outputs(p, json="write the table as JSON")
     p.set_defaults(run=_intervene)
 
-    from tl_spikesink.cli import ablate, paper, sae, streaming
+    from tl_spikesink.cli import ablate, paper, sae, streaming, superweights
 
-    for command in (paper, streaming, ablate, sae):
+    for command in (paper, streaming, superweights, ablate, sae):
         command.add_parser(sub)
     return parser
 

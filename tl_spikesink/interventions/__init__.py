@@ -12,6 +12,7 @@ from tl_spikesink.interventions.attention import (
 from tl_spikesink.interventions.base import Intervention, compose
 from tl_spikesink.interventions.norms import NormScales, norm_scales, norm_swap
 from tl_spikesink.interventions.spikes import spike_ablation
+from tl_spikesink.interventions.weights import super_weight_edit
 
 __all__ = [
     "Intervention",
@@ -22,5 +23,6 @@ __all__ = [
     "norm_swap",
     "sink_key_removal",
     "spike_ablation",
+    "super_weight_edit",
     "window_attention",
 ]

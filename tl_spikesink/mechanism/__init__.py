@@ -54,6 +54,7 @@ from tl_spikesink.mechanism.mlp import (
     silu_regime,
 )
 from tl_spikesink.mechanism.representations import Representations, representations
+from tl_spikesink.mechanism.super_weights import SuperWeight, SuperWeights, super_weights
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -67,6 +68,8 @@ __all__ = [
     "SiluRegime",
     "SinkGeometry",
     "SpikeSite",
+    "SuperWeight",
+    "SuperWeights",
     "all_frobenius",
     "first_tokens",
     "head_decomposition",
@@ -78,4 +81,5 @@ __all__ = [
     "silu_regime",
     "sink_geometry",
     "spike_site",
+    "super_weights",
 ]

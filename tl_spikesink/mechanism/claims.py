@@ -37,7 +37,7 @@ OURS_SHORT_RANGE = "(our metric) without the sink key, sink heads attend more lo
 WINDOW_SHARE = "sink heads keep more of their non-sink attention in the recent window"
 WINDOW_CAUSAL = "restricting sink heads to the first token + recent window moves the loss less"
 FIRST_TOKEN_CLAIMS = {
-    "static": "Eq. 22: the first token's head outputs are h̃₀W_V + b_V: largest relative error",
+    "static": "Eq. 22: the first token's head outputs are h̃₀W_V + b_V",
     "self_sink": "delimiters attend to themselves more than other tokens in early layers",
     "scale": "delimiter embeddings are more collinear with the first norm's gain: mean cos",
 }
