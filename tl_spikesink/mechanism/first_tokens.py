@@ -23,9 +23,9 @@ import torch
 from jaxtyping import Float
 
 from tl_spikesink.anatomy import Anatomy, first_norm_scale, hook_name
+from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.mechanism.captures import (
     DEFAULT_MAX_TOKENS,
-    NoStepUpBlock,
     Texts,
     as_corpus,
     require,
@@ -246,10 +246,7 @@ def first_tokens(
         site = spike_site(scan)
         early = tuple(range(site.layer + 1))
         early_reason = f"layers up to the step-up block's ({site.reason})"
-    except NoStepUpBlock as exc:
-        site, early = None, tuple(range(max(1, a.n_layers // 4)))
-        early_reason = f"first quarter of the layers ({exc})"
-    except Exception as exc:  # no massive activation at all
+    except SpikeSinkError as exc:  # no step-up block, or no massive activation at all
         site, early = None, tuple(range(max(1, a.n_layers // 4)))
         early_reason = f"first quarter of the layers ({exc})"
     probe = _FirstTokenProbe(model, delimiters, site)
