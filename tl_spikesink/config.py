@@ -67,6 +67,10 @@ class ScanConfig:
     seed: int = 0
     """Seed set before scanning (the scan itself draws no random numbers)."""
 
+    def batching(self) -> dict[str, Any]:
+        """The engine's batching arguments: ``run(model, corpus, ..., **config.batching())``."""
+        return {"batch_size": self.batch_size, "padding_side": self.padding_side}
+
     def __post_init__(self) -> None:
         check_fields(self)
         if "resid_post" not in self.spike_sites:

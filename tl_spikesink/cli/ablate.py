@@ -41,13 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="bigram_backcopy",
         help="synthetic bigram-backcopy data (fast) or the default corpus with SmolLM2's tokenizer",
     )
-    p.add_argument(
-        "--trigger-rate",
-        type=float,
-        default=0.15,
-        metavar="R",
-        help="bigram-backcopy: share of tokens followed by a trigger (default 0.15)",
-    )
+    p.add_argument("--trigger-rate", type=float, default=0.15, metavar="R",
+                   help="bigram-backcopy: share of tokens followed by a trigger (default 0.15)")  # fmt: skip
     p.add_argument("--out", metavar="DIR", help="save every checkpoint under DIR/variant/seedS")
     p.add_argument("--json", metavar="OUT", help="write the table (and every run) as JSON")
     p.add_argument(
@@ -61,13 +56,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="write an offline HTML report: the scan of the first variant's first seed, the "
         "table as bars and every emergence curve",
     )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        metavar="N",
-        help="train N runs at once, one process and one thread each (default 1)",
-    )
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="train N runs at once, one process and one thread each (default 1)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(run=run)
 

@@ -153,6 +153,12 @@ def corpus_of(model: Any, args: argparse.Namespace, config: Any) -> Any:
     return as_corpus(model, texts, config, name)
 
 
+def inputs(args: argparse.Namespace) -> tuple[Any, list[str] | None]:
+    """Check the output paths, then load the model and read the texts: every command's start."""
+    check_outputs(args)
+    return load_model(args), read_texts(args)[0]
+
+
 def emit(text: str, path: str | None, payload: dict[str, Any] | None = None) -> None:
     """Print `text` to stdout, and write `payload` as JSON to `path` if given."""
     import sys

@@ -26,9 +26,7 @@ def run(args: argparse.Namespace) -> None:
     """Measure the model as the paper does and print the row beside the published ones."""
     from tl_spikesink.mechanism.paper import paper_row
 
-    options.check_outputs(args)
-    model = options.load_model(args)
-    texts, _ = options.read_texts(args)
+    model, texts = options.inputs(args)
     row = paper_row(
         model,
         texts,

@@ -33,9 +33,7 @@ def run(args: argparse.Namespace) -> None:
     """Evaluate each window + sinks restriction against full attention and print the table."""
     from tl_spikesink.evaluation.streaming import streaming
 
-    options.check_outputs(args)
-    model = options.load_model(args)
-    texts, _ = options.read_texts(args)
+    model, texts = options.inputs(args)
     result = streaming(
         model,
         texts,

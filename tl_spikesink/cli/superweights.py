@@ -13,7 +13,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("superweights", help=help_text, description=help_text)
     options.add_model(p)
     options.add_corpus(p, max_tokens=1024)
-    p.add_argument("--prompt", default=None, help="the prompt the rule reads (default: Yu et al.'s)")
+    p.add_argument(
+        "--prompt", default=None, help="the prompt the rule reads (default: Yu et al.'s)"
+    )
     p.add_argument("--threshold", type=float, default=50.0, metavar="T",
                    help="cut on the MLP's largest |input| and |output| (default 50)")  # fmt: skip
     p.add_argument("--no-eval", action="store_true", help="skip the three perplexities")
@@ -25,9 +27,7 @@ def run(args: argparse.Namespace) -> None:
     """Rank the candidates of the model and test the top one."""
     from tl_spikesink.mechanism.super_weights import PROMPT, super_weights
 
-    options.check_outputs(args)
-    model = options.load_model(args)
-    texts, _ = options.read_texts(args)
+    model, texts = options.inputs(args)
     result = super_weights(
         model,
         texts,

@@ -208,7 +208,11 @@ def evaluate_all(
             config.top_k,
             config.max_candidates,
         )
-    first = [clean, *(clean_scan.probes if clean_scan else ()), *([heads_probe] if heads_probe else [])]
+    first = [
+        clean,
+        *(clean_scan.probes if clean_scan else ()),
+        *([heads_probe] if heads_probe else []),
+    ]
     passes = [Pass(first)]
     runs: list[tuple[Intervention | None, _Scorer, ScanProbes | None]] = []
     for iv in interventions:
@@ -219,15 +223,8 @@ def evaluate_all(
         passes.append(Pass([scorer, *scanned.probes], tuple(iv.fwd_hooks)))
         runs.append((iv, scorer, scanned))
     names = ", ".join("clean" if iv is None else iv.name for iv in interventions)
-    run(
-        model,
-        corpus,
-        passes=passes,
-        batch_size=config.batch_size,
-        padding_side=config.padding_side,
-        progress=progress,
-        desc=f"evaluate ({names})" if len(interventions) > 1 else f"evaluate: {names}",
-    )
+    desc = f"evaluate ({names})" if len(interventions) > 1 else f"evaluate: {names}"
+    run(model, corpus, passes=passes, progress=progress, desc=desc, **config.batching())
     if sink_heads is None:
         sink_heads = (clean_scan.sinks.result() if clean_scan else heads_probe.result()).sink_heads
     heads = tuple(tuple(h) for h in sink_heads)

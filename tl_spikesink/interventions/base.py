@@ -105,26 +105,24 @@ def spike_cuts(
     }
 
 
+def _check_range(values: tuple[int, ...], size: int | None, what: str, noun: str, of: str) -> None:
+    if not values:
+        raise SpikeSinkError(f"{what}: no {noun} chosen")
+    for v in values:
+        if v < 0 or (size is not None and v >= size):
+            raise SpikeSinkError(f"{what}: {noun} {v} is out of range ({of})")
+
+
 def check_layers(layers: tuple[int, ...], dims: Mapping[str, int], what: str) -> None:
     """Refuse an empty or out-of-range choice of layers, naming `what` asked for it."""
     n = dims.get("n_layers")
-    if not layers:
-        raise SpikeSinkError(f"{what}: no layer chosen")
-    for layer in layers:
-        if layer < 0 or (n is not None and layer >= n):
-            raise SpikeSinkError(
-                f"{what}: layer {layer} is out of range (the model has {n} layers: 0..{n - 1})"
-            )
+    _check_range(layers, n, what, "layer", f"the model has {n} layers: 0..{(n or 0) - 1}")
 
 
 def check_channels(channels: tuple[int, ...], dims: Mapping[str, int], what: str) -> None:
     """Refuse an empty or out-of-range choice of residual channels."""
     d = dims.get("d_model")
-    if not channels:
-        raise SpikeSinkError(f"{what}: no channel chosen")
-    for c in channels:
-        if c < 0 or (d is not None and c >= d):
-            raise SpikeSinkError(f"{what}: channel {c} is out of range (d_model = {d})")
+    _check_range(channels, d, what, "channel", f"d_model = {d}")
 
 
 def check_heads(pairs: tuple[tuple[int, int], ...], dims: Mapping[str, int], what: str) -> None:

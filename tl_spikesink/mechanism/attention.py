@@ -18,10 +18,11 @@ from jaxtyping import Float
 from tl_spikesink.anatomy import block_hook
 from tl_spikesink.mechanism.captures import (
     DEFAULT_MAX_TOKENS,
+    HEADS,
     Texts,
     as_corpus,
     capture,
-    group_mean,
+    group_means,
     nanmean,
     scan_of,
     spike_mask,
@@ -52,8 +53,8 @@ class SinkGeometry(Result):
             m[layer, head] = True
         return m
 
-    sink_gap = group_mean("logit_gap", "_is_sink", True, "Mean logit gap of sink heads.")
-    other_gap = group_mean("logit_gap", "_is_sink", False, "Mean logit gap of the other heads.")
+    sink_gap, other_gap = group_means("logit_gap", "_is_sink", HEADS)
+
 
 def sink_geometry(
     model: Any,

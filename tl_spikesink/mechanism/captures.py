@@ -118,6 +118,12 @@ def nanmean(x: torch.Tensor) -> float:
     return mean_or_nan(x)
 
 
+TOKENS = ("spike tokens", "other tokens")
+"""The two groups of a per-token split, for :func:`group_means`."""
+HEADS = ("sink heads", "other heads")
+"""The two groups of a per-head split."""
+
+
 def group_mean(values: str, mask: str, inside: bool, doc: str) -> property:
     """A result's property: the mean of its `values` where its `mask` is set (or, not set).
 
@@ -130,3 +136,15 @@ def group_mean(values: str, mask: str, inside: bool, doc: str) -> property:
         return nanmean(getattr(self, values)[m if inside else ~m])
 
     return property(get, doc=doc)
+
+
+def group_means(
+    values: str, mask: str, groups: tuple[str, str], note: str = ""
+) -> tuple[property, property]:
+    """The two :func:`group_mean` properties of `values`: inside `mask` and outside it.
+
+    `groups` names the two sides ("spike tokens", "other tokens") in the docstrings.
+    """
+    what = f"Mean `{values}` over the {{}}{f' ({note})' if note else ''}."
+    return (group_mean(values, mask, True, what.format(groups[0])),
+            group_mean(values, mask, False, what.format(groups[1])))  # fmt: skip

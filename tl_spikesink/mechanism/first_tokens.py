@@ -259,7 +259,8 @@ def first_tokens(
     cos_d = cos_o = float("nan")
     if gamma is None:
         scale_reason = (
-            "post-norm: no pre-attention norm" if not a.causal
+            "post-norm: no pre-attention norm"
+            if not a.causal
             else "the norm gains are folded into the weights (fold_ln) and were not recorded; "
             "load with tl_spikesink.load or keep the norm unfolded"
         )

@@ -24,10 +24,12 @@ from jaxtyping import Float
 from tl_spikesink.anatomy import Anatomy, block_hook, hook_name
 from tl_spikesink.mechanism.captures import (
     DEFAULT_MAX_TOKENS,
+    HEADS,
     Texts,
     as_corpus,
     capture,
     group_mean,
+    group_means,
     scan_of,
     spike_mask,
     spike_site,
@@ -88,18 +90,20 @@ class HeadDecomposition(Result):
         o = self.other_value_norm
         return torch.where(o > 0, self.sink_value_norm / o.clamp(min=1e-30), float("nan"))
 
-    sink_relative_norm = group_mean(
-        "relative_norm", "is_sink", True, "Mean `relative_norm` of the sink heads."
-    )
-    other_relative_norm = group_mean(
-        "relative_norm", "is_sink", False, "Mean `relative_norm` of the other heads."
-    )
+    sink_relative_norm, other_relative_norm = group_means("relative_norm", "is_sink", HEADS)
     sink_value_ratio = group_mean(
-        "value_ratio", "is_sink", True, "Mean `value_ratio` of the sink heads (below 1: the sink tokens' values are small)."
+        "value_ratio",
+        "is_sink",
+        True,
+        "Mean `value_ratio` of the sink heads (below 1: the sink tokens' values are small).",
     )
     sink_heads_sink_attention = group_mean(
-        "sink_attention", "is_sink", True, "Mean attention that sink heads give S at ordinary queries."
+        "sink_attention",
+        "is_sink",
+        True,
+        "Mean attention that sink heads give S at ordinary queries.",
     )
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (tensors as nested lists)."""
         from tl_spikesink.views.format import json_clean
@@ -219,9 +223,7 @@ def head_decomposition(
     site = spike_site(scan) if scan.spikes.massive else None
     spike_rows = None
     if site is not None:
-        first = capture(
-            model, corpus, [hook_name("resid_post", site.layer)], batch_size=batch_size
-        )
+        first = capture(model, corpus, [hook_name("resid_post", site.layer)], batch_size=batch_size)
         spike_rows = spike_mask(first, site)
 
     probe = _HeadFlow(model, n_layers, n_heads, spike_rows)

@@ -24,12 +24,13 @@ from tl_spikesink.anatomy import block_hook
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.mechanism.captures import (
     DEFAULT_MAX_TOKENS,
+    TOKENS,
     Captured,
     SpikeSite,
     Texts,
     as_corpus,
     capture,
-    group_mean,
+    group_means,
     mean_or_nan,
     require_gated,
     scan_of,
@@ -57,22 +58,14 @@ class SiluRegime(Result):
     """Share of Σ_j |act(z_j)·u_j·W_out[j, channel]| from neurons with act(z_j)/z_j ≥ 0.9."""
     is_spike: Bool[torch.Tensor, " token"]
 
-    spike_linear_share = group_mean(
-        "linear_share", "is_spike", True, "Mean `linear_share` over spike tokens (≈ 1: linear)."
+    spike_linear_share, other_linear_share = group_means(
+        "linear_share", "is_spike", TOKENS, "≈ 1: linear"
     )
-    other_linear_share = group_mean(
-        "linear_share", "is_spike", False, "Mean `linear_share` over the other tokens."
+    spike_cosine, other_cosine = group_means(
+        "cosine", "is_spike", TOKENS, "≈ 1 in the linear regime"
     )
-    spike_cosine = group_mean(
-        "cosine", "is_spike", True, "Mean cosine over spike tokens (≈ 1 in the linear regime)."
-    )
-    other_cosine = group_mean("cosine", "is_spike", False, "Mean cosine over the other tokens.")
-    spike_norm_ratio = group_mean(
-        "norm_ratio", "is_spike", True, "Mean norm ratio over spike tokens."
-    )
-    other_norm_ratio = group_mean(
-        "norm_ratio", "is_spike", False, "Mean norm ratio over the other tokens."
-    )
+    spike_norm_ratio, other_norm_ratio = group_means("norm_ratio", "is_spike", TOKENS)
+
 
 def silu_regime(
     model: Any,

@@ -134,8 +134,7 @@ class PaperRow(Result):
                         for m, b, u, d in TABLE1
                     ],
                     "table2": [
-                        {"model": m, "vocab": n, "spike_tokens_position0": k}
-                        for m, n, k in TABLE2
+                        {"model": m, "vocab": n, "spike_tokens_position0": k} for m, n, k in TABLE2
                     ],
                     "baseline": BASELINE,
                 },
@@ -152,9 +151,7 @@ class PaperRow(Result):
             return MISSING if x is None else (", ".join(map(str, x)) or "none")
 
         fw = self.from_weights
-        rows1 = [
-            [m, str(b), blocks(u), blocks(d), MISSING, MISSING] for m, b, u, d in TABLE1
-        ] + [
+        rows1 = [[m, str(b), blocks(u), blocks(d), MISSING, MISSING] for m, b, u, d in TABLE1] + [
             [
                 f"{self.model} (ours)",
                 str(self.n_blocks),

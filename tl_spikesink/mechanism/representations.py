@@ -20,12 +20,14 @@ from tl_spikesink.anatomy import block_hook
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.mechanism.captures import (
     DEFAULT_MAX_TOKENS,
+    TOKENS,
     Captured,
     SpikeSite,
     Texts,
     as_corpus,
     capture,
     group_mean,
+    group_means,
     mean_pairwise_cosine,
     require_rms,
     scan_of,
@@ -65,15 +67,16 @@ class Representations(Result):
         """Whether |x̂_i| ≤ √d·|γ_i| held at every token (float tolerance 1e-4)."""
         return bool((self.bound_ratio <= 1 + 1e-4).all())
 
-    spike_energy = group_mean(
-        "channel_energy", "is_spike", True, "Mean spike-channel energy share of spike tokens."
-    )
-    other_energy = group_mean(
-        "channel_energy", "is_spike", False, "Mean spike-channel energy share of other tokens."
+    spike_energy, other_energy = group_means(
+        "channel_energy", "is_spike", TOKENS, "spike-channel energy share"
     )
     spike_bound_ratio = group_mean(
-        "bound_ratio", "is_spike", True, "Mean max_i |x̂_i| / √d of spike tokens (near 1: the spike saturates the bound)."
+        "bound_ratio",
+        "is_spike",
+        True,
+        "Mean max_i |x̂_i| / √d of spike tokens (near 1: the spike saturates the bound).",
     )
+
 
 def representations(
     model: Any,
@@ -108,9 +111,7 @@ def representation_names(model: Any, site: SpikeSite) -> list[str]:
     ]
 
 
-def representations_from(
-    model: Any, cap: Captured, site: SpikeSite, seed: int
-) -> Representations:
+def representations_from(model: Any, cap: Captured, site: SpikeSite, seed: int) -> Representations:
     require_rms(model, "the RMSNorm bound")
     spike = spike_mask(cap, site)
     n_spike = int(spike.sum())

@@ -193,7 +193,9 @@ def super_weights(
     missing = [n for n in (block_hook(0, "mlp.hook_post"), hook_name("mlp_out", 0))
                if n not in model.hook_dict]  # fmt: skip
     if missing:
-        raise SpikeSinkError(f"super_weights needs the hook point {missing[0]!r}; this model lacks it")
+        raise SpikeSinkError(
+            f"super_weights needs the hook point {missing[0]!r}; this model lacks it"
+        )
     corpus = as_corpus(model, default_texts() if texts is None else texts, max_tokens)
     scan = scan_of(model, corpus, scan)
     life = scan.spikes.lifecycle

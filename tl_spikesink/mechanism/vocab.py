@@ -195,7 +195,9 @@ class VocabSpikes(Result):
 class _PeakProbe(Probe):
     """Per sequence, max over layers of max_c |resid_post[last, c]| / cut, at its last token."""
 
-    def __init__(self, layers: Sequence[int], cuts: Sequence[float], channels: Sequence[int], n: int):
+    def __init__(
+        self, layers: Sequence[int], cuts: Sequence[float], channels: Sequence[int], n: int
+    ):
         self.layers, self.cuts, self.channels = list(layers), list(cuts), list(channels)
         self.score = torch.zeros(n)
 
@@ -237,7 +239,9 @@ def first_token_of(model: Any, first_token: int | str | None = None) -> tuple[in
     if isinstance(first_token, int):
         return first_token, "given"
     if isinstance(first_token, str):
-        return int(model.to_tokens(first_token, prepend_bos=False)[0, 0]), f"first token of {first_token!r}"
+        return int(
+            model.to_tokens(first_token, prepend_bos=False)[0, 0]
+        ), f"first token of {first_token!r}"
     bos = getattr(tok, "bos_token_id", None)
     if bool(getattr(model.cfg, "default_prepend_bos", True)) and bos is not None:
         return int(bos), "the model's BOS"

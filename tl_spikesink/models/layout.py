@@ -48,13 +48,7 @@ def fast_layout(model: HookedTransformer) -> HookedTransformer:
     ``addmm`` on the stored layout and are left alone, as are 4-bit weights, parameters that
     share storage with another (re-storing one would silently untie them), and the attention
     weights that the einsum paths enabled in ``model.cfg`` read (see the module docstring).
-    Calling it again is a no-op.
-
-    Args:
-        model: A ``HookedTransformer``.
-
-    Returns:
-        The same `model`, for chaining.
+    Calling it again is a no-op. Returns `model`, for chaining.
     """
     with torch.no_grad():
         shared = _shared_storages(model)
@@ -69,12 +63,7 @@ def standard_layout(model: HookedTransformer) -> HookedTransformer:
 
     For switching on ``use_split_qkv_input``, ``use_attn_in`` or ``use_attn_result`` after
     :func:`fast_layout` when results must match a model never re-stored to the last bit.
-
-    Args:
-        model: A ``HookedTransformer``.
-
-    Returns:
-        The same `model`, for chaining.
+    Returns `model`, for chaining.
     """
     with torch.no_grad():
         shared = _shared_storages(model)

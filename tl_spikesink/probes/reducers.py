@@ -135,9 +135,26 @@ class TopEntries:
     def __len__(self) -> int:
         return int(self.keys.numel())
 
+
 def share(items: tuple, pred: Callable[[Any], bool]) -> float:
     """Share of `items` for which `pred` holds (NaN for none)."""
     return sum(map(pred, items)) / len(items) if items else float("nan")
+
+
+class TokenShares:
+    """``share_first`` / ``share_delimiter`` of a result's ``tokens`` (spike or sink tokens)."""
+
+    tokens: tuple
+
+    @property
+    def share_first(self) -> float:
+        """Share of the tokens that are the first token of their sequence."""
+        return share(self.tokens, lambda t: t.token.is_first)
+
+    @property
+    def share_delimiter(self) -> float:
+        """Share of the tokens that are delimiters (punctuation or whitespace)."""
+        return share(self.tokens, lambda t: t.is_delimiter)
 
 
 def check_same(a: Any, b: Any, fields: tuple[str, ...]) -> None:
@@ -149,5 +166,3 @@ def check_same(a: Any, b: Any, fields: tuple[str, ...]) -> None:
                 f"({getattr(a, f)!r} vs {getattr(b, f)!r}); "
                 "scan both shards with the same model and settings"
             )
-
-

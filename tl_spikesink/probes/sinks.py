@@ -46,7 +46,7 @@ from jaxtyping import Float
 
 from tl_spikesink.anatomy import hook_name
 from tl_spikesink.probes.engine import Probe, Step
-from tl_spikesink.probes.reducers import TopEntries, check_same, share
+from tl_spikesink.probes.reducers import TokenShares, TopEntries, check_same
 from tl_spikesink.results import Result
 from tl_spikesink.tokens import TokenRef, is_delimiter
 
@@ -70,7 +70,7 @@ class SinkToken:
 
 
 @dataclass(frozen=True, repr=False)
-class SinkStats(Result):
+class SinkStats(TokenShares, Result):
     """Attention-sink statistics of one scan; merge two to get the scan of both corpora."""
 
     n_layers: int
@@ -200,16 +200,6 @@ class SinkStats(Result):
                 strict=True,
             )
         )
-
-    @property
-    def share_first(self) -> float:
-        """Share of sink tokens that are the first token of their sequence."""
-        return share(self.tokens, lambda t: t.token.is_first)
-
-    @property
-    def share_delimiter(self) -> float:
-        """Share of sink tokens that are delimiters."""
-        return share(self.tokens, lambda t: t.is_delimiter)
 
     def shift_texts(self, offset: int) -> SinkStats:
         """The same statistics with text indices moved by `offset` (to merge separate corpora)."""

@@ -37,11 +37,11 @@ from tl_spikesink.probes.engine import Probe, Step
 from tl_spikesink.probes.reducers import (
     BIN_SHIFT,
     N_BINS,
+    TokenShares,
     TopEntries,
     abs_bits,
     check_same,
     histogram_quantile,
-    share,
 )
 from tl_spikesink.results import Result
 from tl_spikesink.tokens import TokenRef, is_delimiter
@@ -87,7 +87,7 @@ class SpikeToken:
 
 
 @dataclass(frozen=True, repr=False)
-class SpikeStats(Result):
+class SpikeStats(TokenShares, Result):
     """Massive-activation statistics of one scan; merge two to get the scan of both corpora."""
 
     sites: tuple[Site, ...]
@@ -188,16 +188,6 @@ class SpikeStats(Result):
     def massive_layers(self) -> tuple[int, ...]:
         """Layers whose residual stream holds at least one massive activation."""
         return tuple(sorted({a.layer for a in self.massive}))
-
-    @property
-    def share_first(self) -> float:
-        """Share of spike tokens that are the first token of their sequence."""
-        return share(self.tokens, lambda t: t.token.is_first)
-
-    @property
-    def share_delimiter(self) -> float:
-        """Share of spike tokens that are delimiters (punctuation or whitespace)."""
-        return share(self.tokens, lambda t: t.is_delimiter)
 
     @cached_property
     def _steps(self) -> dict[str, dict[tuple[int, str], list[float]]]:

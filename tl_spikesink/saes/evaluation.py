@@ -238,7 +238,6 @@ class SAEReport(Result):
             }
         )
 
-
     def __str__(self) -> str:
         from tl_spikesink.views.saes import render_report
 
@@ -303,15 +302,7 @@ def sae_report(
         splice = _Splice(clean, i, hook, zero=run_name == "zero")
         # A splice at no position is the clean pass: its loss was filed already.
         passes.append(Pass([splice], skip=splice.nowhere))
-    run(
-        model,
-        corpus,
-        passes=passes,
-        batch_size=config.batch_size,
-        padding_side=config.padding_side,
-        progress=progress,
-        desc="SAE report",
-    )
+    run(model, corpus, passes=passes, progress=progress, desc="SAE report", **config.batching())
     return SAEReport(
         model=anatomy.model_name,
         hook=hook,

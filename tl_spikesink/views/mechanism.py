@@ -50,10 +50,8 @@ def plot_silu_regime(result: SiluRegime) -> go.Figure:
     ):
         fig.add_trace(
             go.Scatter(
-                x=plot_values(result.norm_ratio[mask]),
-                y=plot_values(result.cosine[mask]),
-                name=name,
-                mode="markers",
+                x=plot_values(result.norm_ratio[mask]), y=plot_values(result.cosine[mask]),
+                name=name, mode="markers",
                 marker={
                     "color": color,
                     "size": 9 if name == "spike tokens" else 5,
@@ -61,7 +59,7 @@ def plot_silu_regime(result: SiluRegime) -> go.Figure:
                 },
                 hovertemplate="‖act z‖/‖z‖ %{x:.3f}<br>cos %{y:.3f}<extra>" + name + "</extra>",
             )
-        )
+        )  # fmt: skip
     fig.add_trace(
         go.Scatter(
             x=[1.0],
@@ -212,10 +210,8 @@ def plot_head_decomposition(result: HeadDecomposition) -> go.Figure:
         custom = torch.cat([grid[mask].double(), *(f[mask].double()[:, None] for f in fields)], 1)
         fig.add_trace(
             go.Scatter(
-                x=plot_values(result.sink_attention[mask]),
-                y=plot_values(result.relative_norm[mask]),
-                name=name,
-                mode="markers",
+                x=plot_values(result.sink_attention[mask]), y=plot_values(result.relative_norm[mask]),
+                name=name, mode="markers",
                 marker={"color": color, "size": 7, "opacity": 0.75},
                 customdata=[plot_values(row) for row in custom],
                 hovertemplate=(
@@ -225,7 +221,7 @@ def plot_head_decomposition(result: HeadDecomposition) -> go.Figure:
                     "%{customdata[4]:.3g}<extra>" + name + "</extra>"
                 ),
             )
-        )
+        )  # fmt: skip
     fig.add_hline(y=1.0, line_dash="dot", line_color="#7f7f7f")
     fig.update_xaxes(title_text="attention on sink tokens (ordinary queries)", range=[-0.02, 1.02])
     fig.update_yaxes(title_text="‖head output‖ / layer's mean head")

@@ -230,10 +230,7 @@ def plot_attention_distance(result: ScanResult) -> go.Figure:
         y = [float(without[lh]) for lh in map(tuple, idx)]
         fig.add_trace(
             go.Scatter(
-                x=x,
-                y=y,
-                mode="markers",
-                name=name,
+                x=x, y=y, mode="markers", name=name,
                 marker={"color": color, "size": 8, "opacity": 0.8},
                 text=[
                     f"L{layer}H{head} (score {float(k.scores[layer, head]):.2f})"
@@ -241,7 +238,7 @@ def plot_attention_distance(result: ScanResult) -> go.Figure:
                 ],
                 hovertemplate="%{text}<br>with sink %{x:.2f}<br>without %{y:.2f}<extra></extra>",
             )
-        )
+        )  # fmt: skip
         if x:
             summary.append(f"{name} {sum(x) / len(x):.1f} → {sum(y) / len(y):.1f}")
     top = max([float(with_sink.max()), float(without.max()), 1.0])

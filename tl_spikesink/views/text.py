@@ -16,6 +16,14 @@ if TYPE_CHECKING:
 _SHOWN_TOKENS = 10
 
 
+def token_json(t: Any, **extra: Any) -> dict[str, Any]:
+    """A spike or sink token as the report writes it: where it is, what it is, then `extra`."""
+    where = t.token
+    return {"text_index": where.text_index, "start": where.start, "position": where.position,
+            "token": t.text, "token_id": t.token_id,
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in extra.items()}}  # fmt: skip
+
+
 def to_dict(r: ScanResult) -> dict[str, Any]:
     """The JSON report of a scan (all settings and the corpus fingerprint included)."""
     s, k = r.spikes, r.sinks
@@ -73,16 +81,7 @@ def to_dict(r: ScanResult) -> dict[str, Any]:
                 "max_top1_over_median": ratio,
                 "max_top1_over_median_layer": ratio_layer,
                 "tokens": [
-                    {
-                        "text_index": t.token.text_index,
-                        "start": t.token.start,
-                        "position": t.token.position,
-                        "token": t.text,
-                        "token_id": t.token_id,
-                        "max_value": t.max_value,
-                        "channels": list(t.channels),
-                        "layers": list(t.layers),
-                    }
+                    token_json(t, max_value=t.max_value, channels=t.channels, layers=t.layers)
                     for t in s.tokens
                 ],
                 "massive_layers": list(s.massive_layers),
@@ -111,17 +110,7 @@ def to_dict(r: ScanResult) -> dict[str, Any]:
                 "sink_heads": [list(h) for h in k.sink_heads],
                 "row_mass": k.row_mass,
                 "sink_token_share": k.sink_token_share,
-                "tokens": [
-                    {
-                        "text_index": t.token.text_index,
-                        "start": t.token.start,
-                        "position": t.token.position,
-                        "token": t.text,
-                        "token_id": t.token_id,
-                        "share": t.share,
-                    }
-                    for t in k.tokens
-                ],
+                "tokens": [token_json(t, share=t.share) for t in k.tokens],
                 "share_first": k.share_first,
                 "share_delimiter": k.share_delimiter,
                 "also_spike_tokens": r.sink_spike_overlap,
