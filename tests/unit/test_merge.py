@@ -1,5 +1,6 @@
 """Mergeable everywhere: scan(A).merge(scan(B)) is the scan of A + B."""
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -75,3 +76,16 @@ def test_top_entries_merge_is_exact(keys, cut, k, capacity):
     merged = reduce(slice(None, cut)).merge(reduce(slice(cut, None)))
     assert torch.equal(whole.keys, merged.keys) and torch.equal(whole.meta, merged.meta)
     assert whole.truncated == merged.truncated
+
+
+def test_merge_refuses_to_count_a_corpus_twice(planted):
+    a = ts.scan(planted, TEXTS[:3], progress=False)
+    with pytest.raises(ts.SpikeSinkError, match="twice"):
+        a.merge(a)
+    again = ts.scan(planted, TEXTS[:3], progress=False)  # the same corpus, scanned anew
+    with pytest.raises(ts.SpikeSinkError, match="twice"):
+        a.merge(again)
+    corpus = ts.tokenize(planted, TEXTS)
+    shard = ts.scan(planted, corpus.shard(0, 2), progress=False)
+    with pytest.raises(ts.SpikeSinkError, match="twice"):
+        shard.merge(shard)

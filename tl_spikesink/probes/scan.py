@@ -17,6 +17,7 @@ import torch
 from tl_spikesink.anatomy import Anatomy, require_hooks
 from tl_spikesink.config import ScanConfig
 from tl_spikesink.corpus import Corpus, default_texts, tokenize
+from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.probes.engine import HookFn, Probe, device_of, run
 from tl_spikesink.probes.reducers import check_same
 from tl_spikesink.probes.sinks import SinkProbe, SinkStats
@@ -51,6 +52,13 @@ class ScanResult(Result):
         check_same(
             self, other, ("model", "prepend_bos", "n_layers", "n_heads", "d_model", "config")
         )
+        twice = [c for c in other.corpus if c in self.corpus]
+        if twice:
+            raise SpikeSinkError(
+                f"both scans read corpus {twice[0]['name']!r} (sha256 {twice[0]['sha256'][:12]}); "
+                "merging would count its tokens twice. Merge scans of different corpora or of "
+                "different shards (Corpus.shard)"
+            )
         shards = {c["sha256"] for c in self.corpus} == {c["sha256"] for c in other.corpus}
         offset = 0 if shards else self.n_texts
         return replace(
