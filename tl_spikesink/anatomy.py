@@ -149,6 +149,7 @@ class Anatomy:
                 "pass a HookedTransformer, HookedSAETransformer or TransformerBridge "
                 "(e.g. tl_spikesink.load('smollm2-135m'))"
             )
+        check_weights(model)
         return cls(
             model_name=str(getattr(cfg, "model_name", None) or type(model).__name__),
             n_layers=int(cfg.n_layers),
@@ -160,6 +161,30 @@ class Anatomy:
             prepend_bos=bool(getattr(cfg, "default_prepend_bos", True)),
             causal=getattr(cfg, "attention_dir", "causal") != "bidirectional",
             norm_placement=_norm_placement(model, cfg),
+        )
+
+
+def check_weights(model: Any) -> None:
+    """Refuse weights that cannot give a meaningful scan: not loaded (meta), or float16.
+
+    float16 saturates at 65,504, below the massive activations this package measures (SmolLM2's
+    reach 2.6e4 and Gemma 3's 1e5), so spikes would turn into inf or be clipped unseen.
+    """
+    import torch
+
+    params = getattr(model, "parameters", None)
+    if params is None:
+        return
+    dtypes = {p.dtype for p in params()}
+    if any(p.is_meta for p in params()):
+        raise SpikeSinkError(
+            f"{type(model).__name__} has weights on the meta device (shapes only, no values); "
+            "load its weights first, e.g. model.to_empty(device='cpu') then load_state_dict"
+        )
+    if torch.float16 in dtypes:
+        raise SpikeSinkError(
+            "the model is in float16, whose largest value (65,504) is below the massive "
+            "activations being measured; use model.to(torch.float32) or model.to(torch.bfloat16)"
         )
 
 
@@ -222,6 +247,13 @@ def require_hooks(model: Any, sites: tuple[Site, ...], layers: range, analysis: 
                     if type(model).__name__ == "TransformerBridge"
                     else ""
                 )
+                if name in (getattr(model, "acts_to_saes", None) or {}):
+                    hint = (
+                        f": an SAE is attached there (model.acts_to_saes), so the activation "
+                        f"is at {name}.hook_sae_input / .hook_sae_output. Analyse the model "
+                        "without it (outside `with model.saes(...)`, or model.reset_saes()), "
+                        "or use tl_spikesink.saes.sae_report for the SAE's effect"
+                    )
                 raise SpikeSinkError(
                     f"{analysis} needs the hook point {name!r}, which "
                     f"{type(model).__name__} does not have{hint}"

@@ -165,7 +165,11 @@ def tokenize(
     budget = math.inf if max_tokens is None else max_tokens
     digest = hashlib.sha256()
     for index, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
+            raise SpikeSinkError(
+                f"text {index} is a {type(text).__name__}, not a string; pass a list of strings"
+            )
+        if not text.strip():
             raise SpikeSinkError(
                 f"text {index} is empty or whitespace only; drop it or give it some content"
             )

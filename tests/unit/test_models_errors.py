@@ -16,6 +16,7 @@ import torch
 from planted import tokenizer
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+import tl_spikesink as ts
 from tl_spikesink import models
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.models import cache, gguf, loading
@@ -459,3 +460,32 @@ def test_the_first_norm_gain_survives_folding_and_the_cache(tiny_cache, tmp_path
     cache.publish(model, tokenizer(), target, "tiny.gguf", "0" * 64)
     loaded = cache.materialise(target, "tiny", "cpu", torch.float32, build)
     torch.testing.assert_close(first_norm_scale(loaded), gain)
+
+
+# ---------------------------------------------------------------- models that cannot be read
+
+
+def test_float16_and_meta_models_are_refused_by_name(planted, texts):
+    import copy
+
+    half = copy.deepcopy(planted).to(torch.float16)
+    with pytest.raises(ts.SpikeSinkError, match="float16.*65,504"):
+        ts.scan(half, texts, progress=False)
+    meta = copy.deepcopy(planted).to("meta")
+    with pytest.raises(ts.SpikeSinkError, match="meta device"):
+        ts.scan(meta, texts, progress=False)
+    bf16 = copy.deepcopy(planted).to(torch.bfloat16)  # range enough for spikes: accepted
+    assert ts.scan(bf16, texts, progress=False).spikes.tokens
+
+
+def test_non_string_text_is_named_by_index(planted):
+    with pytest.raises(ts.SpikeSinkError, match="text 1 is a int, not a string"):
+        ts.tokenize(planted, ["a text", 3])
+
+
+def test_evaluation_of_nothing_is_refused(planted, texts):
+    from tl_spikesink.evaluation import evaluate_all
+
+    corpus = ts.tokenize(planted, texts)
+    with pytest.raises(ts.SpikeSinkError, match="no interventions"):
+        evaluate_all(planted, corpus, [], config=ts.ScanConfig())

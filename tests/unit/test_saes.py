@@ -272,6 +272,8 @@ def test_bypassed_in_hooked_sae_transformer(planted, corpus):
     with model.saes(saes=[identity_sae(drop=(SPIKE_CHANNEL,))]):
         with pytest.raises(ts.SpikeSinkError, match="already attached"):
             sae_report(model, identity_sae(), ["the cat sat"])
+        with pytest.raises(ts.SpikeSinkError, match="an SAE is attached there"):
+            ts.scan(model, ["the cat sat"], progress=False)
         raw = _resid(model, batch, out)
         with bypassed(model, SpikeRule()):
             kept = _resid(model, batch, out)

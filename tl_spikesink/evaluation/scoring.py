@@ -194,6 +194,11 @@ def evaluate_all(
     hooks installed for that forward only; each keeps its own scan and its scores against the
     clean log-probs of the same batch, so memory is bounded by one batch.
     """
+    if not interventions:
+        raise SpikeSinkError(
+            "evaluate_all got no interventions; pass [None] for the clean model, or some "
+            "interventions (e.g. ts.evaluation.standard_interventions(scan, ...))"
+        )
     clean = _Scorer(None)
     clean_scan = ScanProbes(model, config) if None in interventions else None
     heads_probe = None

@@ -33,6 +33,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
+from tl_spikesink.anatomy import check_weights
 from tl_spikesink.corpus import Batch, Corpus, PaddingSide
 
 HookFn = Callable[[torch.Tensor, Any], torch.Tensor | None]
@@ -114,6 +115,7 @@ def run(
     """
     passes = list(passes) if passes is not None else [Pass(tuple(probes), tuple(fwd_hooks))]
     every = [p for ps in passes for p in ps.probes]
+    check_weights(model)
     device = device_of(model)
     forward = _forward_kwargs(model, stop_at_layer)
     bar = tqdm(total=corpus.n_tokens, unit="tok", desc=desc, disable=not progress, leave=False)
