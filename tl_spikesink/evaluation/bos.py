@@ -262,8 +262,8 @@ def bos_audit(
     config: ScanConfig | None = None,
     *,
     delimiter: str = "\n",
-    prefix_len: int = 32,
-    max_len: int = 128,
+    prefix_len: int = 16,
+    max_len: int = 64,
     progress: bool = True,
 ) -> BosAudit:
     """Loss, sink heads and first-token spikes of `texts` with, without and mid-sequence BOS.
@@ -273,7 +273,7 @@ def bos_audit(
             each pass).
         texts: the texts (one string counts as one); each is cut to `max_len` tokens.
         config: scan settings (default: :class:`ScanConfig` with spikes read at
-            `hook_resid_post` only, which is all the audit needs, four sequences a batch).
+            `hook_resid_post` only, which is all the audit needs).
         delimiter: the token put in the place of BOS in the ``delimiter`` condition; it must
             be one token made only of punctuation or whitespace.
         prefix_len: tokens of another text before the mid-sequence BOS in ``packed`` (fewer
@@ -289,9 +289,7 @@ def bos_audit(
         raise SpikeSinkError(
             f"the BOS audit measures next-token loss; {a.model_name} attends both ways"
         )
-    # Four to a batch: texts differ in length, and padding a batch of eight to its longest
-    # text costs more forward time than the smaller matrix products lose.
-    config = config or ScanConfig(spike_sites=("resid_post",), batch_size=4)
+    config = config or ScanConfig(spike_sites=("resid_post",))
     if prefix_len < 1 or max_len < 2:
         raise SpikeSinkError(
             f"prefix_len must be ≥ 1 and max_len ≥ 2, got {prefix_len} and {max_len}"
