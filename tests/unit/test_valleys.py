@@ -1,4 +1,4 @@
-"""Compression valleys: matrix entropy on hand-built matrices, and planted spikes whose valley is known."""
+"""Compression valleys: matrix entropy on hand-built matrices; planted spikes with known valleys."""
 
 import json
 import math
@@ -53,7 +53,8 @@ def test_orthonormal_vectors_have_entropy_one(alpha):
 
 
 def test_known_spectrum_and_renyi_orders():
-    x = torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64).sqrt())  # eigenvalues of K: 3, 1 → p = 3/4, 1/4
+    # Eigenvalues of K are 3 and 1, so p = 3/4, 1/4.
+    x = torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64).sqrt())
     p = torch.tensor([0.75, 0.25], dtype=torch.float64)
     shannon = float(-(p * p.log()).sum()) / math.log(2)
     assert float(matrix_entropy(x)) == pytest.approx(shannon, abs=1e-12)
@@ -156,7 +157,7 @@ def test_ablation_passes_leave_the_model_unchanged(planted, texts, scan):
 
 def test_pads_never_count_with_both_padding_sides(planted, texts, scan):
     # Unequal lengths: batches of 5 pad; batches of 1 have no pads at all.
-    kw = {"ablations": ("zero",), "progress": False}
+    kw = {"ablations": ("zero",), "logit_lens": "all", "progress": False}
     single = compression_valleys(planted, texts[:10], scan, batch_size=1, **kw)
     for side in ("right", "left"):
         v = compression_valleys(planted, texts[:10], scan, batch_size=5, padding_side=side, **kw)
@@ -182,6 +183,7 @@ def test_result_contract_and_view(valleys):
     assert set(d["runs"]) == {"clean", "mean", "zero"}
     assert d["runs"]["clean"]["valley_layer"] == 1 and d["runs"]["clean"]["sink_ratio"][0] is None
     assert d["corpus"][0]["sha256"] and d["settings"]["alpha"] == 1.0
+    assert d["runs"]["zero"]["lens_loss"] == [None] * len(v.layers)  # clean run only by default
     s = str(v)
     assert "valley at layer 1" in s and "emb" in s
     with pytest.raises(SpikeSinkError, match="no run"):
@@ -199,3 +201,5 @@ def test_bad_input_is_refused(planted, texts):
         compression_valleys(planted, texts[:2], ablations=("zero", "zero"), progress=False)
     with pytest.raises(SpikeSinkError, match="alpha"):
         compression_valleys(planted, texts[:2], alpha=0.0, progress=False)
+    with pytest.raises(SpikeSinkError, match="logit_lens"):
+        compression_valleys(planted, texts[:2], logit_lens=True, progress=False)

@@ -17,7 +17,8 @@ for ℓ = 0 … L−1, this module measures, averaged over sequences:
     layer's heads, :attr:`~tl_spikesink.probes.sinks.SinkStats.sink_ratio_per_layer`, from the
     same :class:`~tl_spikesink.probes.sinks.SinkProbe` the scan uses; none at the embedding.
 (d) **Logit-lens loss**: ``ln_final`` then W_U + b_U applied to the layer's residual; mean
-    next-token NLL over the scored positions (at the last layer, the model's own loss).
+    next-token NLL over the scored positions (at the last layer, the model's own loss); by
+    default in the clean run only, since it costs about three forward passes.
 
 Then the same under spike ablation (:func:`~tl_spikesink.interventions.spike_ablation`, "mean"
 and "zero", at the scan's spike site) as extra passes of the same batches, to test the claim
@@ -43,13 +44,13 @@ from jaxtyping import Bool, Float
 
 from tl_spikesink.anatomy import Anatomy, hook_name
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.evaluation.logits import nll
 from tl_spikesink.mechanism.captures import DEFAULT_MAX_TOKENS, Texts, as_corpus, scan_of
 from tl_spikesink.probes.engine import HookFn, Pass, Probe, Step, run
 from tl_spikesink.results import Result
 from tl_spikesink.views.format import json_clean, num, text_table
 
 Ablation = Literal["mean", "zero"]
+LensRuns = Literal["clean", "all", "none"]
 EMBEDDING = -1
 """Layer index of the embedding (``blocks.0.hook_resid_pre``) in every curve."""
 _LENS_ROWS = 2048
@@ -104,6 +105,7 @@ def matrix_entropy(
         h = -torch.special.xlogy(p, p).sum(-1)
     else:
         h = torch.log((p**alpha).sum(-1)) / (1.0 - alpha)
+    h = h.clamp(min=0.0) + 0.0  # round-off below 0, and −0.0, on rank one
     size = torch.minimum(n, torch.tensor(d, device=n.device)).double()
     ok = (size >= 2) & (total[:, 0] > 0)
     return torch.where(ok, h / size.clamp(min=2).log(), float("nan"))
@@ -146,7 +148,7 @@ class Valleys(Result):
     sink_ratio: Float[torch.Tensor, "run layer"]
     """Eq. 28 sink ratio of each layer's heads (NaN at the embedding)."""
     lens_loss: Float[torch.Tensor, "run layer"]
-    """Mean next-token NLL of the logit lens (NaN when not computed)."""
+    """Mean next-token NLL of the logit lens (NaN in runs it was not computed for)."""
     n_sequences: int
     n_tokens: int
     ablations: dict[str, dict[str, Any]]
@@ -240,10 +242,10 @@ class Valleys(Result):
             f"{self.n_sequences} sequences, {self.n_tokens:,} tokens"
         )
         lines = [title, *text_table(head, body)]
-        for run in self.runs:
-            s = self.summary(run)
+        for name in self.runs:
+            s = self.summary(name)
             lines.append(
-                f"  {run:>5}: valley at layer {s['valley_layer']}, min entropy "
+                f"  {name:>5}: valley at layer {s['valley_layer']}, min entropy "
                 f"{num(s['min_entropy'])}, depth {num(s['depth'])}; r(entropy, log norm ratio) "
                 f"{num(s['entropy_vs_log_norm_ratio'])}, r(entropy, sink ratio) "
                 f"{num(s['entropy_vs_sink_ratio'])}"
@@ -302,8 +304,10 @@ class _ValleyProbe(Probe):
         w, b = self.model.W_U, self.model.b_U
         for lo in range(0, rows.shape[0], _LENS_ROWS):
             x = self.model.ln_final(rows[None, lo : lo + _LENS_ROWS])[0]
-            logp = (x @ w + b).float().log_softmax(-1)
-            loss = nll(logp, targets[lo : lo + _LENS_ROWS]).double()
+            logits = torch.addmm(b, x, w).float()
+            # NLL = logsumexp − target logit: one pass over [rows, vocab], no log-prob copy.
+            target = logits.gather(-1, targets[lo : lo + _LENS_ROWS, None])[:, 0]
+            loss = (logits.logsumexp(-1) - target).double()
             self.loss_sum[i] += float(loss.sum())
             self.loss_n[i] += loss.numel()
 
@@ -324,7 +328,7 @@ def compression_valleys(
     center: bool = False,
     ablations: Sequence[Ablation] = ("mean", "zero"),
     calibration: Texts | None = None,
-    logit_lens: bool = True,
+    logit_lens: LensRuns = "clean",
     max_tokens: int = DEFAULT_MAX_TOKENS,
     batch_size: int = 8,
     padding_side: Literal["right", "left"] = "right",
@@ -344,7 +348,8 @@ def compression_valleys(
         ablations: spike ablations run as extra passes, "mean" and/or "zero" (empty: none).
         calibration: texts for the "mean" ablation's spike means (default: default-corpus texts
             not among `texts`); keep them disjoint from `texts`.
-        logit_lens: compute the logit-lens loss (the costliest part: one unembedding per layer).
+        logit_lens: runs whose logit-lens loss is computed: "clean" (default), "all" or
+            "none"; it is the costliest part (one unembedding per layer, 3× a forward pass).
         max_tokens: tokens read from raw `texts`.
         batch_size: sequences per forward pass.
         padding_side: side on which batches are padded; the numbers do not depend on it.
@@ -366,11 +371,13 @@ def compression_valleys(
         raise SpikeSinkError(
             f"ablations must be distinct modes out of {get_args(Ablation)}, got {ablations}"
         )
+    if logit_lens not in get_args(LensRuns):
+        raise SpikeSinkError(f"logit_lens must be one of {get_args(LensRuns)}, got {logit_lens!r}")
     a = Anatomy.of(model)
-    if logit_lens and not a.causal:
+    if logit_lens != "none" and not a.causal:
         raise SpikeSinkError(
             f"the logit-lens loss is a next-token loss; {a.model_name} attends both ways: pass "
-            "logit_lens=False"
+            "logit_lens='none'"
         )
     texts = default_texts() if texts is None else texts
     corpus = as_corpus(model, texts, max_tokens)
@@ -390,18 +397,17 @@ def compression_valleys(
         except SpikeSinkError as e:
             raise SpikeSinkError(f"compression_valleys: {e}; or pass ablations=()") from e
     runs = ("clean", *ablations)
-    valley = {r: _ValleyProbe(model, a.n_layers, alpha, center, logit_lens) for r in runs}
+    lens = {r: logit_lens == "all" or (logit_lens == "clean" and r == "clean") for r in runs}
+    valley = {r: _ValleyProbe(model, a.n_layers, alpha, center, lens[r]) for r in runs}
     sinks = {r: ScanProbes(model, config).sinks for r in runs}
     passes = [
-        Pass([valley[r], sinks[r]], fwd_hooks=ivs[r].fwd_hooks if r in ivs else ())
-        for r in runs
+        Pass([valley[r], sinks[r]], fwd_hooks=ivs[r].fwd_hooks if r in ivs else ()) for r in runs
     ]
     run(model, corpus, passes=passes, batch_size=batch_size, padding_side=padding_side,
         progress=progress, desc=f"valleys ({len(passes)} passes a batch)")  # fmt: skip
     curves = [valley[r].curves() for r in runs]
     nan = torch.full((len(runs), 1), float("nan"), dtype=torch.float64)
     sink = torch.stack([sinks[r].result().sink_ratio_per_layer for r in runs]).double()
-    lens = torch.stack([c[2] for c in curves])
     return Valleys(
         model=a.model_name,
         layers=(EMBEDDING, *range(a.n_layers)),
@@ -411,7 +417,7 @@ def compression_valleys(
         entropy=torch.stack([c[0] for c in curves]),
         norm_ratio=torch.stack([c[1] for c in curves]),
         sink_ratio=torch.cat([nan, sink], dim=1),
-        lens_loss=lens if logit_lens else torch.full_like(lens, float("nan")),
+        lens_loss=torch.stack([c[2] for c in curves]),
         n_sequences=len(corpus.chunks),
         n_tokens=corpus.n_tokens,
         ablations={r: iv.settings for r, iv in ivs.items()},
