@@ -175,8 +175,9 @@ def check_weights(model: Any) -> None:
     params = getattr(model, "parameters", None)
     if params is None:
         return
-    dtypes = {p.dtype for p in params()}
-    if any(p.is_meta for p in params()):
+    params = list(params())
+    dtypes = {p.dtype for p in params}
+    if any(p.is_meta for p in params):
         raise SpikeSinkError(
             f"{type(model).__name__} has weights on the meta device (shapes only, no values); "
             "load its weights first, e.g. model.to_empty(device='cpu') then load_state_dict"

@@ -55,8 +55,7 @@ def _scan_args(args: argparse.Namespace):
         from tl_spikesink.distributed import scan_distributed as scan
 
     config = scan_config(args)
-    model = options.load_model(args)
-    texts, _ = options.read_texts(args)
+    model, texts = options.inputs(args)
     corpus = options.corpus_of(model, args, config)
     return model, texts, scan(model, corpus, config, progress=not args.no_progress)
 
@@ -91,8 +90,7 @@ def _intervene(args: argparse.Namespace) -> None:
 
     config = scan_config(args)
     calibration = read_text_file(args.calibration_file) if args.calibration_file else None
-    model = options.load_model(args)
-    texts, _ = options.read_texts(args)
+    model, texts = options.inputs(args)
     table = experiment(
         model,
         texts,

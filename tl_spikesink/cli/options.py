@@ -154,8 +154,7 @@ def corpus_of(model: Any, args: argparse.Namespace, config: Any) -> Any:
 
 
 def inputs(args: argparse.Namespace) -> tuple[Any, list[str] | None]:
-    """Check the output paths, then load the model and read the texts: every command's start."""
-    check_outputs(args)
+    """The model and the texts the options name (``main`` has checked the output paths)."""
     return load_model(args), read_texts(args)[0]
 
 
