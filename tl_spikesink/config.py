@@ -199,8 +199,27 @@ STREAMING_SINKS = (0, 4)
 STREAMING_SEQ_LEN = 1024
 """Default tokens per sequence of the streaming evaluation."""
 
+# The neighbours' defaults (issue #16), here so that the command line builds without torch.
+ANALYSIS_MAX_TOKENS = 1024
+"""Tokens the mechanism checks, compression valleys and quantization tables read by default."""
+DetectorRule = Literal["sun", "mad", "persistent"]
+DETECTOR_RULES: tuple[DetectorRule, ...] = get_args(DetectorRule)
+MAD_Z = 1000.0
+"""The MAD rule's multiple of the scaled MAD (heretic's ``min_mad_mult``)."""
+QuantSite = Literal["resid", "mlp_in", "attn_in", "kv"]
+QUANT_SITES: tuple[QuantSite, ...] = get_args(QuantSite)
+QUANT_KEEPS = ("none", "spike", "sink", "first:1", "first:4")
+"""Tokens kept in full precision, one quantization row each, by default."""
+
 
 __all__ = [
+    "ANALYSIS_MAX_TOKENS",
+    "DETECTOR_RULES",
+    "MAD_Z",
+    "QUANT_KEEPS",
+    "QUANT_SITES",
+    "DetectorRule",
+    "QuantSite",
     "STREAMING_SEQ_LEN",
     "STREAMING_SINKS",
     "STREAMING_WINDOWS",

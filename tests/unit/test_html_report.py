@@ -61,9 +61,10 @@ def test_nothing_is_loaded_from_elsewhere(page):
 
 
 def test_plots_and_widgets_are_all_on_the_page(page):
-    # 5 scan plots + the per-text sink-score heatmap, each a plotly div with its own newPlot call.
-    assert page.count('class="plotly-graph-div"') == 6
-    assert page.count("Plotly.newPlot(") == 6
+    # 5 scan plots, the kurtosis curve and the per-text sink-score heatmap, each a plotly div
+    # with its own newPlot call.
+    assert page.count('class="plotly-graph-div"') == 7
+    assert page.count("Plotly.newPlot(") == 7
     mounts = re.findall(r'tlSpikesink\.mount\("(cv-widget-\d+)", "(\w+)", ', page)
     assert [name for _, name in mounts] == ["AttentionHeads", "ColoredTokensMulti", "TopkTokens"]
     for div_id, _ in mounts:
@@ -109,7 +110,7 @@ def test_summary_facts(page):
 def test_no_model_means_no_widgets_and_no_circuitsvis(result):
     page = render_html(result)
     assert "var CircuitsVis=" not in page and "tlSpikesink.mount(" not in page
-    assert page.count('class="plotly-graph-div"') == 5
+    assert page.count('class="plotly-graph-div"') == 6
     assert page.count(get_plotlyjs()[:300]) == 1
 
 
@@ -169,10 +170,12 @@ def test_experiment_table_and_extra_figures(planted, texts, result):
     page = render_html(result, extra_tables=[table], extra_figures=[extra])
 
     assert page.count(get_plotlyjs()[:300]) == 1
-    # 5 scan plots, then the extra figure, in the Plots section; the table's chart below it.
-    assert page.count('class="plotly-graph-div"') == 7
-    assert page.index('id="plot-5"') < page.index("<h2>Tables</h2>") < page.index("table-plot-0")
-    assert "An extra figure" in page[page.index('id="plot-5"') :]
+    # 5 scan plots and the kurtosis curve, then the extra figure, in the Plots section; the
+    # table's chart below it.
+    assert page.count('class="plotly-graph-div"') == 8
+    assert "Excess kurtosis of the residual stream" in page[page.index('id="plot-5"') :]
+    assert page.index('id="plot-6"') < page.index("<h2>Tables</h2>") < page.index("table-plot-0")
+    assert "An extra figure" in page[page.index('id="plot-6"') :]
     assert "<td>zero spikes</td>" in page and "<td>no sink key (sink heads)</td>" in page
     chart = re.search(r'Plotly\.newPlot\(\s*"table-plot-0",\s*(\[.*?\]),\s*\{', page, re.S)
     traces = {t["name"]: t for t in json.loads(chart.group(1)) if t.get("meta") != "legend"}

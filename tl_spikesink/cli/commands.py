@@ -47,7 +47,7 @@ def scan_config(args: argparse.Namespace) -> ScanConfig:
     return options.config_from(args, ScanConfig, max_tokens=args.max_tokens or None)
 
 
-def _scan_args(args: argparse.Namespace):
+def scan_args(args: argparse.Namespace):
     """Load the model and scan the requested corpus; returns (model, texts, result)."""
     from tl_spikesink.probes.scan import scan
 
@@ -61,7 +61,7 @@ def _scan_args(args: argparse.Namespace):
 
 
 def _scan(args: argparse.Namespace) -> None:
-    model, texts, result = _scan_args(args)
+    model, texts, result = scan_args(args)
     options.emit(str(result), args.json, result.to_dict())
     if args.html:
         _write_html(args.html, result, model, texts)
@@ -71,7 +71,7 @@ def _claims(args: argparse.Namespace) -> None:
     from tl_spikesink.corpus import default_texts
     from tl_spikesink.mechanism.claims import claims
 
-    model, texts, result = _scan_args(args)
+    model, texts, result = scan_args(args)
     table = claims(model, texts or default_texts(), result, max_tokens=args.claim_tokens)
     options.emit(str(table), args.json, table.to_dict())
 
@@ -103,7 +103,8 @@ def _intervene(args: argparse.Namespace) -> None:
     options.emit(str(table), args.json, table.to_dict())
 
 
-def _scan_parser(sub: argparse._SubParsersAction, name: str, help_text: str, max_tokens: int):
+def scan_parser(sub: argparse._SubParsersAction, name: str, help_text: str, max_tokens: int):
+    """A subcommand that scans: model, corpus and every ScanConfig option of SCAN_FIELDS."""
     p = sub.add_parser(name, help=help_text, description=help_text)
     options.add_model(p)
     options.add_corpus(p, max_tokens=max_tokens)
@@ -121,18 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     # 8192 tokens of SmolLM2 take about a minute on 2 CPU cores.
-    p = _scan_parser(sub, "scan", "where are the spikes and sinks? (summary, JSON)", 8192)
+    p = scan_parser(sub, "scan", "where are the spikes and sinks? (summary, JSON)", 8192)
     options.add_outputs(
         p, json="write the full report as JSON", html="also write one offline HTML page"
     )
     p.set_defaults(run=_scan)
 
-    p = _scan_parser(sub, "report", "scan, then write one offline HTML page", 8192)
+    p = scan_parser(sub, "report", "scan, then write one offline HTML page", 8192)
     p.add_argument("--html", metavar="OUT", required=True, help="where to write the HTML page")
     options.add_outputs(p, json="also write the full report as JSON")
     p.set_defaults(run=_scan)
 
-    p = _scan_parser(sub, "claims", "check each link of the spike-to-sink chain", 4096)
+    p = scan_parser(sub, "claims", "check each link of the spike-to-sink chain", 4096)
     p.add_argument(
         "--claim-tokens", type=int, default=1024, metavar="N", help="tokens the checks read"
     )
@@ -140,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_claims)
 
     # Every row of the table reads the corpus once more: 4096 tokens by default.
-    p = _scan_parser(
+    p = scan_parser(
         sub, "intervene", "zero / mean the spikes, remove sink keys, swap norms: a table", 4096
     )
     p.add_argument(
@@ -152,9 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_outputs(p, json="write the table as JSON")
     p.set_defaults(run=_intervene)
 
-    from tl_spikesink.cli import ablate, paper, sae, streaming, superweights
+    from tl_spikesink.cli import (
+        ablate,
+        bos,
+        outliers,
+        paper,
+        quantize,
+        sae,
+        streaming,
+        superweights,
+        valleys,
+    )
 
-    for command in (paper, streaming, superweights, ablate, sae):
+    for command in (paper, outliers, streaming, superweights, quantize, valleys, bos, ablate, sae):
         command.add_parser(sub)
     return parser
 

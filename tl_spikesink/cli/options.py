@@ -170,6 +170,14 @@ def emit(text: str, path: str | None, payload: dict[str, Any] | None = None) -> 
         print(f"wrote {path}", file=sys.stderr)
 
 
+def write_figure(fig: Any, path: str) -> None:
+    """Write a plotly figure as a page that opens offline (plotly.js embedded)."""
+    import sys
+
+    fig.write_html(path, include_plotlyjs=True, full_html=True)
+    print(f"wrote {path}", file=sys.stderr)
+
+
 __all__ = [
     "add_config",
     "add_corpus",
@@ -181,4 +189,5 @@ __all__ = [
     "emit",
     "load_model",
     "read_texts",
+    "write_figure",
 ]

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from tl_spikesink.anatomy import Anatomy
+from tl_spikesink.config import ANALYSIS_MAX_TOKENS, QUANT_KEEPS
 from tl_spikesink.corpus import Corpus, default_texts
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.evaluation.logits import next_token_logprobs, nll
@@ -53,8 +54,8 @@ from tl_spikesink.views.format import json_clean, num, pct, text_table
 
 CLASSES = ("all", "spike", "sink", "rest")
 """The position classes every number is split into."""
-KEEPS = ("none", "spike", "sink", "first:1", "first:4")
-MAX_TOKENS = 1024
+KEEPS = QUANT_KEEPS
+MAX_TOKENS = ANALYSIS_MAX_TOKENS
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,14 @@ from tl_spikesink.interventions.attention import (
 )
 from tl_spikesink.interventions.base import Intervention, compose
 from tl_spikesink.interventions.norms import NormScales, norm_scales, norm_swap
+from tl_spikesink.interventions.quantize import activation_quantization, weight_rtn
 from tl_spikesink.interventions.spikes import spike_ablation
 from tl_spikesink.interventions.weights import super_weight_edit
 
 __all__ = [
     "Intervention",
     "NormScales",
+    "activation_quantization",
     "attention_gate",
     "compose",
     "norm_scales",
@@ -24,5 +26,6 @@ __all__ = [
     "sink_key_removal",
     "spike_ablation",
     "super_weight_edit",
+    "weight_rtn",
     "window_attention",
 ]

@@ -40,6 +40,7 @@ import torch
 from jaxtyping import Bool, Float
 
 from tl_spikesink.anatomy import block_hook, hook_name
+from tl_spikesink.config import QUANT_SITES, QuantSite
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.interventions.base import Intervention, check_layers, model_dims
 from tl_spikesink.probes.engine import HookFn, Probe, Step
@@ -47,8 +48,6 @@ from tl_spikesink.probes.engine import HookFn, Probe, Step
 if TYPE_CHECKING:
     from tl_spikesink.probes.scan import ScanResult
 
-QuantSite = Literal["resid", "mlp_in", "attn_in", "kv"]
-QUANT_SITES: tuple[QuantSite, ...] = get_args(QuantSite)
 Granularity = Literal["token", "tensor"]
 WeightScope = Literal["mlp_out", "all"]
 TokenClass = Literal["spike", "sink"]

@@ -34,6 +34,9 @@ Links of the chain, each a reconstruction (see docs/definitions.md):
 7. **Why first tokens and delimiters** (:func:`first_tokens`): Eq. 22's static map, delimiter
    self-sinking and the embedding–gain cosine (§3.1.3).
 
+Beside the chain, from the neighbouring work: :func:`super_weights` (Yu et al. 2024) and
+:func:`compression_valleys` (Queipo-de-Llano et al. 2025).
+
 Every hook is read-only, added through ``model.hooks`` (which removes exactly what it added, also
 on error) and run under ``torch.inference_mode``; no parameter is touched. Analyses that need a
 component the model lacks raise :class:`SpikeSinkError` naming it; :mod:`tl_spikesink.mechanism.claims`
@@ -55,6 +58,7 @@ from tl_spikesink.mechanism.mlp import (
 )
 from tl_spikesink.mechanism.representations import Representations, representations
 from tl_spikesink.mechanism.super_weights import SuperWeight, SuperWeights, super_weights
+from tl_spikesink.mechanism.valleys import Valleys, compression_valleys, matrix_entropy
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -70,10 +74,13 @@ __all__ = [
     "SpikeSite",
     "SuperWeight",
     "SuperWeights",
+    "Valleys",
     "all_frobenius",
+    "compression_valleys",
     "first_tokens",
     "head_decomposition",
     "locality",
+    "matrix_entropy",
     "quadratic_form",
     "quadratic_matrix",
     "representations",

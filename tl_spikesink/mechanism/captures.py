@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from tl_spikesink.anatomy import Anatomy, block_hook
+from tl_spikesink.config import ANALYSIS_MAX_TOKENS
 from tl_spikesink.corpus import Corpus, tokenize
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.probes.capture import Capture, Captured, Reduce
@@ -25,7 +26,7 @@ from tl_spikesink.probes.site import SpikeSite as SpikeSite
 from tl_spikesink.probes.site import spike_site as spike_site
 
 Texts = Sequence[str] | str | Corpus
-DEFAULT_MAX_TOKENS = 1024
+DEFAULT_MAX_TOKENS = ANALYSIS_MAX_TOKENS
 """Tokens read by an analysis when it is given raw texts: enough for tens of spike tokens."""
 
 

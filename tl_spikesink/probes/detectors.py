@@ -26,11 +26,12 @@ import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 
+from tl_spikesink.config import DETECTOR_RULES, MAD_Z, DetectorRule
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.probes.reducers import BIN_SHIFT, abs_bits, bin_edges, histogram_quantile
 from tl_spikesink.probes.spikes import Activation, SpikeStats
@@ -38,9 +39,8 @@ from tl_spikesink.results import Result
 from tl_spikesink.tokens import TokenRef
 from tl_spikesink.views.format import json_clean, layer_list, num, pct, text_table
 
-Rule = Literal["sun", "mad", "persistent"]
-RULES: tuple[Rule, ...] = get_args(Rule)
-MAD_Z = 1000.0
+Rule = DetectorRule
+RULES = DETECTOR_RULES
 """Default z of the MAD rule (heretic's ``min_mad_mult``)."""
 MAD_SCALE = 1.4826
 """MAD × this estimates σ of a Gaussian."""

@@ -19,6 +19,7 @@ from tl_spikesink.config import ScanConfig
 from tl_spikesink.corpus import Corpus, default_texts, tokenize
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.probes.engine import HookFn, Probe, device_of, run
+from tl_spikesink.probes.kurtosis import KurtosisProbe, KurtosisStats  # kurtosis (issue #16)
 from tl_spikesink.probes.reducers import check_same
 from tl_spikesink.probes.sinks import SinkProbe, SinkStats
 from tl_spikesink.probes.spikes import SpikeProbe, SpikeStats
@@ -42,6 +43,8 @@ class ScanResult(Result):
     spikes: SpikeStats
     sinks: SinkStats
     environment: dict[str, str] = field(default_factory=dict)
+    kurtosis: KurtosisStats | None = None
+    """Excess-kurtosis sums per layer (see :func:`~tl_spikesink.probes.kurtosis.excess_kurtosis`)."""
 
     def merge(self, other: ScanResult) -> ScanResult:
         """The scan of both corpora together (same model and settings required).
@@ -68,6 +71,9 @@ class ScanResult(Result):
             corpus=self.corpus + other.corpus,
             spikes=self.spikes.merge(other.spikes.shift_texts(offset)),
             sinks=self.sinks.merge(other.sinks.shift_texts(offset)),
+            kurtosis=None  # a scan from before kurtosis existed has none to merge
+            if self.kurtosis is None or other.kurtosis is None
+            else self.kurtosis.merge(other.kurtosis.shift_texts(offset)),
         )
 
     @property
@@ -153,11 +159,12 @@ class ScanProbes:
             probe_len=config.sink_probe_len,
             min_len=config.sink_min_len,
         )
+        self.kurtosis = KurtosisProbe(anatomy.n_layers, config.abs_threshold, config.max_candidates)
 
     @property
     def probes(self) -> tuple[Probe, ...]:
         """The probes to hand to :func:`~tl_spikesink.probes.engine.run`."""
-        return (self.spikes, self.sinks)
+        return (self.spikes, self.sinks, self.kurtosis)
 
     def result(self, model: Any, corpus: Corpus) -> ScanResult:
         """Freeze what the probes saw of `corpus` into a :class:`ScanResult`."""
@@ -177,6 +184,7 @@ class ScanProbes:
             spikes=replace(spikes, token_strings=strings),
             sinks=replace(sinks, token_strings=strings),
             environment=environment(model),
+            kurtosis=self.kurtosis.result(),
         )
 
 

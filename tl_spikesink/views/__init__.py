@@ -6,7 +6,19 @@ neither plotly nor CircuitsVis: each module imports them where a figure is drawn
 
 from importlib import import_module as _import_module
 
-_MODULES = ("format", "html", "mechanism", "paper", "plots", "saes", "text", "training", "widgets")
+_MODULES = (
+    "format",
+    "html",
+    "kurtosis",
+    "mechanism",
+    "paper",
+    "plots",
+    "saes",
+    "text",
+    "training",
+    "valleys",
+    "widgets",
+)
 
 
 def __getattr__(name: str):

@@ -112,6 +112,10 @@ def render_html(
         plots.plot_alpha(result),
         plots.plot_attention_distance(result),
     ]
+    if result.kurtosis is not None:  # scans from before the kurtosis probe have none
+        from tl_spikesink.views.kurtosis import plot_kurtosis
+
+        figures.append(plot_kurtosis(result))
     body = [f"<h1>{_esc(title)}</h1>", _summary(result)]
     for fig in extra_figures:
         if not _is_figure(fig):

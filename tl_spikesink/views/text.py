@@ -94,6 +94,7 @@ def to_dict(r: ScanResult) -> dict[str, Any]:
                 "share_delimiter": s.share_delimiter,
                 "truncated": s.truncated,
             },
+            "kurtosis": _kurtosis_json(r),
             "sinks": {
                 "epsilon": k.epsilon,
                 "scores": k.scores,
@@ -158,6 +159,7 @@ def summary(r: ScanResult) -> str:
         lines.append(
             f"  {layer:>5} {num(a):>9} {num(b):>9} {num(c):>9} {num(m):>9} {num(ratio):>13}"
         )
+    lines += _kurtosis_line(r)
     heads = sorted(k.sink_heads, key=lambda lh: -float(k.scores[lh]))
     lines += [
         "",
@@ -177,6 +179,28 @@ def summary(r: ScanResult) -> str:
         f"{pct(k.share_delimiter)}; {pct(r.sink_spike_overlap)} are also spike tokens)",
     ]
     return "\n".join(lines)
+
+
+def _kurtosis_json(r: ScanResult) -> dict[str, Any] | None:
+    if r.kurtosis is None:
+        return None
+    from tl_spikesink.probes.kurtosis import excess_kurtosis
+
+    d = excess_kurtosis(r).to_dict()
+    return {k: v for k, v in d.items() if k not in ("model", "corpus")}
+
+
+def _kurtosis_line(r: ScanResult) -> list[str]:
+    if r.kurtosis is None:
+        return []
+    from tl_spikesink.probes.kurtosis import excess_kurtosis
+
+    k = excess_kurtosis(r)
+    return [
+        f"  kurtosis         peak {num(float(k.per_layer[k.peak_layer]))} at layer "
+        f"{k.peak_layer}, mean {num(k.mean)}; without spike tokens: mean "
+        f"{num(k.mean_without_spikes)} (OSP excess kurtosis over d_model, per token)"
+    ]
 
 
 def _events(counter: dict) -> str:
