@@ -203,3 +203,25 @@ def test_bad_input_is_refused(planted, texts):
         compression_valleys(planted, texts[:2], alpha=0.0, progress=False)
     with pytest.raises(SpikeSinkError, match="logit_lens"):
         compression_valleys(planted, texts[:2], logit_lens=True, progress=False)
+
+
+def test_default_corpus_calibrates_on_the_texts_it_did_not_read(planted, monkeypatch):
+    import tl_spikesink.corpus as corpus_module
+    import tl_spikesink.interventions.spikes as spikes_module
+
+    pool = sentences(40, seed=3)
+    monkeypatch.setattr(corpus_module, "default_texts", lambda: list(pool))
+    calibrated = []
+    real = spikes_module.spike_ablation
+
+    def spy(scan, mode, model, calibration):
+        calibrated.append(calibration)
+        return real(scan, mode=mode, model=model, calibration=calibration)
+
+    monkeypatch.setattr(spikes_module, "spike_ablation", spy)
+    v = compression_valleys(planted, None, ablations=("mean",), logit_lens="none",
+                            max_tokens=150, progress=False)  # fmt: skip
+    assert v.runs == ("clean", "mean")
+    # The calibration texts are the pool's texts the measured corpus (150 tokens) did not reach.
+    read = 1 + max(c.text_index for c in ts.tokenize(planted, pool, max_tokens=150).chunks)
+    assert 0 < read < len(pool) and calibrated[0].n_texts == len(pool) - read

@@ -387,7 +387,9 @@ def compression_valleys(
     ivs = {}
     for mode in ablations:
         if mode == "mean" and calibration is None:
-            seen = set() if not isinstance(texts, (list, tuple)) else set(texts)
+            # Only the texts the corpus read are off limits (the default corpus is read in part).
+            listed = list(texts) if isinstance(texts, (list, tuple)) else []
+            seen = {listed[c.text_index] for c in corpus.chunks if c.text_index < len(listed)}
             calibration = as_corpus(model, [t for t in default_texts() if t not in seen],
                                     max_tokens)  # fmt: skip
         try:
