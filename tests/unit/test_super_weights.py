@@ -61,3 +61,31 @@ def test_bad_weights_are_refused(planted):
         super_weight_edit(planted, 7, 0, 0)
     with pytest.raises(SpikeSinkError, match="positive"):
         super_weights(planted, ["the cat"], threshold=float("nan"))
+
+
+def test_the_scale_sweep_matches_the_prune_and_the_clean_model(planted, texts, scan, monkeypatch):
+    import tl_spikesink.interventions.weights as weights
+
+    made = []
+
+    def spy(*args, **kwargs):
+        iv = super_weight_edit(*args, **kwargs)
+        made.append((args[1:], kwargs.get("scale", 0.0)))
+        return iv
+
+    monkeypatch.setattr(weights, "super_weight_edit", spy)
+    before = state_snapshot(planted)
+    r = super_weights(planted, texts[:6], scan, prompt=PROMPT, threshold=4.0, scales=(0.0, 1.0, 2.0))
+    assert_untouched(planted, before)
+    # prune, prune + restore, then one edit of the top weight per scale, all in one evaluation
+    assert [scale for _, scale in made] == [0.0, 0.0, 0.0, 1.0, 2.0]
+    assert {where for where, _ in made} == {(1, SPIKE_CHANNEL, 0)}
+    swept = dict(r.ppl_scaled)
+    assert list(swept) == [0.0, 1.0, 2.0]
+    # (The planted unembedding ignores the spike, so only these two equalities carry meaning.)
+    assert swept[0.0] == pytest.approx(r.ppl_pruned) and swept[1.0] == pytest.approx(r.ppl_clean)
+    d = json.loads(r.to_json())
+    assert [x["scale"] for x in d["ppl_scaled"]] == [0.0, 1.0, 2.0]
+    assert "scaled × 0: " in str(r)
+    with pytest.raises(SpikeSinkError, match="evaluate=True"):
+        super_weights(planted, texts[:2], scan, scales=(2.0,), evaluate=False)

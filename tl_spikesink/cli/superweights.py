@@ -19,6 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=50.0, metavar="T",
                    help="cut on the MLP's largest |input| and |output| (default 50)")  # fmt: skip
     p.add_argument("--no-eval", action="store_true", help="skip the three perplexities")
+    p.add_argument("--scales", type=float, nargs="+", default=[], metavar="S",
+                   help="also the perplexity with the top weight scaled by each S (e.g. 0 0.5 2 3)")  # fmt: skip
     options.add_outputs(p, json="write the candidates and perplexities as JSON")
     p.set_defaults(run=run)
 
@@ -35,6 +37,7 @@ def run(args: argparse.Namespace) -> None:
         threshold=args.threshold,
         max_tokens=args.max_tokens or 1 << 62,
         evaluate=not args.no_eval,
+        scales=args.scales,
     )
     options.emit(str(result), args.json, result.to_dict())
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,8 @@ class SuperWeights(Result):
     ppl_pruned: float
     ppl_pruned_restored: float
     corpus: tuple[dict[str, Any], ...]
+    ppl_scaled: tuple[tuple[float, float], ...] = ()
+    """(scale, perplexity) with the top weight multiplied by each scale (Yu et al.'s sweep)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: ``super_weights`` (ranked) and the three perplexities."""
@@ -92,6 +95,7 @@ class SuperWeights(Result):
                 "ppl_clean": self.ppl_clean,
                 "ppl_pruned": self.ppl_pruned,
                 "ppl_pruned_restored": self.ppl_pruned_restored,
+                "ppl_scaled": [{"scale": s, "perplexity": p} for s, p in self.ppl_scaled],
                 "corpus": list(self.corpus),
             }
         )
@@ -116,6 +120,9 @@ class SuperWeights(Result):
                 f"{num(self.ppl_clean)}, pruned {num(self.ppl_pruned)}, pruned with the super "
                 f"activation restored {num(self.ppl_pruned_restored)}"
             )
+            if self.ppl_scaled:
+                sweep = ", ".join(f"× {num(s)}: {num(p)}" for s, p in self.ppl_scaled)
+                lines.append(f"  perplexity with the weight scaled {sweep}")
         return "\n".join(lines)
 
 
@@ -171,6 +178,7 @@ def super_weights(
     threshold: float = THRESHOLD,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     evaluate: bool = True,
+    scales: Sequence[float] = (),
 ) -> SuperWeights:
     """Find super weights by Yu et al.'s rule, rank them, and test the top one (module docstring).
 
@@ -182,6 +190,8 @@ def super_weights(
         threshold: the cut on |input| and |output| (Yu et al.: 50).
         max_tokens: tokens of `texts` read.
         evaluate: run the three perplexities of the top candidate.
+        scales: also the perplexity with the top weight multiplied by each of these (Yu et al.
+            sweep 0 … 3; 1 is the clean model), in the same pass over the corpus.
     """
     from tl_spikesink.corpus import default_texts, tokenize
     from tl_spikesink.evaluation.scoring import evaluate_all
@@ -190,6 +200,11 @@ def super_weights(
     a = Anatomy.of(model)
     if not math.isfinite(threshold) or threshold <= 0:
         raise SpikeSinkError(f"threshold must be a positive number, got {threshold}")
+    scales = tuple(float(s) for s in scales)
+    if not all(math.isfinite(s) for s in scales):
+        raise SpikeSinkError(f"scales must be finite numbers, got {scales}")
+    if scales and not evaluate:
+        raise SpikeSinkError("scales= needs evaluate=True (the sweep is a perplexity test)")
     missing = [n for n in (block_hook(0, "mlp.hook_post"), hook_name("mlp_out", 0))
                if n not in model.hook_dict]  # fmt: skip
     if missing:
@@ -216,12 +231,13 @@ def super_weights(
             candidates.append(SuperWeight(layer, o, i, value, vin, vout, role, counts[layer, o, i]))
     order = {"step-up": 0, "other": 1, "step-down": 2}
     candidates.sort(key=lambda c: (order[c.role], -c.max_output))
-    ppl = [float("nan")] * 3
+    ppl = [float("nan")] * (3 + len(scales))
     if evaluate and candidates:
         top = candidates[0]
         ivs = [
             super_weight_edit(model, top.layer, top.row, top.col),
             super_weight_edit(model, top.layer, top.row, top.col, restore_above=threshold),
+            *(super_weight_edit(model, top.layer, top.row, top.col, scale=s) for s in scales),
         ]
         from tl_spikesink.config import ScanConfig
 
@@ -237,6 +253,7 @@ def super_weights(
         ppl_pruned=ppl[1],
         ppl_pruned_restored=ppl[2],
         corpus=(corpus.describe(),),
+        ppl_scaled=tuple(zip(scales, ppl[3:], strict=True)),
     )
 
 
