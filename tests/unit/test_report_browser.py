@@ -109,8 +109,8 @@ def test_report_renders_offline_in_chromium(browser, planted, texts, tmp_path):
     browser.get_log("performance"), browser.get_log("browser")  # start both logs clean
     browser.get(url)
     wait = WebDriverWait(browser, 120)
-    # 5 scan plots, the per-text sink scores and the decoupling table's chart.
-    wait.until(lambda d: d.execute_script(PLOTS_DRAWN, 7))
+    # 5 scan plots, the kurtosis curve, the per-text sink scores and the decoupling table's chart.
+    wait.until(lambda d: d.execute_script(PLOTS_DRAWN, 8))
     widgets = [e.get_attribute("id") for e in browser.find_elements("css selector", ".cv-widget")]
     assert widgets == ["cv-widget-0", "cv-widget-1", "cv-widget-2"]
     # Widgets mount as they near the viewport, as a reader scrolls.
