@@ -199,7 +199,7 @@ STREAMING_SINKS = (0, 4)
 STREAMING_SEQ_LEN = 1024
 """Default tokens per sequence of the streaming evaluation."""
 
-# The neighbours' defaults (issue #16), here so that the command line builds without torch.
+# The neighbouring analyses' defaults, here so that the command line builds without torch.
 ANALYSIS_MAX_TOKENS = 1024
 """Tokens the mechanism checks, compression valleys and quantization tables read by default."""
 DetectorRule = Literal["sun", "mad", "persistent"]

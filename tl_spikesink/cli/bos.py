@@ -15,8 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     help_text = "BOS audit: loss and sink heads with BOS, without, packed mid-sequence, replaced"
     p = sub.add_parser("bos", help=help_text, description=help_text)
     options.add_model(p)
-    p.add_argument("--text-file", action="append", metavar="F",
-                   help="texts, one per line (repeatable); default: Python's pydoc topics")  # fmt: skip
+    options.add_corpus(p, max_tokens=None)  # the audit counts texts (--texts), not tokens
     p.add_argument("--texts", type=int, default=N_TEXTS, metavar="N",
                    help=f"texts read (default {N_TEXTS})")  # fmt: skip
     p.add_argument("--max-len", type=int, default=64, metavar="N",
@@ -25,7 +24,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="tokens of another text before the mid-sequence BOS (default 16)")  # fmt: skip
     p.add_argument("--delimiter", default="\n",
                    help="the one-token delimiter that replaces BOS (default a newline)")  # fmt: skip
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     options.add_outputs(p, json="write the audit as JSON")
     p.set_defaults(run=run)
 

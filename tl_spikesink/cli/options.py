@@ -82,22 +82,29 @@ def add_model(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_corpus(parser: argparse.ArgumentParser, max_tokens: int) -> None:
-    """``--text-file`` (repeatable), ``--max-tokens`` (0: all) and ``--no-progress``."""
+def add_corpus(parser: argparse.ArgumentParser, max_tokens: int | None) -> None:
+    """``--text-file`` (repeatable), ``--max-tokens`` (0: all; None: no such option, for
+    commands that count texts instead) and ``--no-progress``."""
     parser.add_argument(
         "--text-file",
         action="append",
         metavar="F",
         help="texts, one per line (repeatable); default: Python's pydoc topics",
     )
-    parser.add_argument(
-        "--max-tokens",
-        type=int,
-        default=max_tokens,
-        metavar="N",
-        help="read at most N tokens of the corpus (default %(default)s; 0: all of it)",
-    )
+    if max_tokens is not None:
+        parser.add_argument(
+            "--max-tokens",
+            type=int,
+            default=max_tokens,
+            metavar="N",
+            help="read at most N tokens of the corpus (default %(default)s; 0: all of it)",
+        )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def token_limit(args: argparse.Namespace) -> int:
+    """``--max-tokens`` as the analyses take it: 0 means the whole corpus."""
+    return args.max_tokens or 1 << 62
 
 
 def add_outputs(parser: argparse.ArgumentParser, **outputs: str) -> None:
@@ -189,5 +196,6 @@ __all__ = [
     "emit",
     "load_model",
     "read_texts",
+    "token_limit",
     "write_figure",
 ]

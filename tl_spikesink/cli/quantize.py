@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> None:
         sites=args.sites,
         weight_bits=args.weight_bits,
         weight_scopes=args.weight_scope,
-        max_tokens=args.max_tokens or 1 << 62,
+        max_tokens=options.token_limit(args),
         batch_size=args.batch_size,
         progress=not args.no_progress,
     )

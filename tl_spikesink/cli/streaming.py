@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> None:
         sinks=args.sinks,
         heads=args.heads,
         seq_len=args.seq_len,
-        max_tokens=args.max_tokens or 1 << 62,
+        max_tokens=options.token_limit(args),
         progress=not args.no_progress,
     )
     options.emit(str(result), args.json, result.to_dict())

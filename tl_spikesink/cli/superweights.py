@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> None:
         texts,
         prompt=args.prompt or PROMPT,
         threshold=args.threshold,
-        max_tokens=args.max_tokens or 1 << 62,
+        max_tokens=options.token_limit(args),
         evaluate=not args.no_eval,
         scales=args.scales,
     )

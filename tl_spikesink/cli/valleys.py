@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> None:
         center=args.center,
         ablations=args.ablations,
         logit_lens=args.logit_lens,
-        max_tokens=args.max_tokens or 1 << 62,
+        max_tokens=options.token_limit(args),
         progress=not args.no_progress,
     )
     options.emit(str(valleys), args.json, valleys.to_dict())

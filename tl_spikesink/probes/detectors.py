@@ -41,7 +41,6 @@ from tl_spikesink.views.format import json_clean, layer_list, num, pct, text_tab
 
 Rule = DetectorRule
 RULES = DETECTOR_RULES
-"""Default z of the MAD rule (heretic's ``min_mad_mult``)."""
 MAD_SCALE = 1.4826
 """MAD × this estimates σ of a Gaussian."""
 

@@ -19,7 +19,7 @@ from tl_spikesink.config import ScanConfig
 from tl_spikesink.corpus import Corpus, default_texts, tokenize
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.probes.engine import HookFn, Probe, device_of, run
-from tl_spikesink.probes.kurtosis import KurtosisProbe, KurtosisStats  # kurtosis (issue #16)
+from tl_spikesink.probes.kurtosis import KurtosisProbe, KurtosisStats
 from tl_spikesink.probes.reducers import check_same
 from tl_spikesink.probes.sinks import SinkProbe, SinkStats
 from tl_spikesink.probes.spikes import SpikeProbe, SpikeStats
