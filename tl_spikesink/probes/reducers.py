@@ -21,14 +21,14 @@ N_BINS = 1 << 11
 BIN_SHIFT = 20
 
 
-def abs_bits(x: Float[torch.Tensor, ...]) -> Int[torch.Tensor, ...]:
-    """The float32 bit pattern of |x|, as int32: ordered exactly like |x|.
+def abs_bits(x: Float[torch.Tensor, ...], out: torch.Tensor | None = None) -> Int[torch.Tensor, ...]:
+    """The float32 bit pattern of |x|, as int32 (into `out` if given): ordered exactly like |x|.
 
     The bit pattern of a non-negative float32 is monotone in its value, so with the sign bit
     cleared its high bits (`>> BIN_SHIFT`) are a log-scale bin index of |x|: 8 bins per octave,
     exact for every float32 range, with no range to choose and nothing to clip.
     """
-    return x.float().contiguous().view(torch.int32) & 0x7FFFFFFF
+    return torch.bitwise_and(x.float().contiguous().view(torch.int32), 0x7FFFFFFF, out=out)
 
 
 def bin_edges(bins: torch.Tensor) -> torch.Tensor:

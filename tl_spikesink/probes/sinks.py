@@ -207,7 +207,7 @@ class SinkStats(TokenShares, Result):
 
     def token_ids(self) -> set[int]:
         """Every token id among the recorded sink-token candidates."""
-        return {int(t) for t in self.candidates.meta[:, 3]}
+        return set(self.candidates.meta[:, 3].unique().tolist())
 
     def merge(self, other: SinkStats) -> SinkStats:
         """The statistics of both scans' corpora together."""
@@ -286,7 +286,7 @@ class SinkProbe(Probe):
         """Prepare per-batch alignment (relative key positions) and vote counters."""
         batch, mask = step.batch, step.mask
         device = mask.device
-        self.batch = batch
+        self.batch, self.has_pads = batch, step.has_pads
         width = batch.tokens.shape[1]
         rel = torch.arange(width, device=device)
         lengths = batch.lengths.to(device)
@@ -295,8 +295,10 @@ class SinkProbe(Probe):
         # Column of each relative key position in the padded batch (left padding shifts it).
         self.align = (batch.first.to(device)[:, None] + rel[None, :]).clamp(max=width - 1)
         self.votes = torch.zeros(len(batch.lengths), width, device=device)
+        self.seen: dict[int, tuple[torch.Tensor, ...]] = {}
         # Position of every column relative to its sequence's first real token (negative: pad).
         self.rel_pos = (rel[None, :] - batch.first.to(device)[:, None]).float()  # [batch, pos]
+        self.key_pos = self.rel_pos.clamp(min=0)
         self.first_col = batch.first.to(device)
         self.eligible = self.seen_by >= self.min_queries
         self._start_ratio(lengths, rel)
@@ -328,49 +330,73 @@ class SinkProbe(Probe):
         return hook
 
     def _reduce(self, layer: int, pattern: torch.Tensor) -> None:
+        # Only the work that needs the [batch, head, query, key] pattern happens here; what is
+        # left is small, kept per layer and reduced for all layers at once in end_batch (at
+        # batch size 1, per-hook bookkeeping would cost more than these products).
         # Fully masked rows (pad queries under left padding) may hold NaN; they carry no weight.
-        p = pattern.float().nan_to_num(0.0)
-        received = torch.einsum("bhqk,bq->bhk", p, self.mask)  # attention each key gets
-        b, h, k = received.shape
-        received = received.gather(-1, self.align[:, None, :].expand(b, h, k))
-        received = received * (self.seen_by > 0)[:, None, :]
-        self.alpha_sum[layer, :, :k] += received.sum(0).double().cpu()
-        self.mass_sum[layer] += received.sum((0, 2)).double().cpu()
-        alpha = received / self.seen_by.clamp(min=1)[:, None, :].float()
-        self.votes += ((alpha > self.epsilon) & self.eligible[:, None, :]).sum(1)
-        self._ratio(layer, p)
-        self._distance(layer, p)
+        p = pattern.float()
+        if self.has_pads:
+            p = p.nan_to_num(0.0)
+        b, h, q, _ = p.shape
+        # Attention each key gets. A row vector times the pattern, not einsum: on CPU einsum
+        # lowers this to a matrix-vector bmm about 20x slower than the broadcast matmul.
+        received = (self.mask[:, None, None, :] @ p).squeeze(-2)
+        w = self.ratio_width
+        ratio = (self.ratio_queries[:, None, None, :w] @ p[:, :, :w, :w]).squeeze(-2)
+        # Σ_j A_ij (i − j) = i·Σ_j A_ij − Σ_j A_ij·j. The product with j is a broadcast multiply
+        # and sum, which on CPU beats the matrix-vector product (p @ j) about 3x.
+        mass = p.sum(-1)
+        key_pos = (p * self.key_pos[:, None, None, :]).sum(-1)
+        a_first = p.gather(-1, self.first_col[:, None, None, None].expand(b, h, q, 1)).squeeze(-1)
+        self.seen[layer] = (received, ratio, mass, key_pos, a_first)
 
-    def _ratio(self, layer: int, p: torch.Tensor) -> None:
+    def _reduce_layers(self) -> None:
+        """Fold every layer the last forward pass showed into the running sums, all at once."""
+        if not self.seen:
+            return
+        layers = torch.tensor(sorted(self.seen))
+        received, ratio, mass, key_pos, a_first = (
+            torch.stack(parts) for parts in zip(*(self.seen[int(i)] for i in layers), strict=True)
+        )
+        self.seen = {}
+        n, b, h, k = received.shape
+        received = received.gather(-1, self.align[None, :, None, :].expand(n, b, h, k))
+        received = received * (self.seen_by > 0)[None, :, None, :]
+        self.alpha_sum[layers, :, :k] += received.sum(1).double().cpu()
+        self.mass_sum[layers] += received.sum((1, 3)).double().cpu()
+        alpha = received / self.seen_by.clamp(min=1)[None, :, None, :].float()
+        self.votes += ((alpha > self.epsilon) & self.eligible[None, :, None, :]).sum((0, 2))
+        self._ratio(layers, ratio)
+        self._distance(layers, mass, key_pos, a_first)
+
+    def _ratio(self, layers: torch.Tensor, received: torch.Tensor) -> None:
         w = self.ratio_width
         if w == 0:
             return
-        received = torch.einsum("bhqk,bq->bhk", p[:, :, :w, :w], self.ratio_queries[:, :w])
-        b, h, _ = received.shape
+        n, b, h, _ = received.shape
         cols = self.align[:, :w].clamp(max=w - 1)
-        received = received.gather(-1, cols[:, None, :].expand(b, h, w))
-        alpha = received / self.ratio_t[:, None, None].clamp(min=1).float()
-        best = alpha.masked_fill(~self.ratio_keys[:, None, :w], -1.0).amax(-1)
-        sink = (best > self.epsilon) & self.ratio_rows[:, None]
-        self.sink_head_count[layer] += sink.sum(0).double().cpu()
+        received = received.gather(-1, cols[None, :, None, :].expand(n, b, h, w))
+        alpha = received / self.ratio_t[None, :, None, None].clamp(min=1).float()
+        best = alpha.masked_fill(~self.ratio_keys[None, :, None, :w], -1.0).amax(-1)
+        sink = (best > self.epsilon) & self.ratio_rows[None, :, None]
+        self.sink_head_count[layers] += sink.sum(1).double().cpu()
 
-    def _distance(self, layer: int, p: torch.Tensor) -> None:
-        # Σ_j A_ij (i − j) = i·Σ_j A_ij − Σ_j A_ij·j: one matrix-vector product, no [q, k] buffer.
-        q_rel = self.rel_pos[:, None, :]  # [batch, 1, query]
-        mass = p.sum(-1)
-        key_pos = (p @ self.rel_pos.clamp(min=0)[:, None, :, None]).squeeze(-1)
+    def _distance(
+        self, layers: torch.Tensor, mass: torch.Tensor, key_pos: torch.Tensor, a_first: torch.Tensor
+    ) -> None:
+        q_rel = self.rel_pos[None, :, None, :]  # [1, batch, 1, query]
+        real = self.mask[None, :, None, :]
         dist = q_rel * mass - key_pos
-        self.distance_sum[layer] += (dist * self.mask[:, None, :]).sum((0, 2)).double().cpu()
-        b, h, q, _ = p.shape
-        a_first = p.gather(-1, self.first_col[:, None, None, None].expand(b, h, q, 1)).squeeze(-1)
+        self.distance_sum[layers] += (dist * real).sum((1, 3)).double().cpu()
         rest = mass - a_first
-        ok = (self.mask[:, None, :] > 0) & (q_rel >= 1) & (rest > 1e-6)
+        ok = (real > 0) & (q_rel >= 1) & (rest > 1e-6)
         nosink = (dist - a_first * q_rel) / rest.clamp(min=1e-6)
-        self.distance_nosink_sum[layer] += torch.where(ok, nosink, 0.0).sum((0, 2)).double().cpu()
-        self.distance_nosink_count[layer] += ok.sum((0, 2)).double().cpu()
+        self.distance_nosink_sum[layers] += torch.where(ok, nosink, 0.0).sum((1, 3)).double().cpu()
+        self.distance_nosink_count[layers] += ok.sum((1, 3)).double().cpu()
 
     def end_batch(self, step: Step, logits: torch.Tensor | None = None) -> None:
-        """Turn this batch's per-token head votes into sink-token candidates."""
+        """Reduce the pass's layers; turn this batch's per-token head votes into sink candidates."""
+        self._reduce_layers()
         # Counted here, not in start_batch: a pass skipped for this batch saw no pattern.
         self.n_ratio_sequences += int(self.ratio_rows.sum())
         share = (self.votes / (self.n_layers * self.n_heads)).cpu()

@@ -32,7 +32,6 @@ import torch
 from jaxtyping import Float, Int
 
 from tl_spikesink.anatomy import Site, hook_name
-from tl_spikesink.corpus import Batch
 from tl_spikesink.probes.engine import Probe, Step
 from tl_spikesink.probes.reducers import (
     BIN_SHIFT,
@@ -40,6 +39,7 @@ from tl_spikesink.probes.reducers import (
     TokenShares,
     TopEntries,
     abs_bits,
+    bin_edges,
     check_same,
     histogram_quantile,
 )
@@ -312,7 +312,8 @@ class SpikeStats(TokenShares, Result):
 
     def token_ids(self) -> set[int]:
         """Every token id that appears in a recorded entry (to look up their strings)."""
-        return {int(t) for entries in self.entries.values() for e in entries for t in e.meta[:, 4]}
+        ids = [e.meta[:, 4] for entries in self.entries.values() for e in entries]
+        return set(torch.cat(ids).unique().tolist()) if ids else set()
 
 
 def _take(e: TopEntries, keep: torch.Tensor) -> TopEntries:
@@ -342,10 +343,11 @@ class SpikeProbe(Probe):
             ]
             for s in sites
         }
-        self.pending: dict[Site, list[list[TopEntries]]] = {
+        # Per (site, layer): (keys, values, meta, truncated) of batches not yet selected.
+        self.pending: dict[Site, list[list[tuple]]] = {
             s: [[] for _ in range(n_layers)] for s in sites
         }
-        self.batch: Batch | None = None
+        self.found: list[tuple] = []
 
     def _threshold(self, site: Site) -> float:
         # Block outputs are kept down to half the spike threshold: a step-up block may write only
@@ -361,8 +363,24 @@ class SpikeProbe(Probe):
         ]
 
     def start_batch(self, step: Step) -> None:
-        """Remember which positions are real for the hooks of the next forward pass."""
-        self.batch, self.mask, self.has_pads = step.batch, step.mask, step.has_pads
+        """Remember which positions are real, and what each one is, for the next forward pass."""
+        batch = step.batch
+        self.mask, self.has_pads = step.mask, step.has_pads
+        self.pads = ~step.mask
+        # Each flattened position's (text_index, start, position, token_id): one gather per
+        # hook instead of five.
+        b, t = batch.tokens.shape
+        pos = torch.arange(t)[None, :] - batch.first[:, None]
+        self.where = torch.stack(
+            [
+                batch.text_index[:, None].expand(b, t),
+                batch.start[:, None].expand(b, t),
+                pos,
+                batch.tokens,
+            ],
+            dim=-1,
+        ).reshape(b * t, 4)
+        self.found: list[tuple] = []
 
     def _hook(self, site_index: int, site: Site, layer: int) -> Callable:
         def hook(act: Float[torch.Tensor, "batch pos d_model"], hook: Any) -> None:
@@ -370,17 +388,27 @@ class SpikeProbe(Probe):
 
         return hook
 
+    def _scratch(self, x: torch.Tensor) -> torch.Tensor:
+        # One int32 buffer for every hook of the pass: a fresh activation-sized tensor per hook
+        # costs its page faults again on CPU.
+        buf = getattr(self, "_buf", None)
+        if buf is None or buf.shape != x.shape or buf.device != x.device:
+            buf = self._buf = torch.empty(x.shape, dtype=torch.int32, device=x.device)
+        return buf
+
     def _reduce(self, site_index: int, site: Site, layer: int, act: torch.Tensor) -> None:
         x = act.float().contiguous()
-        _, t, d = x.shape
-        # Two passes over the activation, none of them a float copy: |x|'s bit pattern is ordered
-        # like |x|, so its high bits are the histogram bin and its row maximum the token maximum.
-        bits = abs_bits(x)
-        tok_max = bits.amax(-1).view(torch.float32).masked_fill(~self.mask, -1.0).flatten()
-        bits >>= BIN_SHIFT
+        d = x.shape[-1]
+        # Two passes over the activation, into a reused buffer: |x|'s bit pattern is ordered like
+        # |x|, so its high bits are the histogram bin and its row maximum the token maximum.
+        bits = abs_bits(x, out=self._scratch(x))
+        tok_max = bits.amax(-1).view(torch.float32).flatten()
         if self.has_pads:
-            bits.masked_fill_(~self.mask[..., None], N_BINS)  # an overflow bin, dropped below
-        counts = torch.bincount(bits.flatten(), minlength=N_BINS + 1)[:N_BINS]
+            tok_max.masked_fill_(self.pads.flatten(), -1.0)
+        bits >>= BIN_SHIFT
+        counts = torch.bincount(bits.flatten(), minlength=N_BINS)
+        if self.has_pads:  # take the pads back out: cheaper than masking every entry
+            counts -= torch.bincount(bits[self.pads].flatten(), minlength=N_BINS)
         if self.hist is None:
             self.hist = torch.zeros(
                 len(self.sites), self.n_layers, N_BINS, dtype=torch.long, device=x.device
@@ -396,46 +424,80 @@ class SpikeProbe(Probe):
         rows = ((tok_max >= cut) & (tok_max > 0)).nonzero()[:, 0]
         sub = x.reshape(-1, d)[rows]
         keys = sub.abs().flatten()
-        n_above = int((keys > threshold).sum())
-        m = min(max(self.top_k, min(self.capacity, n_above)), keys.numel())
-        if m == 0:
+        above = keys > threshold
+        n_above = int(above.count_nonzero())
+        if self.top_k <= n_above <= self.capacity:
+            # The usual case, and what topk(n_above) would keep, ties included, without the sort.
+            idx = above.nonzero()[:, 0]
+        else:
+            m = min(max(self.top_k, min(self.capacity, n_above)), keys.numel())
+            if m == 0:
+                return
+            if n_above > self.capacity:
+                # topk(capacity) of a large layer costs milliseconds; the histogram says in which
+                # bin the m-th largest entry lies, and only the entries from that bin up compete.
+                from_top = counts.flip(0).cumsum(0)
+                floor = bin_edges(N_BINS - 1 - torch.searchsorted(from_top, m)).item()
+                cutoff = keys[keys >= floor].topk(m).values[-1]
+            else:
+                cutoff = keys.topk(m).values[-1]
+            # Every entry tied with the cutoff goes on, so the reducer (not topk) breaks ties and
+            # the result does not depend on how the corpus was batched. Exact zeros tie by the
+            # million and say nothing; they are never kept.
+            idx = ((keys >= cutoff) & (keys > 0)).nonzero()[:, 0]
+        # Where the entries are is worked out for the whole pass at once, in end_batch.
+        self.found.append(
+            (site, layer, rows[idx // d], idx % d, keys[idx], sub.flatten()[idx], n_above)
+        )
+
+    def end_batch(self, step: Step, logits: torch.Tensor | None) -> None:
+        """Locate the pass's entries (one transfer, one gather) and queue them for selection."""
+        if not self.found:
             return
-        cutoff = keys.topk(m).values[-1]
-        # Every entry tied with the cutoff goes on, so the reducer (not topk) breaks ties and the
-        # result does not depend on how the corpus was batched. Exact zeros tie by the million and
-        # say nothing; they are never kept.
-        idx = ((keys >= cutoff) & (keys > 0)).nonzero()[:, 0]
-        token = rows[idx // d].cpu()
-        row, pos, channel = token // t, token % t, (idx % d).cpu()
-        batch = self.batch
-        meta = torch.stack(
-            [
-                batch.text_index[row],
-                batch.start[row],
-                pos - batch.first[row],
-                channel,
-                batch.tokens[row, pos],
-            ],
-            dim=1,
+        sites, layers, tokens, channels, keys, values, n_above = zip(*self.found, strict=True)
+        self.found = []
+        sizes = [len(k) for k in keys]
+        token, channel = torch.cat(tokens).cpu(), torch.cat(channels).cpu()
+        meta = torch.cat([self.where[token], channel[:, None]], dim=1)[:, [0, 1, 2, 4, 3]]
+        parts = zip(
+            sites,
+            layers,
+            torch.cat(keys).cpu().split(sizes),
+            torch.cat(values).cpu().split(sizes),
+            meta.split(sizes),
+            n_above,
+            strict=True,
         )
-        new = TopEntries.select(
-            keys[idx].cpu(), sub.flatten()[idx].cpu(), meta, self.top_k, threshold, self.capacity
-        )
-        if n_above > self.capacity:
-            new = replace(new, truncated=True)
-        pending = self.pending[site][layer]
-        pending.append(new)
-        # Merging sorts; doing it once per many batches keeps the per-batch cost to the search.
-        if sum(map(len, pending)) > 4 * self.capacity or len(pending) > 32:
-            self._fold(site, layer)
+        for site, layer, k, v, mt, n in parts:
+            pending = self.pending[site][layer]
+            pending.append((k, v, mt, n > self.capacity))
+            # Selecting sorts; one selection over many batches keeps the per-batch cost low.
+            if sum(len(p[0]) for p in pending) > 4 * self.capacity or len(pending) > 32:
+                self._fold(site, layer)
 
     def _fold(self, site: Site, layer: int) -> None:
-        for new in self.pending[site][layer]:
-            self.entries[site][layer] = self.entries[site][layer].merge(new)
+        pending = self.pending[site][layer]
+        if not pending:
+            return
+        old = self.entries[site][layer]
+        keys, values, meta, truncated = zip(*pending, strict=True)
+        new = TopEntries.select(
+            torch.cat([old.keys, *keys]),
+            torch.cat([old.values, *values]),
+            torch.cat([old.meta, *meta]),
+            old.k,
+            old.threshold,
+            old.capacity,
+        )
+        self.entries[site][layer] = replace(
+            new, truncated=new.truncated or old.truncated or any(truncated)
+        )
         self.pending[site][layer] = []
 
     def result(self, token_strings: dict[int, str]) -> SpikeStats:
         """Freeze what was seen into :class:`SpikeStats`."""
+        if self.found:  # hooks fired outside the engine, with no end_batch after them
+            self.end_batch(None, None)  # type: ignore[arg-type]
         for site in self.sites:
             for layer in range(self.n_layers):
                 self._fold(site, layer)
