@@ -46,7 +46,7 @@ from jaxtyping import Float
 
 from tl_spikesink.anatomy import hook_name
 from tl_spikesink.probes.engine import Probe, Step
-from tl_spikesink.probes.reducers import TokenShares, TopEntries, check_same
+from tl_spikesink.probes.reducers import Buffers, TokenShares, TopEntries, check_same
 from tl_spikesink.results import Result
 from tl_spikesink.tokens import TokenRef, is_delimiter
 
@@ -277,6 +277,7 @@ class SinkProbe(Probe):
             len(_META), top_k, sink_token_share - 1e-9, max_candidates
         )
         self.top_k, self.capacity = top_k, max_candidates
+        self.buffers = Buffers()
 
     def hooks(self) -> list[tuple[str, Callable]]:
         """(hook_name, fn) pairs for `model.hooks`."""
@@ -286,7 +287,9 @@ class SinkProbe(Probe):
         """Prepare per-batch alignment (relative key positions) and vote counters."""
         batch, mask = step.batch, step.mask
         device = mask.device
-        self.batch, self.has_pads = batch, step.has_pads
+        self.batch = batch
+        # Only left padding leaves fully masked (NaN) rows; right padding's pads follow the text.
+        self.left_padded = bool((batch.first > 0).any())
         width = batch.tokens.shape[1]
         rel = torch.arange(width, device=device)
         lengths = batch.lengths.to(device)
@@ -335,18 +338,20 @@ class SinkProbe(Probe):
         # batch size 1, per-hook bookkeeping would cost more than these products).
         # Fully masked rows (pad queries under left padding) may hold NaN; they carry no weight.
         p = pattern.float()
-        if self.has_pads:
-            p = p.nan_to_num(0.0)
-        b, h, q, _ = p.shape
+        b, h, q, k = p.shape
+        if self.left_padded:
+            p = torch.nan_to_num(p, 0.0, out=self.buffers("p", p.shape, p.dtype, p.device))
         # Attention each key gets. A row vector times the pattern, not einsum: on CPU einsum
         # lowers this to a matrix-vector bmm about 20x slower than the broadcast matmul.
         received = (self.mask[:, None, None, :] @ p).squeeze(-2)
         w = self.ratio_width
         ratio = (self.ratio_queries[:, None, None, :w] @ p[:, :, :w, :w]).squeeze(-2)
-        # Σ_j A_ij (i − j) = i·Σ_j A_ij − Σ_j A_ij·j. The product with j is a broadcast multiply
-        # and sum, which on CPU beats the matrix-vector product (p @ j) about 3x.
+        # Σ_j A_ij (i − j) = i·Σ_j A_ij − Σ_j A_ij·j: one matrix-vector product per sequence.
         mass = p.sum(-1)
-        key_pos = (p * self.key_pos[:, None, None, :]).sum(-1)
+        if self.left_padded:
+            key_pos = torch.bmm(p.reshape(b, h * q, k), self.key_pos[:, :, None]).view(b, h, q)
+        else:  # every sequence starts at column 0: one product for the whole batch
+            key_pos = (p.reshape(-1, k) @ self.key_pos[0]).view(b, h, q)
         a_first = p.gather(-1, self.first_col[:, None, None, None].expand(b, h, q, 1)).squeeze(-1)
         self.seen[layer] = (received, ratio, mass, key_pos, a_first)
 

@@ -35,6 +35,7 @@ from tl_spikesink.anatomy import Site, hook_name
 from tl_spikesink.probes.engine import Probe, Step
 from tl_spikesink.probes.reducers import (
     BIN_SHIFT,
+    Buffers,
     N_BINS,
     TokenShares,
     TopEntries,
@@ -348,6 +349,8 @@ class SpikeProbe(Probe):
             s: [[] for _ in range(n_layers)] for s in sites
         }
         self.found: list[tuple] = []
+        self.waiting: dict[int, torch.Tensor] = {}
+        self.buffers = Buffers()
 
     def _threshold(self, site: Site) -> float:
         # Block outputs are kept down to half the spike threshold: a step-up block may write only
@@ -355,7 +358,12 @@ class SpikeProbe(Probe):
         return self.abs_threshold if site == "resid_post" else _STEP_SHARE * self.abs_threshold
 
     def hooks(self) -> list[tuple[str, Callable]]:
-        """(hook_name, fn) pairs for `model.hooks`."""
+        """(hook_name, fn) pairs for `model.hooks`.
+
+        Every site of a block fires before its ``hook_resid_post``: the other sites' hooks only
+        keep a reference to their activation, and the residual stream's hook reduces the whole
+        layer at once (a third of the operations, which is what a hook costs at batch size 1).
+        """
         return [
             (hook_name(site, layer), self._hook(i, site, layer))
             for i, site in enumerate(self.sites)
@@ -368,7 +376,7 @@ class SpikeProbe(Probe):
         self.mask, self.has_pads = step.mask, step.has_pads
         self.pads = ~step.mask
         # Each flattened position's (text_index, start, position, token_id): one gather per
-        # hook instead of five.
+        # pass instead of five per hook.
         b, t = batch.tokens.shape
         pos = torch.arange(t)[None, :] - batch.first[:, None]
         self.where = torch.stack(
@@ -381,96 +389,135 @@ class SpikeProbe(Probe):
             dim=-1,
         ).reshape(b * t, 4)
         self.found: list[tuple] = []
+        self.waiting: dict[int, torch.Tensor] = {}
 
     def _hook(self, site_index: int, site: Site, layer: int) -> Callable:
+        if site != "resid_post":
+
+            def wait(act: Float[torch.Tensor, "batch pos d_model"], hook: Any) -> None:
+                self.waiting[site_index] = act.detach()
+
+            return wait
+
         def hook(act: Float[torch.Tensor, "batch pos d_model"], hook: Any) -> None:
-            self._reduce(site_index, site, layer, act.detach())
+            waiting, self.waiting = self.waiting, {}
+            together = [(i, a) for i, a in sorted(waiting.items()) if a.shape == act.shape]
+            for i, a in waiting.items():  # a site shaped otherwise goes alone
+                if a.shape != act.shape:
+                    self._reduce(layer, [(i, a)])
+            self._reduce(layer, [(site_index, act.detach()), *together])
 
         return hook
 
-    def _scratch(self, x: torch.Tensor) -> torch.Tensor:
-        # One int32 buffer for every hook of the pass: a fresh activation-sized tensor per hook
-        # costs its page faults again on CPU.
-        buf = getattr(self, "_buf", None)
-        if buf is None or buf.shape != x.shape or buf.device != x.device:
-            buf = self._buf = torch.empty(x.shape, dtype=torch.int32, device=x.device)
-        return buf
-
-    def _reduce(self, site_index: int, site: Site, layer: int, act: torch.Tensor) -> None:
-        x = act.float().contiguous()
-        d = x.shape[-1]
-        # Two passes over the activation, into a reused buffer: |x|'s bit pattern is ordered like
-        # |x|, so its high bits are the histogram bin and its row maximum the token maximum.
-        bits = abs_bits(x, out=self._scratch(x))
-        tok_max = bits.amax(-1).view(torch.float32).flatten()
+    def _reduce(self, layer: int, acts: list[tuple[int, torch.Tensor]]) -> None:
+        sites = [i for i, _ in acts]
+        n_sites, d = len(acts), acts[0][1].shape[-1]
+        flats = [a.reshape(-1, d) for _, a in acts]
+        n_tok, device, buf = flats[0].shape[0], flats[0].device, self.buffers
+        # |x|'s float32 bit pattern is ordered like |x|: as floats the bits are |x| itself (the
+        # search below needs no |x| copy), their row maximum is the token maximum, and their
+        # high bits are the histogram bin. One buffer for every site of the layer.
+        bits = buf("bits", (n_sites, n_tok, d), torch.int32, device)
+        for s, x in enumerate(flats):
+            abs_bits(x, out=bits[s])
+        magnitude = bits.view(torch.float32)
+        tok_max = bits.amax(-1).view(torch.float32)  # [site, token]
         if self.has_pads:
-            tok_max.masked_fill_(self.pads.flatten(), -1.0)
-        bits >>= BIN_SHIFT
-        counts = torch.bincount(bits.flatten(), minlength=N_BINS)
-        if self.has_pads:  # take the pads back out: cheaper than masking every entry
-            counts -= torch.bincount(bits[self.pads].flatten(), minlength=N_BINS)
-        if self.hist is None:
-            self.hist = torch.zeros(
-                len(self.sites), self.n_layers, N_BINS, dtype=torch.long, device=x.device
-            )
-        self.hist[site_index, layer] += counts
+            tok_max.masked_fill_(self.pads.flatten()[None], -1.0)
 
         # The top-k entries lie in the k tokens with the largest maxima, and every entry above the
         # threshold in a token whose maximum is above it: only those rows are searched.
-        threshold = self._threshold(site)
-        kth = tok_max.topk(min(self.top_k, tok_max.numel())).values[-1]  # ties with it go on too
-        cut = min(float(kth), threshold)
+        threshold = torch.tensor([self._threshold(self.sites[i]) for i in sites], device=device)
+        kth = tok_max.topk(min(self.top_k, n_tok), dim=-1).values[:, -1]
+        cut = torch.minimum(kth, threshold)  # ties with the k-th go on too
         # Pads (-1) and tokens whose activations are all exactly zero are never searched.
-        rows = ((tok_max >= cut) & (tok_max > 0)).nonzero()[:, 0]
-        sub = x.reshape(-1, d)[rows]
-        keys = sub.abs().flatten()
-        above = keys > threshold
-        n_above = int(above.count_nonzero())
-        if self.top_k <= n_above <= self.capacity:
-            # The usual case, and what topk(n_above) would keep, ties included, without the sort.
-            idx = above.nonzero()[:, 0]
-        else:
-            m = min(max(self.top_k, min(self.capacity, n_above)), keys.numel())
-            if m == 0:
-                return
-            if n_above > self.capacity:
-                # topk(capacity) of a large layer costs milliseconds; the histogram says in which
-                # bin the m-th largest entry lies, and only the entries from that bin up compete.
-                from_top = counts.flip(0).cumsum(0)
-                floor = bin_edges(N_BINS - 1 - torch.searchsorted(from_top, m)).item()
-                cutoff = keys[keys >= floor].topk(m).values[-1]
-            else:
-                cutoff = keys.topk(m).values[-1]
-            # Every entry tied with the cutoff goes on, so the reducer (not topk) breaks ties and
-            # the result does not depend on how the corpus was batched. Exact zeros tie by the
-            # million and say nothing; they are never kept.
-            idx = ((keys >= cutoff) & (keys > 0)).nonzero()[:, 0]
+        site_of, rows = ((tok_max >= cut[:, None]) & (tok_max > 0)).nonzero(as_tuple=True)
+        flat = site_of * n_tok + rows
+        keys = buf("keys", (len(flat), d), torch.float32, device)
+        torch.index_select(magnitude.view(-1, d), 0, flat, out=keys)
+        above = torch.gt(keys, threshold[site_of, None], out=buf("above", keys.shape, torch.bool, device))
+        r, channel = above.nonzero(as_tuple=True)
+        n_above = torch.bincount(site_of[r], minlength=n_sites).tolist()
+        # Per site: every entry above the threshold (the usual case: what topk(n_above) would
+        # keep, ties included, without the sort), or every entry down to the m-th largest.
+        special = [s for s, n in enumerate(n_above) if not self.top_k <= n <= self.capacity]
+        if special:
+            usual = torch.ones(n_sites, dtype=torch.bool, device=device)
+            usual[special] = False
+            picked = [(r, channel)] if len(special) < n_sites else []
+            if picked:
+                ok = usual[site_of[r]]
+                picked = [(r[ok], channel[ok])]
+            for s in special:
+                mine = (site_of == s).nonzero()[:, 0]
+                m = min(max(self.top_k, min(self.capacity, n_above[s])), mine.numel() * d)
+                if m == 0:
+                    continue
+                k = keys[mine]
+                pool = k.flatten()
+                if n_above[s] > self.capacity:
+                    # topk(capacity) of a large layer costs milliseconds; the histogram says in
+                    # which bin the m-th largest entry lies, and only entries from there compete.
+                    counts = torch.bincount(bits[s].flatten() >> BIN_SHIFT, minlength=N_BINS)
+                    from_top = counts.flip(0).cumsum(0)
+                    floor = bin_edges(N_BINS - 1 - torch.searchsorted(from_top, m)).item()
+                    # Pads are in that histogram: should they crowd the bin, search everything.
+                    above_floor = pool[pool >= floor]
+                    pool = above_floor if above_floor.numel() >= m else pool
+                # Every entry tied with the cutoff goes on, so the reducer (not topk) breaks ties
+                # and the result does not depend on how the corpus was batched. Exact zeros tie
+                # by the million and say nothing; they are never kept.
+                cutoff = pool.topk(m).values[-1]
+                rr, cc = ((k >= cutoff) & (k > 0)).nonzero(as_tuple=True)
+                picked.append((mine[rr], cc))
+            r, channel = (torch.cat(c) for c in zip(*picked, strict=True))
+            order = torch.sort(site_of[r], stable=True).indices  # grouped by site again
+            r, channel = r[order], channel[order]
+        entry_site, entry_row = site_of[r], rows[r]
+        values = keys[r, channel]
+        for s, x in enumerate(flats):  # the sign, from the activation itself
+            mine = (entry_site == s).nonzero()[:, 0]
+            values[mine] = x[entry_row[mine], channel[mine]].float()
+
+        bits >>= BIN_SHIFT
+        if n_sites > 1:  # one bincount for every site: site s counts in bins s·N_BINS + bin
+            offsets = torch.arange(n_sites, device=device, dtype=torch.int32) * N_BINS
+            bits += offsets[:, None, None]
+        counts = torch.bincount(bits.flatten(), minlength=n_sites * N_BINS)
+        if self.has_pads:  # take the pads back out: cheaper than masking every entry
+            counts -= torch.bincount(bits[:, self.pads.flatten()].flatten(), minlength=counts.numel())
+        if self.hist is None:
+            self.hist = torch.zeros(
+                len(self.sites), self.n_layers, N_BINS, dtype=torch.long, device=device
+            )
+        self.hist[sites, layer] += counts.view(n_sites, N_BINS)
         # Where the entries are is worked out for the whole pass at once, in end_batch.
         self.found.append(
-            (site, layer, rows[idx // d], idx % d, keys[idx], sub.flatten()[idx], n_above)
+            (layer, sites, entry_site, entry_row, channel, keys[r, channel], values, n_above)
         )
 
     def end_batch(self, step: Step, logits: torch.Tensor | None) -> None:
         """Locate the pass's entries (one transfer, one gather) and queue them for selection."""
         if not self.found:
             return
-        sites, layers, tokens, channels, keys, values, n_above = zip(*self.found, strict=True)
-        self.found = []
-        sizes = [len(k) for k in keys]
-        token, channel = torch.cat(tokens).cpu(), torch.cat(channels).cpu()
+        found, self.found = self.found, []
+        cpu = [torch.cat(col).cpu() for col in list(zip(*found, strict=True))[2:7]]
+        site_of, token, channel, keys, values = cpu
         meta = torch.cat([self.where[token], channel[:, None]], dim=1)[:, [0, 1, 2, 4, 3]]
+        # Entries come grouped by call, and within a call by site: split them back.
+        groups = [(layer, i, s) for layer, sites, *_ in found for s, i in enumerate(sites)]
+        call = torch.cat([torch.full((len(f[2]),), n) for n, f in enumerate(found)])
+        sizes = torch.bincount(call * len(self.sites) + site_of, minlength=len(found) * len(self.sites))
+        sizes = sizes.view(len(found), len(self.sites))
+        sizes = [int(sizes[n, s]) for n, f in enumerate(found) for s in range(len(f[1]))]
+        overflow = [n > self.capacity for f in found for n in f[7]]
         parts = zip(
-            sites,
-            layers,
-            torch.cat(keys).cpu().split(sizes),
-            torch.cat(values).cpu().split(sizes),
-            meta.split(sizes),
-            n_above,
-            strict=True,
+            groups, keys.split(sizes), values.split(sizes), meta.split(sizes), overflow, strict=True
         )
-        for site, layer, k, v, mt, n in parts:
+        for (layer, i, _), k, v, mt, over in parts:
+            site = self.sites[i]
             pending = self.pending[site][layer]
-            pending.append((k, v, mt, n > self.capacity))
+            pending.append((k, v, mt, over))
             # Selecting sorts; one selection over many batches keeps the per-batch cost low.
             if sum(len(p[0]) for p in pending) > 4 * self.capacity or len(pending) > 32:
                 self._fold(site, layer)
