@@ -126,11 +126,12 @@ def _timings(args):
 def _memory(args):
     kind = "CUDA allocated" if "cuda" in args.device else "CPU RSS"
     print(f"\npeak memory above the loaded model (MiB), {kind}:")
-    print(f"{'mode':<20}{args.tokens:>12}{2 * args.tokens:>12}")
+    print(f"{'mode':<20}{args.tokens:>12}{args.grow * args.tokens:>12}")
     mem = {}
     for m in ("forward", "scan", "run_with_cache"):
         small = peak_memory_mib(m, args)
-        big = peak_memory_mib(m, argparse.Namespace(**{**vars(args), "tokens": 2 * args.tokens}))
+        grown = argparse.Namespace(**{**vars(args), "tokens": args.grow * args.tokens})
+        big = peak_memory_mib(m, grown)
         mem[m] = (small, big)
         print(f"{m:<20}{small:>12.1f}{big:>12.1f}")
     return mem
@@ -148,6 +149,9 @@ def main():
         "--no-memory", action="store_true", help="skip the per-mode memory processes"
     )
     parser.add_argument("--memory-only", action="store_true", help="skip the timings")
+    parser.add_argument(
+        "--grow", type=int, default=2, help="the second memory run reads this many times the tokens"
+    )
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args()
 

@@ -123,3 +123,17 @@ def test_report_names_paper_blocks_and_the_spike(planted, texts):
     text = str(r)
     assert "layer 1 mlp = paper block 4" in text and "layer 2 mlp = paper block 6" in text
     assert "Spike            3e+03" in text
+
+
+def test_nan_activations_are_skipped_not_fatal(planted, texts):
+    # A query whose every key is masked (sink-key removal without a BOS) gives NaN from that layer
+    # on; the scan goes on, and the layers before it keep their entries.
+    def drown(act, hook):
+        return torch.full_like(act, float("nan"))
+
+    clean = ts.scan(planted, texts, batch_size=4, progress=False)
+    with planted.hooks(fwd_hooks=[("blocks.2.hook_resid_pre", drown)]):
+        r = ts.scan(planted, texts, batch_size=4, progress=False)
+    for layer in (0, 1):
+        assert torch.equal(r.spikes.top("resid_post", 3)[layer], clean.spikes.top("resid_post", 3)[layer])
+    assert r.spikes.step_up_layers == clean.spikes.step_up_layers

@@ -444,10 +444,8 @@ class SpikeProbe(Probe):
         if special:
             usual = torch.ones(n_sites, dtype=torch.bool, device=device)
             usual[special] = False
-            picked = [(r, channel)] if len(special) < n_sites else []
-            if picked:
-                ok = usual[site_of[r]]
-                picked = [(r[ok], channel[ok])]
+            ok = usual[site_of[r]]
+            picked = [(r[ok], channel[ok])]  # empty when every site is special
             for s in special:
                 mine = (site_of == s).nonzero()[:, 0]
                 m = min(max(self.top_k, min(self.capacity, n_above[s])), mine.numel() * d)

@@ -1,0 +1,162 @@
+"""The scan against what a user would run instead: the HF scripts of the peer repositories.
+
+Same model (the built-in GGUF, dequantized once for both stacks), same token sequences, one
+process. Rows:
+
+- ``hf_peer``: an HF eager forward with ``output_hidden_states`` and ``output_attentions``, then
+  per layer the top-3 and median |x| of the hidden states and each head's attention to the first
+  token; what locuslab/massive-activations and the attention-sink scripts do.
+- ``hf_sdpa_floor``: the HF base model (no LM head) with SDPA attention: the floor here.
+- ``tl_bare``: the TransformerLens forward without logits (``return_type=None``), the host the
+  scan runs on.
+- ``tl_cached``: ``run_with_cache`` without logits, what a notebook user would write by hand.
+- ``scan``: ``ts.scan(model, corpus)``.
+
+Each row at batch 1 and at batch 8 (padded, with the mask), the modes interleaved round by round
+so drift in the machine's load hits them alike; the best of ``--repeats`` rounds is printed with
+its ratio to the HF peer and to ``tl_bare``, and the load average before and after.
+
+    python benchmarks/bench_peers.py                    # SmolLM2, CPU, 1,024 tokens
+    python benchmarks/bench_peers.py --repeats 7 --json peers.json
+    python benchmarks/bench_peers.py --device cuda --dtype bfloat16 --tokens 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import time
+
+import torch
+
+MODES = ("hf_peer", "hf_sdpa_floor", "tl_bare", "tl_cached", "scan")
+BATCH_SIZES = (1, 8)
+
+
+def _hf_models(name: str, device: str, dtype: torch.dtype):
+    """The built-in model's GGUF as HF eager and SDPA models (sharing nothing with TL's copy)."""
+    from transformers import AutoModelForCausalLM
+
+    from tl_spikesink.models.cache import cache_root
+    from tl_spikesink.models.fetch import fetch
+    from tl_spikesink.models.registry import MODELS
+
+    path = fetch(MODELS[name], cache_root(None), progress=False)
+    kwargs = {"gguf_file": path.name, "local_files_only": True, "dtype": dtype}
+    out = {}
+    for impl in ("eager", "sdpa"):
+        with contextlib.redirect_stderr(io.StringIO()):  # the de-quantization progress bars
+            hf = AutoModelForCausalLM.from_pretrained(
+                path.parent, attn_implementation=impl, **kwargs
+            )
+        out[impl] = hf.to(device).eval()
+    return out
+
+
+def _peer_stats(hidden, attentions, mask):
+    """What the peer scripts compute from the outputs: top-3 / median |x| and α₀ per layer."""
+    real = mask.bool()
+    for h, a in zip(hidden[1:], attentions, strict=True):
+        x = h[real].abs()
+        x.flatten().topk(3)
+        x.median()
+        (a[:, :, :, 0] * mask[:, None, :]).sum(-1)
+
+
+def _run(mode, ctx, batches):
+    model, hf, corpus, bs = ctx["tl"], ctx["hf"], ctx["corpus"], ctx["batch_size"]
+    if mode == "scan":
+        ctx["ts"].scan(model, corpus, batch_size=bs, progress=False)
+        return
+    with torch.inference_mode():
+        for tokens, mask in batches:
+            if mode == "hf_peer":
+                out = hf["eager"](
+                    tokens, attention_mask=mask, output_hidden_states=True, output_attentions=True
+                )
+                _peer_stats(out.hidden_states, out.attentions, mask)
+            elif mode == "hf_sdpa_floor":
+                hf["sdpa"].model(tokens, attention_mask=mask)
+            elif mode == "tl_bare":
+                model(tokens, attention_mask=mask, return_type=None)
+            else:
+                _, cache = model.run_with_cache(tokens, attention_mask=mask, return_type=None)
+                del cache
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--json", help="also write the numbers here")
+    args = parser.parse_args()
+
+    import tl_spikesink as ts
+
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    model = ts.load(args.model, device=args.device, dtype=dtype, progress=False)
+    hf = _hf_models(args.model, args.device, dtype)
+    corpus = ts.tokenize(
+        model, ts.default_texts(), max_seq_len=args.seq_len, max_tokens=args.tokens, name="peers"
+    )
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    load_before = os.getloadavg()
+    best: dict[tuple[str, int], float] = {}
+    for bs in BATCH_SIZES:
+        batches = [
+            (b.tokens.to(args.device), b.mask.long().to(args.device)) for b in corpus.batches(bs)
+        ]
+        ctx = {"ts": ts, "tl": model, "hf": hf, "corpus": corpus, "batch_size": bs}
+        for mode in args.modes:  # warm-up
+            _run(mode, ctx, batches)
+        for _ in range(args.repeats):
+            for mode in args.modes:
+                sync()
+                start = time.perf_counter()
+                _run(mode, ctx, batches)
+                sync()
+                took = time.perf_counter() - start
+                best[mode, bs] = min(best.get((mode, bs), float("inf")), took)
+    load_after = os.getloadavg()
+
+    print(
+        f"{args.model} on {args.device} ({args.dtype}), {corpus.n_tokens} tokens in "
+        f"{len(corpus.chunks)} sequences of <= {args.seq_len}; best of {args.repeats}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"load {load_before[0]:.2f} before / {load_after[0]:.2f} after"
+    )
+    head = "".join(f"{f'batch {bs}':>10}{'x peer':>8}{'x TL':>7}" for bs in BATCH_SIZES)
+    print(f"{'run':<15}{head}")
+    for mode in args.modes:
+        cells = ""
+        for bs in BATCH_SIZES:
+            t = best[mode, bs]
+            peer, tl = best.get(("hf_peer", bs)), best.get(("tl_bare", bs))
+            cells += f"{t:>9.3f}s{t / peer if peer else float('nan'):>8.2f}"
+            cells += f"{t / tl if tl else float('nan'):>7.2f}"
+        print(f"{mode:<15}{cells}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "settings": vars(args),
+                    "n_tokens": corpus.n_tokens,
+                    "load": [load_before[0], load_after[0]],
+                    "seconds": {f"{m}@{bs}": t for (m, bs), t in best.items()},
+                },
+                f,
+                indent=1,
+            )
+
+
+if __name__ == "__main__":
+    main()
