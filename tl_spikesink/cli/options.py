@@ -177,6 +177,23 @@ def emit(text: str, path: str | None, payload: dict[str, Any] | None = None) -> 
         print(f"wrote {path}", file=sys.stderr)
 
 
+def analyse(
+    args: argparse.Namespace, analysis: Any, *same: str, progress: bool = True, **settings: Any
+) -> Any:
+    """Run ``analysis(model, texts, ...)`` on the options' inputs, print it and write ``--json``.
+
+    `same` names options passed on under their own name; `settings` are passed as given (and
+    may override ``max_tokens``). `progress`: whether `analysis` takes ``progress=``.
+    """
+    model, texts = inputs(args)
+    kwargs = {"max_tokens": token_limit(args), **{n: getattr(args, n) for n in same}, **settings}
+    if progress:
+        kwargs["progress"] = not args.no_progress
+    result = analysis(model, texts, **kwargs)
+    emit(str(result), args.json, result.to_dict())
+    return result
+
+
 def write_figure(fig: Any, path: str) -> None:
     """Write a plotly figure as a page that opens offline (plotly.js embedded)."""
     import sys

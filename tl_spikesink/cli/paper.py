@@ -26,16 +26,13 @@ def run(args: argparse.Namespace) -> None:
     """Measure the model as the paper does and print the row beside the published ones."""
     from tl_spikesink.mechanism.paper import paper_row
 
-    model, texts = options.inputs(args)
-    row = paper_row(
-        model,
-        texts,
+    row = options.analyse(
+        args,
+        paper_row,
         vocab=not args.no_vocab,
         claims=not args.no_claims,
         max_tokens=args.max_tokens or None,
-        progress=not args.no_progress,
     )
-    options.emit(str(row), args.json, row.to_dict())
     if args.html:
         from tl_spikesink.views.paper import write_paper_html
 

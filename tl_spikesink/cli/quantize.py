@@ -38,21 +38,12 @@ def run(args: argparse.Namespace) -> None:
     """Quantize each setting in turn and print the table."""
     from tl_spikesink.evaluation.quantization import quantization
 
-    model, texts = options.inputs(args)
-    table = quantization(
-        model,
-        texts,
-        bits=args.bits,
-        granularities=args.granularity,
-        keeps=args.keep,
-        sites=args.sites,
-        weight_bits=args.weight_bits,
-        weight_scopes=args.weight_scope,
-        max_tokens=options.token_limit(args),
-        batch_size=args.batch_size,
-        progress=not args.no_progress,
-    )
-    options.emit(str(table), args.json, table.to_dict())
+    options.analyse(
+        args,
+        quantization,
+        "bits", "sites", "weight_bits", "batch_size",
+        granularities=args.granularity, keeps=args.keep, weight_scopes=args.weight_scope,
+    )  # fmt: skip
 
 
 __all__ = ["add_parser", "run"]

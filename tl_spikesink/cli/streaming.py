@@ -33,18 +33,7 @@ def run(args: argparse.Namespace) -> None:
     """Evaluate each window + sinks restriction against full attention and print the table."""
     from tl_spikesink.evaluation.streaming import streaming
 
-    model, texts = options.inputs(args)
-    result = streaming(
-        model,
-        texts,
-        windows=args.window,
-        sinks=args.sinks,
-        heads=args.heads,
-        seq_len=args.seq_len,
-        max_tokens=options.token_limit(args),
-        progress=not args.no_progress,
-    )
-    options.emit(str(result), args.json, result.to_dict())
+    options.analyse(args, streaming, "sinks", "heads", "seq_len", windows=args.window)
 
 
 __all__ = ["add_parser", "run"]

@@ -29,17 +29,15 @@ def run(args: argparse.Namespace) -> None:
     """Rank the candidates of the model and test the top one."""
     from tl_spikesink.mechanism.super_weights import PROMPT, super_weights
 
-    model, texts = options.inputs(args)
-    result = super_weights(
-        model,
-        texts,
+    options.analyse(
+        args,
+        super_weights,
+        "threshold",
+        "scales",
+        progress=False,  # it has no progress bar
         prompt=args.prompt or PROMPT,
-        threshold=args.threshold,
-        max_tokens=options.token_limit(args),
         evaluate=not args.no_eval,
-        scales=args.scales,
     )
-    options.emit(str(result), args.json, result.to_dict())
 
 
 __all__ = ["add_parser", "run"]

@@ -31,18 +31,9 @@ def run(args: argparse.Namespace) -> None:
     """Measure the curves and print the valley of each run."""
     from tl_spikesink.mechanism.valleys import compression_valleys
 
-    model, texts = options.inputs(args)
-    valleys = compression_valleys(
-        model,
-        texts,
-        alpha=args.alpha,
-        center=args.center,
-        ablations=args.ablations,
-        logit_lens=args.logit_lens,
-        max_tokens=options.token_limit(args),
-        progress=not args.no_progress,
+    valleys = options.analyse(
+        args, compression_valleys, "alpha", "center", "ablations", "logit_lens"
     )
-    options.emit(str(valleys), args.json, valleys.to_dict())
     if args.html:
         from tl_spikesink.views.valleys import plot_valleys
 
