@@ -1,5 +1,4 @@
 import pytest
-import torch
 from planted import planted_model, sentences
 
 
@@ -12,16 +11,3 @@ def planted():
 @pytest.fixture(scope="session")
 def texts():
     return sentences(24)
-
-
-def state_snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_untouched(model, before):
-    after = model.state_dict()
-    assert before.keys() == after.keys()
-    for k in before:
-        assert torch.equal(before[k], after[k]), f"parameter {k} changed"
-    leftover = [name for name, hp in model.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks]
-    assert not leftover, f"hooks left behind on {leftover}"

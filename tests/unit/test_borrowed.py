@@ -1,7 +1,7 @@
 """The model is borrowed: a scan changes no parameter and leaves no hook, even when it fails."""
 
 import pytest
-from conftest import assert_untouched, state_snapshot
+from checks import assert_untouched, state_snapshot
 
 import tl_spikesink as ts
 from tl_spikesink.probes.sinks import SinkProbe

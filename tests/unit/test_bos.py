@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_untouched, state_snapshot
+from checks import assert_untouched, state_snapshot
 from planted import (
     SINK_HEAD,
     SPIKE,

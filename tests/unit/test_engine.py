@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import assert_untouched, state_snapshot
+from checks import assert_untouched, state_snapshot
 
 from tl_spikesink.anatomy import hook_name
 from tl_spikesink.corpus import tokenize

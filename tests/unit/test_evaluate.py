@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from conftest import assert_untouched, state_snapshot
+from checks import assert_untouched, state_snapshot
 from planted import SINK_HEAD, SPIKE_CHANNEL, planted_model, sentences
 
 import tl_spikesink as ts
-from tl_spikesink.evaluation.scoring import evaluate
 from tl_spikesink.evaluation.decoupling import experiment, standard_interventions
+from tl_spikesink.evaluation.scoring import evaluate
 from tl_spikesink.interventions import attention_gate, sink_key_removal, spike_ablation
 from tl_spikesink.interventions.norms import norm_swap
 from tl_spikesink.probes.scan import ScanConfig

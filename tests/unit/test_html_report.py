@@ -6,7 +6,7 @@ import warnings
 from dataclasses import dataclass
 
 import pytest
-from conftest import assert_untouched, state_snapshot
+from checks import assert_untouched, state_snapshot
 from planted import sentences
 from plotly.offline import get_plotlyjs
 

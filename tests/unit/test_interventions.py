@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_untouched, state_snapshot
+from checks import assert_untouched, state_snapshot
 from planted import SPIKE, SPIKE_CHANNEL, VOCAB, planted_model, sentences
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 

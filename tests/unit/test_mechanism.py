@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_untouched, state_snapshot
+from checks import assert_untouched, state_snapshot
 from planted import SINK_HEAD, SPIKE_CHANNEL, VOCAB, planted_model, tokenizer
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from checks import assert_same_scan
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from planted import sentences
@@ -10,20 +11,6 @@ import tl_spikesink as ts
 from tl_spikesink.probes.reducers import TopEntries
 
 TEXTS = sentences(12, seed=5, min_words=3, max_words=40)
-
-
-def assert_same_scan(a, b):
-    assert a.n_tokens == b.n_tokens and a.n_sequences == b.n_sequences and a.n_texts == b.n_texts
-    assert torch.equal(a.spikes.histograms, b.spikes.histograms)
-    for site in a.spikes.sites:
-        for ea, eb in zip(a.spikes.entries[site], b.spikes.entries[site], strict=True):
-            assert torch.equal(ea.meta, eb.meta)
-            assert torch.allclose(ea.values, eb.values)
-    assert a.spikes.tokens == b.spikes.tokens
-    assert torch.allclose(a.sinks.alpha_sum, b.sinks.alpha_sum, atol=1e-9)
-    assert torch.equal(a.sinks.alpha_count, b.sinks.alpha_count)
-    assert a.sinks.tokens == b.sinks.tokens
-    assert a.sinks.sink_heads == b.sinks.sink_heads
 
 
 @settings(

@@ -5,7 +5,7 @@ import math
 import plotly.graph_objects as go
 import pytest
 import torch
-from conftest import assert_untouched, state_snapshot
+from checks import assert_untouched, state_snapshot
 from planted import N_HEADS, N_LAYERS, SINK_HEAD, SPIKE
 
 import tl_spikesink as ts

@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_untouched, state_snapshot
+from checks import assert_untouched, state_snapshot
 from planted import SPIKE, SPIKE_CHANNEL, VOCAB, planted_model, sentences
 
 import tl_spikesink as ts

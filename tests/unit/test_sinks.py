@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from checks import brute_force_alpha
 from planted import (
     KEY_SINK_HEAD,
     N_HEADS,
@@ -64,21 +65,6 @@ def random_model(positional="rotary"):
         for p in model.parameters():
             p.normal_(0, 0.5)  # sharp, varied attention patterns
     return model
-
-
-def brute_force_alpha(model, texts):
-    """α_k pooled over texts, from full caches: Σ_texts Σ_{i>=k} A_ik / Σ_texts (T - k)."""
-    chunks = ts.tokenize(model, texts).chunks
-    width = max(len(c.tokens) for c in chunks)
-    num = torch.zeros(model.cfg.n_layers, model.cfg.n_heads, width, dtype=torch.float64)
-    den = torch.zeros(width, dtype=torch.float64)
-    for c in chunks:
-        t = len(c.tokens)
-        _, cache = model.run_with_cache(torch.tensor([c.tokens]))
-        for layer in range(model.cfg.n_layers):
-            num[layer, :, :t] += cache[f"blocks.{layer}.attn.hook_pattern"][0].sum(1).double()
-        den[:t] += torch.arange(t, 0, -1, dtype=torch.float64)
-    return num / den
 
 
 @pytest.mark.parametrize("positional", ["rotary", "standard"])

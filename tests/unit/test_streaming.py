@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import assert_untouched, state_snapshot
+from checks import assert_untouched, state_snapshot
 from planted import SINK_HEAD, planted_local_sink, sentences
 
 import tl_spikesink as ts

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import assert_untouched, state_snapshot
+from checks import assert_untouched, state_snapshot
 from planted import SPIKE, SPIKE_CHANNEL
 
 import tl_spikesink as ts

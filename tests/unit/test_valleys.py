@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_untouched, state_snapshot
+from checks import assert_untouched, state_snapshot
 from planted import SPIKE_CHANNEL, planted_steps, sentences
 
 import tl_spikesink as ts

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
+from checks import assert_untouched, state_snapshot
 from circuitsvis.utils.render import RenderedHTML
-from conftest import assert_untouched, state_snapshot
 from planted import N_HEADS, N_LAYERS, SINK_HEAD, SPIKE, SPIKE_CHANNEL, sentences
 
 import tl_spikesink as ts
