@@ -91,3 +91,14 @@ def test_import_and_help_stay_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_unit_tests_mirror_the_package():
+    """Each folder of tests/unit names a subpackage; test basenames are unique, because pytest's
+    default import mode imports a test file by its basename (the folders have no __init__.py)."""
+    here = Path(__file__).parent
+    folders = {p.name for p in here.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    subpackages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert folders <= subpackages, folders - subpackages
+    names = [p.name for p in here.rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)

@@ -7,7 +7,7 @@ import pytest
 
 from tl_spikesink.cli import main
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[3] / "README.md"
 COMMANDS = sorted(set(re.findall(r"^tl-spikesink (\w+)", README.read_text(), re.M)))
 
 
