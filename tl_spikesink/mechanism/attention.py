@@ -23,6 +23,7 @@ from tl_spikesink.mechanism.captures import (
     as_corpus,
     capture,
     group_means,
+    head_mask,
     nanmean,
     scan_of,
     spike_mask,
@@ -48,10 +49,7 @@ class SinkGeometry(Result):
 
     @property
     def _is_sink(self) -> torch.Tensor:
-        m = torch.zeros_like(self.logit_gap, dtype=torch.bool)
-        for layer, head in self.sink_heads:
-            m[layer, head] = True
-        return m
+        return head_mask(self.sink_heads, self.logit_gap)
 
     sink_gap, other_gap = group_means("logit_gap", "_is_sink", HEADS)
 
@@ -140,9 +138,7 @@ class ShortRange(Result):
     distance_without_sink: Float[torch.Tensor, "layer head"]
 
     def _split(self, x: torch.Tensor) -> tuple[float, float]:
-        m = torch.zeros_like(x, dtype=torch.bool)
-        for layer, head in self.sink_heads:
-            m[layer, head] = True
+        m = head_mask(self.sink_heads, x)
         return nanmean(x[m]), nanmean(x[~m])
 
     @property

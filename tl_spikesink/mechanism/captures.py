@@ -125,6 +125,14 @@ HEADS = ("sink heads", "other heads")
 """The two groups of a per-head split."""
 
 
+def head_mask(heads: Sequence[tuple[int, int]], like: torch.Tensor) -> torch.Tensor:
+    """The [layer, head] mask of `heads` (e.g. a scan's sink heads), shaped like `like`."""
+    m = torch.zeros_like(like, dtype=torch.bool)
+    for layer, head in heads:
+        m[layer, head] = True
+    return m
+
+
 def group_mean(values: str, mask: str, inside: bool, doc: str) -> property:
     """A result's property: the mean of its `values` where its `mask` is set (or, not set).
 

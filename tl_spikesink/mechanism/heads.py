@@ -30,6 +30,7 @@ from tl_spikesink.mechanism.captures import (
     capture,
     group_mean,
     group_means,
+    head_mask,
     scan_of,
     spike_mask,
     spike_site,
@@ -68,10 +69,7 @@ class HeadDecomposition(Result):
     @property
     def is_sink(self) -> torch.Tensor:
         """[layer, head] mask of the sink heads."""
-        m = torch.zeros_like(self.head_norm, dtype=torch.bool)
-        for layer, head in self.sink_heads:
-            m[layer, head] = True
-        return m
+        return head_mask(self.sink_heads, self.head_norm)
 
     @property
     def share(self) -> Float[torch.Tensor, "layer head"]:
