@@ -24,10 +24,11 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -35,6 +36,8 @@ from tqdm.auto import tqdm
 
 from tl_spikesink.anatomy import check_weights
 from tl_spikesink.corpus import Batch, Corpus, PaddingSide
+
+R = TypeVar("R")
 
 HookFn = Callable[[torch.Tensor, Any], torch.Tensor | None]
 """A TransformerLens forward hook: fn(activation, hook) -> None, or a replacement activation."""
@@ -73,6 +76,19 @@ class Probe:
 
     def end_batch(self, step: Step, logits: Float[torch.Tensor, "batch pos vocab"] | None) -> None:
         """Called after this probe's forward pass of the batch (logits if `needs_logits`)."""
+
+    def freeze(self, result_type: type[R], **changes: Any) -> R:
+        """A `result_type` made of this probe's attributes named like its fields, and `changes`.
+
+        For a probe whose running sums are its result's fields: every field without a default
+        comes from the attribute of that name (unless in `changes`); fields with a default keep it.
+        """
+        needed = [
+            f.name
+            for f in dataclasses.fields(result_type)  # type: ignore[arg-type]
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        return result_type(**{n: getattr(self, n) for n in needed if n not in changes}, **changes)
 
 
 @dataclass(frozen=True)

@@ -426,21 +426,5 @@ class SinkProbe(Probe):
         self.candidates = self.candidates.merge(new)
 
     def result(self) -> SinkStats:
-        """Freeze what was seen into :class:`SinkStats`."""
-        return SinkStats(
-            n_layers=self.n_layers,
-            n_heads=self.n_heads,
-            epsilon=self.epsilon,
-            sink_token_share=self.sink_token_share,
-            alpha_sum=self.alpha_sum,
-            alpha_count=self.alpha_count,
-            mass_sum=self.mass_sum,
-            distance_sum=self.distance_sum,
-            distance_nosink_sum=self.distance_nosink_sum,
-            distance_nosink_count=self.distance_nosink_count,
-            candidates=self.candidates,
-            probe_len=self.probe_len,
-            min_len=self.min_len,
-            sink_head_count=self.sink_head_count.clone(),
-            n_ratio_sequences=self.n_ratio_sequences,
-        )
+        """Freeze what was seen into :class:`SinkStats` (its fields are this probe's sums)."""
+        return self.freeze(SinkStats, sink_head_count=self.sink_head_count.clone())
