@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from jaxtyping import Bool, Int
@@ -75,6 +75,10 @@ class Corpus:
         """Yield padded batches, longest sequences first so memory peaks at once, not late."""
         if batch_size < 1:
             raise SpikeSinkError(f"batch_size must be at least 1, got {batch_size}")
+        if padding_side not in get_args(PaddingSide):
+            raise SpikeSinkError(
+                f"padding_side must be one of {get_args(PaddingSide)}, got {padding_side!r}"
+            )
         order = sorted(range(len(self.chunks)), key=lambda i: -len(self.chunks[i].tokens))
         for lo in range(0, len(order), batch_size):
             yield _pad([self.chunks[i] for i in order[lo : lo + batch_size]], padding_side)
@@ -138,6 +142,16 @@ def tokenize(
     """
     if isinstance(texts, str):
         texts = [texts]
+    if isinstance(texts, (Mapping, Set)):  # list() would take a dict's keys, a set in any order
+        raise SpikeSinkError(
+            f"texts is a {type(texts).__name__}; pass a list of strings ("
+            + ("list(d.values()) for the dict's values)" if isinstance(texts, Mapping)
+               else "sorted(s): a set's order, and so every text index, changes between runs)")
+        )  # fmt: skip
+    if long_texts not in get_args(LongTexts):
+        raise SpikeSinkError(f"long_texts must be one of {get_args(LongTexts)}, got {long_texts!r}")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
+        raise SpikeSinkError(f"max_tokens must be an integer or None, got {max_tokens!r}")
     texts = list(texts)
     if not texts:
         raise SpikeSinkError("no texts given; pass at least one non-empty string")

@@ -199,6 +199,11 @@ def evaluate_all(
             "evaluate_all got no interventions; pass [None] for the clean model, or some "
             "interventions (e.g. ts.evaluation.standard_interventions(scan, ...))"
         )
+    if all(len(c.tokens) < 2 for c in corpus.chunks):
+        raise SpikeSinkError(
+            f"nothing to score: every sequence of corpus {corpus.name!r} has one token, and the "
+            "next-token loss needs two; pass longer texts"
+        )
     clean = _Scorer(None)
     clean_scan = ScanProbes(model, config) if None in interventions else None
     heads_probe = None

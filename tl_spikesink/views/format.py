@@ -76,7 +76,7 @@ def json_text(data: dict[str, Any], path: str | Path | None = None) -> str:
 
 def text_table(header: list[str], rows: list[list[str]]) -> list[str]:
     """Lines of a plain-text table: first column left-aligned, the rest right-aligned."""
-    width = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    width = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]  # no rows
 
     def fmt(cells: list[str]) -> str:
         pairs = enumerate(zip(cells, width, strict=True))
