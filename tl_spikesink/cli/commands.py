@@ -72,7 +72,13 @@ def _claims(args: argparse.Namespace) -> None:
     from tl_spikesink.mechanism.claims import claims
 
     model, texts, result = scan_args(args)
-    table = claims(model, texts or default_texts(), result, max_tokens=args.claim_tokens)
+    table = claims(
+        model,
+        texts or default_texts(),
+        result,
+        max_tokens=args.claim_tokens,
+        progress=not args.no_progress,
+    )
     options.emit(str(table), args.json, table.to_dict())
 
 

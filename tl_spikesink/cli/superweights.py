@@ -34,7 +34,6 @@ def run(args: argparse.Namespace) -> None:
         super_weights,
         "threshold",
         "scales",
-        progress=False,  # it has no progress bar
         prompt=args.prompt or PROMPT,
         evaluate=not args.no_eval,
     )

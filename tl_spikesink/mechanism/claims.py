@@ -338,6 +338,7 @@ def claims(
     *,
     max_tokens: int = mech.DEFAULT_MAX_TOKENS,
     seed: int = 0,
+    progress: bool = True,
 ) -> ClaimsTable:
     """Check every link of the spike → sink mechanism on `model` and tabulate the verdicts.
 
@@ -347,18 +348,22 @@ def claims(
         scan: the model's scan (spike layer, channels, cut, sink heads); run on `texts` if None.
         max_tokens: tokens read from raw texts.
         seed: seed of the random channel and token samples.
+        progress: show a progress bar over the links (each measured on first use).
 
     Returns:
         A :class:`ClaimsTable`; `print(table)` renders it, `table.to_dict()` is JSON-ready.
     """
+    from tqdm.auto import tqdm
+
     from tl_spikesink.corpus import default_texts
 
     corpus = mech.as_corpus(model, default_texts() if texts is None else texts, max_tokens)
     scan = mech.scan_of(model, corpus, scan)
     measures = _Measures(model, corpus, scan, seed)
+    links = tqdm(LINKS, desc="claims", unit="link", disable=not progress, leave=False)
     rows = [
         row
-        for link, claim, build in LINKS
+        for link, claim, build in links
         for row in _guarded(link, claim, lambda build=build, claim=claim: build(measures, claim))
     ]
     return ClaimsTable(str(scan.model), corpus.n_tokens, measures.n_spike, tuple(rows))

@@ -265,7 +265,9 @@ def paper_row(
     if claims:
         from tl_spikesink.corpus import default_texts
 
-        table = run_claims(model, texts if texts is not None else default_texts(), scan)
+        table = run_claims(
+            model, texts if texts is not None else default_texts(), scan, progress=progress
+        )
     seconds["claims"] = time.perf_counter() - start
     return PaperRow(
         model=anatomy.model_name,

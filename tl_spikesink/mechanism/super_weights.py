@@ -179,6 +179,7 @@ def super_weights(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     evaluate: bool = True,
     scales: Sequence[float] = (),
+    progress: bool = True,
 ) -> SuperWeights:
     """Find super weights by Yu et al.'s rule, rank them, and test the top one (module docstring).
 
@@ -192,6 +193,7 @@ def super_weights(
         evaluate: run the three perplexities of the top candidate.
         scales: also the perplexity with the top weight multiplied by each of these (Yu et al.
             sweep 0 … 3; 1 is the clean model), in the same pass over the corpus.
+        progress: show a progress bar over the perplexity passes.
     """
     from tl_spikesink.corpus import default_texts, tokenize
     from tl_spikesink.evaluation.scoring import evaluate_all
@@ -241,7 +243,7 @@ def super_weights(
         ]
         from tl_spikesink.config import ScanConfig
 
-        results = evaluate_all(model, corpus, [None, *ivs], config=ScanConfig(), progress=False)
+        results = evaluate_all(model, corpus, [None, *ivs], config=ScanConfig(), progress=progress)
         ppl = [r.perplexity for r in results]
     return SuperWeights(
         model=a.model_name,
