@@ -53,7 +53,12 @@ def write_html(result: ScanResult, path: str | Path, **options: Any) -> Path:
     Returns:
         The path written.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
+    if not path.resolve().parent.is_dir() or path.is_dir():  # before the widgets' forwards
+        raise SpikeSinkError(
+            f"cannot write {path}: "
+            + ("it is a folder" if path.is_dir() else f"the folder {path.parent} does not exist")
+        )
     path.write_text(render_html(result, **options), encoding="utf-8")
     return path
 
@@ -226,7 +231,7 @@ def _widgets(
 
 
 def _summary(r: ScanResult) -> str:
-    from tl_spikesink.views.text import summary
+    from tl_spikesink.views.text import summary, token_shares
 
     s, k = r.spikes, r.sinks
     heads = sorted(k.sink_heads, key=lambda lh: -float(k.scores[lh]))
@@ -245,18 +250,22 @@ def _summary(r: ScanResult) -> str:
         ),
         ("spike channels", ", ".join(map(str, s.channels)) or "none"),
         ("massive layers", layer_list(s.massive_layers)),
-        ("step-up blocks", _events(s.lifecycle["step_up"])),
-        ("step-down blocks", _events(s.lifecycle["step_down"])),
+        ("step-up blocks", _events(s.lifecycle["step_up"], "created")),
+        ("step-down blocks", _events(s.lifecycle["step_down"], "cancelled")),
         (
             "spike tokens",
-            f"{len(s.tokens)} (first token {pct(s.share_first)}, delimiters "
-            f"{pct(s.share_delimiter)})"
+            f"{len(s.tokens)} ({token_shares(s)})"
             + (" — truncated, raise max_candidates" if s.truncated else ""),
         ),
         (
-            "sink ratio",
-            f"{k.sink_ratio:.3f} ({len(k.sink_heads)} of {r.n_layers * r.n_heads} heads "
-            f"with α₀ > ε = {k.epsilon})",
+            "sink ratio (Eq. 28)",
+            f"{num(k.sink_ratio)} (mean share of heads with α_k > ε = {k.epsilon} at some key "
+            f"k < T/2, over {k.n_ratio_sequences:,} sequences)",
+        ),
+        (
+            "first-token sink ratio",
+            f"{num(k.first_token_sink_ratio)} ({len(k.sink_heads)} of "
+            f"{r.n_layers * r.n_heads} heads with α₀ > ε = {k.epsilon})",
         ),
         (
             "top sink heads",
@@ -264,8 +273,8 @@ def _summary(r: ScanResult) -> str:
         ),
         (
             "sink tokens",
-            f"{len(k.tokens)} (first token {pct(k.share_first)}, delimiters "
-            f"{pct(k.share_delimiter)}; {pct(r.sink_spike_overlap)} are also spike tokens)",
+            f"{len(k.tokens)} ({token_shares(k)}; {pct(r.sink_spike_overlap)} are also spike "
+            "tokens)",
         ),
     ]
     rows = "".join(f"<tr><th>{_esc(a)}</th><td>{_esc(b)}</td></tr>" for a, b in facts)
@@ -400,16 +409,17 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
+def _events(counter: dict, verb: str) -> str:
+    """``layer (component, paper block b: <verb> n token-channel spikes)`` per block."""
+    from tl_spikesink.anatomy import paper_block
 
-
-
-
-
-
-def _events(counter: dict) -> str:
     if not counter:
         return "none"
-    return ", ".join(f"{layer} ({comp}, {n})" for (layer, comp), n in sorted(counter.items()))
+    return ", ".join(
+        f"{layer} ({comp}, paper block {paper_block(layer, comp)}: {verb} {n} token-channel "
+        f"spike{'' if n == 1 else 's'})"
+        for (layer, comp), n in sorted(counter.items())
+    )
 
 
 def _preview(text: str, n: int = 40) -> str:

@@ -131,10 +131,9 @@ def summary(r: ScanResult) -> str:
         "hook_resid_post",
         f"  spike channels   {', '.join(map(str, s.channels[:8])) or 'none'}",
         f"  massive layers   {layer_list(s.massive_layers)}",
-        f"  step-up blocks   {_events(s.lifecycle['step_up'])}",
-        f"  step-down blocks {_events(s.lifecycle['step_down'])}",
-        f"  spike tokens     {len(s.tokens)} (first token {pct(s.share_first)}, "
-        f"delimiters {pct(s.share_delimiter)})",
+        f"  step-up blocks   {_events(s.lifecycle['step_up'], 'created')}",
+        f"  step-down blocks {_events(s.lifecycle['step_down'], 'cancelled')}",
+        f"  spike tokens     {len(s.tokens)} ({token_shares(s)})",
     ]
     if s.truncated:
         lines.append("  (some layer had more candidates than max_candidates; raise it to see all)")
@@ -175,8 +174,8 @@ def summary(r: ScanResult) -> str:
             ", ".join(f"L{layer}H{h} {float(k.scores[layer, h]):.2f}" for layer, h in heads[:8])
             or "none"
         ),
-        f"  sink tokens      {len(k.tokens)} (first token {pct(k.share_first)}, delimiters "
-        f"{pct(k.share_delimiter)}; {pct(r.sink_spike_overlap)} are also spike tokens)",
+        f"  sink tokens      {len(k.tokens)} ({token_shares(k)}; "
+        f"{pct(r.sink_spike_overlap)} are also spike tokens)",
     ]
     return "\n".join(lines)
 
@@ -203,12 +202,22 @@ def _kurtosis_line(r: ScanResult) -> list[str]:
     ]
 
 
-def _events(counter: dict) -> str:
+def _events(counter: dict, verb: str) -> str:
+    """Step-up or step-down blocks with what each did: `verb` is "created" or "cancelled"."""
     if not counter:
         return "none"
     return ", ".join(
-        f"layer {layer} {comp} = paper block {paper_block(layer, comp)} ({n} events)"
+        f"layer {layer} {comp} = paper block {paper_block(layer, comp)} "
+        f"({verb} {n} token-channel spike{'' if n == 1 else 's'})"
         for (layer, comp), n in sorted(counter.items())
+    )
+
+
+def token_shares(stats: Any) -> str:
+    """Shares of spike or sink tokens that are first tokens and delimiters (they overlap)."""
+    return (
+        f"first token {pct(stats.share_first)}, delimiters {pct(stats.share_delimiter)}; "
+        "a first token that is a delimiter counts in both"
     )
 
 
