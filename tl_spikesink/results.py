@@ -34,6 +34,16 @@ class Result:
 
         return json_clean({f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
+    def json_fields(self, names: str, **more: Any) -> dict[str, Any]:
+        """JSON-ready :func:`attributes` of this result, then `more` (NaN and inf become null).
+
+        A ``to_dict`` that reports attributes under their own names writes each name once:
+        ``self.json_fields("model n_tokens corpus", rows=[...])``.
+        """
+        from tl_spikesink.views.format import json_clean
+
+        return json_clean({**attributes(self, names), **more})
+
     def to_json(self, path: str | Path | None = None) -> str:
         """The result as strict JSON text, also written to `path` if given."""
         from tl_spikesink.views.format import json_text
@@ -45,6 +55,11 @@ class Result:
 
     def _repr_html_(self) -> str:
         return f"<pre>{html.escape(str(self))}</pre>"
+
+
+def attributes(obj: Any, names: str) -> dict[str, Any]:
+    """``{name: obj.name}`` for each of the space-separated `names`, in that order."""
+    return {n: getattr(obj, n) for n in names.split()}
 
 
 def short_repr(obj: Any, limit: int = MAX_REPR) -> str:
@@ -95,4 +110,4 @@ def _brief(x: Any) -> str:
     return repr(x) if len(repr(x)) <= 60 else f"<{type(x).__name__}>"
 
 
-__all__ = ["MAX_REPR", "Result", "short_repr"]
+__all__ = ["MAX_REPR", "Result", "attributes", "short_repr"]

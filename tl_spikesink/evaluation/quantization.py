@@ -49,8 +49,8 @@ from tl_spikesink.interventions.quantize import (
 )
 from tl_spikesink.mechanism.captures import as_corpus, scan_of
 from tl_spikesink.probes.engine import HookFn, Pass, Probe, Step, run
-from tl_spikesink.results import Result
-from tl_spikesink.views.format import json_clean, num, pct, text_table
+from tl_spikesink.results import Result, attributes
+from tl_spikesink.views.format import num, pct, text_table
 
 CLASSES = ("all", "spike", "sink", "rest")
 """The position classes every number is split into."""
@@ -109,18 +109,11 @@ class Quantization(Result):
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: clean loss and positions per class, and every row."""
-        return json_clean(
-            {
-                "model": self.model,
-                "n_tokens": self.n_tokens,
-                "n_positions": self.n_positions,
-                "clean_loss": self.clean_loss,
-                "rows": [vars(r) for r in self.rows],
-                "super_weight": list(self.super_weight) if self.super_weight else None,
-                "class_rule": self.class_rule,
-                "settings": self.settings,
-                "corpus": list(self.corpus),
-            }
+        return self.json_fields(
+            "model n_tokens n_positions clean_loss",
+            rows=[vars(r) for r in self.rows],
+            super_weight=list(self.super_weight) if self.super_weight else None,
+            **attributes(self, "class_rule settings corpus"),
         )
 
     def __str__(self) -> str:

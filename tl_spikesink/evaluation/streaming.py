@@ -31,8 +31,8 @@ from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.evaluation.logits import nll
 from tl_spikesink.interventions.attention import window_attention
 from tl_spikesink.probes.engine import Pass, Probe, Step, run
-from tl_spikesink.results import Result
-from tl_spikesink.views.format import json_clean, num, text_table
+from tl_spikesink.results import Result, attributes
+from tl_spikesink.views.format import num, text_table
 
 WINDOWS, SINKS, SEQ_LEN = STREAMING_WINDOWS, STREAMING_SINKS, STREAMING_SEQ_LEN
 
@@ -83,31 +83,12 @@ class Streaming(Result):
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: ``full_perplexity`` and ``rows`` (window, sinks, perplexity, delta_loss)."""
-        return json_clean(
-            {
-                "model": self.model,
-                "heads": self.heads,
-                "n_heads_restricted": self.n_heads_restricted,
-                "seq_len": self.seq_len,
-                "n_tokens": self.n_tokens,
-                "full_loss": self.full_loss,
-                "full_perplexity": self.full_perplexity,
-                "full_perplexity_beyond": {
-                    str(w): math.exp(v) for w, v in self.full_loss_beyond.items()
-                },
-                "rows": [
-                    {
-                        "window": r.window,
-                        "sinks": r.sinks,
-                        "loss": r.loss,
-                        "perplexity": r.perplexity,
-                        "delta_loss": r.delta_loss,
-                        "perplexity_beyond": r.perplexity_beyond,
-                    }
-                    for r in self.rows
-                ],
-                "corpus": list(self.corpus),
-            }
+        row = "window sinks loss perplexity delta_loss perplexity_beyond"
+        return self.json_fields(
+            "model heads n_heads_restricted seq_len n_tokens full_loss full_perplexity",
+            full_perplexity_beyond={str(w): math.exp(v) for w, v in self.full_loss_beyond.items()},
+            rows=[attributes(r, row) for r in self.rows],
+            corpus=self.corpus,
         )
 
     def __str__(self) -> str:

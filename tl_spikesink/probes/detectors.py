@@ -37,7 +37,7 @@ from tl_spikesink.probes.reducers import BIN_SHIFT, abs_bits, bin_edges, histogr
 from tl_spikesink.probes.spikes import Activation, SpikeStats
 from tl_spikesink.results import Result
 from tl_spikesink.tokens import TokenRef
-from tl_spikesink.views.format import json_clean, layer_list, num, pct, text_table
+from tl_spikesink.views.format import layer_list, num, pct, text_table
 
 Rule = DetectorRule
 RULES = DETECTOR_RULES
@@ -133,23 +133,16 @@ class Detection(Result):
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the rule, its settings and cuts, and every flag."""
-        return json_clean(
-            {
-                "model": self.model,
-                "rule": self.rule,
-                "settings": self.settings,
-                "complete": self.complete,
-                "cuts": self.cuts,
-                "layer_channels": [list(lc) for lc in self.layer_channels],
-                "n_tokens_flagged": len(self.tokens),
-                "flags": [
-                    {"layer": a.layer, "channel": a.channel, "text_index": a.token.text_index,
-                     "start": a.token.start, "position": a.token.position,
-                     "token_id": a.token_id, "value": a.value}
-                    for a in self.flags
-                ],  # fmt: skip
-                "corpus": list(self.corpus),
-            }
+        return self.json_fields(
+            "model rule settings complete cuts layer_channels",
+            n_tokens_flagged=len(self.tokens),
+            flags=[
+                {"layer": a.layer, "channel": a.channel, "text_index": a.token.text_index,
+                 "start": a.token.start, "position": a.token.position,
+                 "token_id": a.token_id, "value": a.value}
+                for a in self.flags
+            ],  # fmt: skip
+            corpus=self.corpus,
         )
 
     def __str__(self) -> str:
@@ -198,14 +191,11 @@ class DetectorComparison(Result):
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: each rule's detection and its agreement with the first rule."""
         first = self.rules[0]
-        return json_clean(
-            {
-                "model": self.model,
-                "settings": self.settings,
-                "detections": [d.to_dict() for d in self.detections],
-                "agreement_with": first,
-                "agreement": {r: self.agreement(first, r) for r in self.rules},
-            }
+        return self.json_fields(
+            "model settings",
+            detections=[d.to_dict() for d in self.detections],
+            agreement_with=first,
+            agreement={r: self.agreement(first, r) for r in self.rules},
         )
 
     def __str__(self) -> str:

@@ -42,7 +42,7 @@ from tl_spikesink.probes.engine import HookFn, Probe, Step
 from tl_spikesink.probes.reducers import check_same
 from tl_spikesink.results import Result
 from tl_spikesink.tokens import TokenRef
-from tl_spikesink.views.format import json_clean, num, text_table
+from tl_spikesink.views.format import num, text_table
 
 if TYPE_CHECKING:
     from tl_spikesink.probes.scan import ScanResult
@@ -275,20 +275,9 @@ class ExcessKurtosis(Result):
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: both per-layer curves, their means, the definition and the corpus."""
-        return json_clean(
-            {
-                "model": self.model,
-                "definition": self.definition,
-                "per_layer": self.per_layer,
-                "per_layer_without_spikes": self.per_layer_without_spikes,
-                "mean": self.mean,
-                "mean_without_spikes": self.mean_without_spikes,
-                "n_tokens": self.n_tokens,
-                "n_spike_tokens": self.n_spike_tokens,
-                "truncated": self.truncated,
-                "corpus": list(self.corpus),
-                "settings": self.settings,
-            }
+        return self.json_fields(
+            "model definition per_layer per_layer_without_spikes mean mean_without_spikes "
+            "n_tokens n_spike_tokens truncated corpus settings"
         )
 
     def __str__(self) -> str:
