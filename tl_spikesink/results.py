@@ -15,8 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import html
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from tl_spikesink.errors import SpikeSinkError
+
+T = TypeVar("T")
 
 MAX_REPR = 2048
 """Longest repr a result may have."""
@@ -55,6 +60,18 @@ class Result:
 
     def _repr_html_(self) -> str:
         return f"<pre>{html.escape(str(self))}</pre>"
+
+
+def find(items: Iterable[T], key: str, value: Any, error: str) -> T:
+    """The first of `items` whose attribute `key` equals `value` (a table's row by its name).
+
+    Raises:
+        SpikeSinkError: with the message `error` when none does.
+    """
+    for item in items:
+        if getattr(item, key) == value:
+            return item
+    raise SpikeSinkError(error)
 
 
 def attributes(obj: Any, names: str) -> dict[str, Any]:
@@ -110,4 +127,4 @@ def _brief(x: Any) -> str:
     return repr(x) if len(repr(x)) <= 60 else f"<{type(x).__name__}>"
 
 
-__all__ = ["MAX_REPR", "Result", "attributes", "short_repr"]
+__all__ = ["MAX_REPR", "Result", "attributes", "find", "short_repr"]

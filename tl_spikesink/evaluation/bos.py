@@ -39,7 +39,7 @@ from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.evaluation.logits import nll
 from tl_spikesink.probes.engine import HookFn, Probe, Step
 from tl_spikesink.probes.scan import ScanResult, scan_corpus
-from tl_spikesink.results import Result
+from tl_spikesink.results import Result, find
 from tl_spikesink.tokens import is_delimiter
 from tl_spikesink.views.format import MISSING, json_clean, num, signed, text_table
 
@@ -105,10 +105,8 @@ class BosAudit(Result):
 
     def row(self, condition: Condition) -> BosRow:
         """The row of `condition`."""
-        for r in self.rows:
-            if r.condition == condition:
-                return r
-        raise SpikeSinkError(f"no condition {condition!r}; choose one of {CONDITIONS}")
+        error = f"no condition {condition!r}; choose one of {CONDITIONS}"
+        return find(self.rows, "condition", condition, error)
 
     def delta_loss(self, condition: Condition) -> float:
         """Loss of `condition` minus the reference's."""

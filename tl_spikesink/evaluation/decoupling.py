@@ -30,7 +30,7 @@ from tl_spikesink.evaluation.scoring import Evaluation, evaluate_all
 from tl_spikesink.interventions import Intervention, sink_key_removal, spike_ablation
 from tl_spikesink.interventions.norms import NormKind, norm_scales, norm_swap
 from tl_spikesink.probes.scan import ScanConfig, ScanResult, as_corpus, environment
-from tl_spikesink.results import Result
+from tl_spikesink.results import Result, find
 from tl_spikesink.views.format import num, text_table
 
 log = logging.getLogger(__name__)
@@ -110,10 +110,8 @@ class ExperimentTable(Result):
 
     def row(self, name: str) -> ExperimentRow:
         """The row called `name`."""
-        for r in self.rows:
-            if r.name == name:
-                return r
-        raise SpikeSinkError(f"no row {name!r}; rows are {[r.name for r in self.rows]}")
+        error = f"no row {name!r}; rows are {[r.name for r in self.rows]}"
+        return find(self.rows, "name", name, error)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready record: ``rows`` plus model, corpora, split, settings and seed."""

@@ -49,7 +49,7 @@ from tl_spikesink.interventions.quantize import (
 )
 from tl_spikesink.mechanism.captures import as_corpus, scan_of
 from tl_spikesink.probes.engine import HookFn, Pass, Probe, Step, run
-from tl_spikesink.results import Result, attributes
+from tl_spikesink.results import Result, attributes, find
 from tl_spikesink.views.format import num, pct, text_table
 
 CLASSES = ("all", "spike", "sink", "rest")
@@ -100,12 +100,8 @@ class Quantization(Result):
 
     def row(self, setting: str) -> QuantizationRow:
         """The row of `setting` (its label in the table)."""
-        for r in self.rows:
-            if r.setting == setting:
-                return r
-        raise SpikeSinkError(
-            f"no setting {setting!r}; the rows are {[r.setting for r in self.rows]}"
-        )
+        error = f"no setting {setting!r}; the rows are {[r.setting for r in self.rows]}"
+        return find(self.rows, "setting", setting, error)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: clean loss and positions per class, and every row."""

@@ -35,7 +35,7 @@ from tl_spikesink.config import DETECTOR_RULES, MAD_Z, DetectorRule
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.probes.reducers import BIN_SHIFT, abs_bits, bin_edges, histogram_quantile
 from tl_spikesink.probes.spikes import Activation, SpikeStats
-from tl_spikesink.results import Result
+from tl_spikesink.results import Result, find
 from tl_spikesink.tokens import TokenRef
 from tl_spikesink.views.format import layer_list, num, pct, text_table
 
@@ -173,10 +173,8 @@ class DetectorComparison(Result):
 
     def get(self, rule: Rule) -> Detection:
         """The detection of one rule."""
-        for d in self.detections:
-            if d.rule == rule:
-                return d
-        raise SpikeSinkError(f"rule {rule!r} was not compared; compared {self.rules}")
+        error = f"rule {rule!r} was not compared; compared {self.rules}"
+        return find(self.detections, "rule", rule, error)
 
     @property
     def rules(self) -> tuple[Rule, ...]:
