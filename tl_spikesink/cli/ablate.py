@@ -25,13 +25,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         default=list(_DEFAULT_VARIANTS),
         metavar="V",
-        help="variant names (see tl_spikesink.training.VARIANTS); 'all' for every one",
+        help="variant names (see tl_spikesink.training.VARIANTS); 'all' for every one; 'paper' "
+        "for every row of the paper's Tables 3-8, 'paper:NAME' for one",
     )
     p.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds per variant")
     p.add_argument("--steps", type=int, default=None, metavar="N", help="training steps per run")
     p.add_argument("--layers", type=int, default=None, metavar="N", help="blocks per model")
     p.add_argument("--d-model", type=int, default=None, metavar="D", help="residual width")
     p.add_argument("--d-mlp", type=int, default=None, metavar="D", help="MLP hidden width")
+    p.add_argument("--d-head", type=int, default=None, metavar="D", help="head dimension")
+    p.add_argument("--seq-len", type=int, default=None, metavar="L", help="training length")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B", help="sequences a step")
+    p.add_argument("--warmup", type=int, default=None, metavar="N", help="warmup steps")
     p.add_argument("--weight-decay", type=float, default=None, metavar="W", help="AdamW decay")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--log-every", type=int, default=None, metavar="N", help="probe every N steps")
@@ -39,12 +44,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--task",
         choices=("bigram_backcopy", "natural_text"),
         default="bigram_backcopy",
-        help="synthetic bigram-backcopy data (fast) or the default corpus with SmolLM2's tokenizer",
+        help="synthetic bigram-backcopy data (fast) or natural text with SmolLM2's tokenizer",
     )
+    p.add_argument("--source", choices=("pydoc", "kjv"), default="pydoc",
+                   help="natural text: Python's documentation or the King James Bible")  # fmt: skip
+    p.add_argument("--vocab", type=int, default=None, metavar="V",
+                   help="natural text: keep the V most frequent tokens (default all)")  # fmt: skip
+    p.add_argument("--device", default=None, help="train on this device (cpu, cuda)")
+    p.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
+                   help="bfloat16: autocast of the training forward (GPU)")  # fmt: skip
     p.add_argument("--trigger-rate", type=float, default=0.15, metavar="R",
                    help="bigram-backcopy: share of tokens followed by a trigger (default 0.15)")  # fmt: skip
     p.add_argument("--out", metavar="DIR", help="save every checkpoint under DIR/variant/seedS")
     p.add_argument("--json", metavar="OUT", help="write the table (and every run) as JSON")
+    p.add_argument(
+        "--summary-json",
+        metavar="OUT",
+        help="write the table beside the paper's Tables 3-8 (directions, agrees) as JSON",
+    )
     p.add_argument(
         "--load",
         metavar="JSON",
@@ -64,6 +81,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Run the ablation the arguments describe and print the table."""
+    import time
     from dataclasses import replace
 
     from tl_spikesink.training.ablation import ablation_study, load_table
@@ -73,19 +91,26 @@ def run(args: argparse.Namespace) -> None:
     if args.load:
         _emit(load_table(args.load), args)
         return
+    start = time.perf_counter()
     names = "all" if args.variants == ["all"] else args.variants
     overrides = {
         "steps": args.steps,
         "n_layers": args.layers,
         "d_model": args.d_model,
         "d_mlp": args.d_mlp,
+        "d_head": args.d_head,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "warmup": args.warmup,
+        "device": args.device,
+        "precision": args.precision,
         "lr": args.lr,
         "weight_decay": args.weight_decay,
         "log_every": args.log_every,
     }
     config = replace(TrainConfig(), **{k: v for k, v in overrides.items() if v is not None})
     if args.task == "natural_text":
-        task = NaturalText()
+        task = NaturalText(source=args.source, vocab_size=args.vocab)
     else:
         task = BigramBackcopy(trigger_rate=args.trigger_rate)
     with contextlib.ExitStack() as stack:
@@ -102,16 +127,28 @@ def run(args: argparse.Namespace) -> None:
             workers=args.workers,
         )
         _emit(table, args)
+    minutes = (time.perf_counter() - start) / 60
+    print(f"\n{len(table.runs)} runs in {minutes:.1f} min (finished runs read back from --out)")
 
 
 def _emit(table: Any, args: argparse.Namespace) -> None:
+    import sys
+
     print(table)
     if args.json:
         table.to_json(args.json)
-        print(f"\nwrote {args.json}")
+        print(f"\nwrote {args.json}", file=sys.stderr)
+    if args.summary_json:
+        from tl_spikesink.training.tables import compare
+
+        comparison = compare(table)
+        print()
+        print(comparison)
+        comparison.to_json(args.summary_json)
+        print(f"wrote {args.summary_json}", file=sys.stderr)
     if args.html:
         _write_report(table, args.html)
-        print(f"wrote {args.html}")
+        print(f"wrote {args.html}", file=sys.stderr)
 
 
 def _write_report(table: Any, path: str) -> None:

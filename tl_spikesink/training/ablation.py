@@ -26,14 +26,16 @@ from tl_spikesink.training.variants import VARIANTS, Variant, variant
 from tl_spikesink.views.format import text_table
 
 COLUMNS: tuple[str, ...] = (
+    "perplexity",
     "loss",
+    "sink_ratio",
+    "max_abs",
     "max_spike_ratio",
     "bos_spike_ratio",
-    "sink_ratio",
     "max_sink_score",
     "sink_head_distance",
 )
-"""The Snapshot fields the table reports."""
+"""What the table reports: the run's held-out perplexity, then final Snapshot fields."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ class AblationRow:
         """The final value of `column` (a Snapshot field) over seeds."""
         if column not in COLUMNS:
             raise SpikeSinkError(f"unknown column {column!r}; choose one of {COLUMNS}")
+        if column == "perplexity":
+            return SeedStat(tuple(r.perplexity for r in self.runs))
         return SeedStat(tuple(float(getattr(r.final, column)) for r in self.runs))
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,7 +157,6 @@ class AblationTable(Result):
             }
         )
 
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AblationTable:
         """The table :meth:`to_dict` wrote, every run and emergence curve included."""
@@ -163,7 +166,7 @@ class AblationTable(Result):
             runs[run.variant.name, run.config.seed] = run
         rows = tuple(
             AblationRow(
-                Variant(**row["variant"]),
+                Variant.from_dict(row["variant"]),
                 tuple(runs[row["variant"]["name"], s] for s in row["seeds"]),
             )
             for row in d["rows"]
@@ -175,6 +178,8 @@ class AblationTable(Result):
 
 
 HEADER: dict[str, str] = {
+    "perplexity": "held-out ppl",
+    "max_abs": "Spike",
     "loss": "final loss",
     "max_spike_ratio": "spike/med",
     "bos_spike_ratio": "BOS spike/med",
@@ -216,11 +221,13 @@ def render(t: AblationTable) -> str:
             "",
             *text_table(list(rows[0]), [list(r.values()) for r in rows]),
             "",
-            "mean ± sd over seeds (k/n: the value exists for k of n seeds); final probe batch.",
-            "spike/med: max over layers of resid_post top-1 |x| / median |x| (any token); BOS",
-            "spike/med: the same on the first token only; sink ratio: share of heads with",
-            f"first-token score > {t.config.epsilon}; max BOS α: the largest first-token score of",
-            "any head; sink dist: mean attention distance of the sink heads (tokens).",
+            "mean ± sd over seeds (k/n: the value exists for k of n seeds). held-out ppl: on text",
+            "no run trained on; the rest on the final probe batch. sink ratio: the paper's Eq. 28",
+            f"(T = min(length, 64), ε = {t.config.epsilon}); Spike: the largest |x| at resid_post",
+            "(the paper's absolute Spike, read in every channel); spike/med: max over layers of",
+            "resid_post top-1 |x| / median |x| (any token); BOS spike/med: the same on the first",
+            "token only; max BOS α: the largest first-token score of any head; sink dist: mean",
+            "attention distance of the first-token sink heads (tokens).",
         ]
     )
 
@@ -252,12 +259,16 @@ def ablation_study(
 
     Args:
         variants: names from :data:`~tl_spikesink.training.variants.VARIANTS` or Variant objects,
-            or "all" for every named variant.
+            or "all" for every named variant; "paper" for every row of the paper's Tables 3–8
+            (:data:`~tl_spikesink.training.tables.PAPER_ROWS`), "paper:NAME" for one of them.
         seeds: how many seeds per variant (config.seed, config.seed + 1, ...), or the seeds
             themselves (tables of disjoint seeds, e.g. from parallel processes, merge).
         config: size and optimization settings (default :class:`TrainConfig`).
         task: the data (default :class:`BigramBackcopy`).
         out: folder for checkpoints, one subfolder per run (``{variant}/seed{s}``); none if None.
+            Each run is saved as it finishes, and a run whose folder already holds a finished
+            run of the same variant, settings and task is read back instead of trained again,
+            so a long table can be built over several sittings.
         progress: show progress bars.
         workers: train this many runs at once, each in its own process with one thread (tiny
             models train faster as parallel single-threaded runs than as one multi-threaded
@@ -269,13 +280,8 @@ def ablation_study(
     Returns:
         The :class:`AblationTable`; `print(table)` shows it.
     """
-    if isinstance(variants, str):
-        variants = list(VARIANTS) if variants == "all" else [variants]
-    chosen = [variant(v) for v in variants]
-    names = [v.name for v in chosen]
-    if not chosen or len(set(names)) != len(names):
-        raise SpikeSinkError(f"variants must be non-empty with distinct names, got {names}")
     config = config or TrainConfig()
+    chosen = resolve_variants(variants, config)
     task = task or BigramBackcopy()
     if isinstance(seeds, int):
         seeds = [config.seed + s for s in range(seeds)]
@@ -322,6 +328,42 @@ def ablation_study(
     return AblationTable(rows, replace(config, seed=seeds[0]), task.to_dict())
 
 
+def resolve_variants(variants: Sequence[str | Variant] | str, config: TrainConfig) -> list[Variant]:
+    """Variants from names ("all", "paper", "paper:NAME", a VARIANTS name) or Variant objects."""
+    from tl_spikesink.training.tables import paper_row, paper_variants
+
+    if isinstance(variants, str):
+        variants = [variants]
+    chosen: list[Variant] = []
+    for v in variants:
+        if v == "all":
+            chosen += VARIANTS.values()
+        elif v == "paper":
+            chosen += paper_variants(config)
+        elif isinstance(v, str) and v.startswith("paper:"):
+            chosen.append(paper_row(v.removeprefix("paper:")).variant(config))
+        else:
+            chosen.append(variant(v))
+    names = [v.name for v in chosen]
+    if not chosen or len(set(names)) != len(names):
+        raise SpikeSinkError(f"variants must be non-empty with distinct names, got {names}")
+    return chosen
+
+
+def finished_run(v: Variant, config: TrainConfig, task: Task, out: Path) -> TrainingRun | None:
+    """The run saved in `out` if it trained `v` under `config` on `task` (else None)."""
+    import json
+
+    try:
+        run = TrainingRun.from_dict(json.loads((out / "meta.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    same_task = json.loads(json.dumps(task.to_dict())) == run.task
+    if run.variant != v or run.config != config or not same_task:
+        return None
+    return replace(run, checkpoint=str(out))
+
+
 def _train_job(
     v: Variant,
     config: TrainConfig,
@@ -331,6 +373,8 @@ def _train_job(
     progress: bool,
     threads: int | None = None,
 ) -> TrainingRun:
+    if out is not None and (done := finished_run(v, config, task, out)) is not None:
+        return done
     if threads is not None:
         import torch
 
@@ -338,4 +382,12 @@ def _train_job(
     return train(v, config, task, out=out, progress=progress)[1]
 
 
-__all__ = ["AblationRow", "AblationTable", "SeedStat", "ablation_study", "load_table"]
+__all__ = [
+    "AblationRow",
+    "AblationTable",
+    "SeedStat",
+    "ablation_study",
+    "finished_run",
+    "load_table",
+    "resolve_variants",
+]

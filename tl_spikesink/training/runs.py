@@ -1,7 +1,8 @@
 """A seeded, deterministic training loop that logs how spikes and sinks emerge.
 
 AdamW with linear warmup and cosine decay over a fixed number of steps. Every `log_every` steps
-the model is measured on a fixed probe batch with the project's own :func:`~tl_spikesink.evaluation.scoring`
+the model is measured on a fixed probe batch with the project's own
+:func:`~tl_spikesink.evaluation.scoring.evaluate`
 (the next-token loss and the scan) and :func:`first_token_profile` (one more forward of the small
 probe batch), and a :class:`Snapshot` of plain floats is
 kept, so the history never holds a tensor or a graph. The seed fixes the initialization (through
@@ -32,6 +33,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from tl_spikesink.corpus import Corpus
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.evaluation.scoring import evaluate
+from tl_spikesink.probes.engine import device_of
 from tl_spikesink.probes.scan import ScanConfig
 from tl_spikesink.results import Result
 from tl_spikesink.training.tasks import BigramBackcopy, Task, probe_corpus, task_from_dict
@@ -74,8 +76,16 @@ class TrainConfig:
     the same sequences, so the spread over seeds is the models', not the probe batches'."""
     epsilon: float = 0.3
     """Sink-head threshold of the probe scan."""
+    device: str = "cpu"
+    """Where to train ("cuda" on a GPU); the probes read the model where it is."""
+    precision: str = "float32"
+    """"float32", or "bfloat16" (autocast of the training forward; weights stay float32)."""
 
     def __post_init__(self) -> None:
+        if self.precision not in ("float32", "bfloat16"):
+            raise SpikeSinkError(
+                f"TrainConfig.precision must be 'float32' or 'bfloat16', got {self.precision!r}"
+            )
         for name in ("n_layers", "d_model", "d_head", "d_mlp", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise SpikeSinkError(
@@ -115,9 +125,10 @@ class Snapshot:
     """Max over layers of ‖x_BOS‖ / median ‖x_t‖ over the other positions (Guo et al.'s
     residual-state peak)."""
     max_abs: float
-    """Largest |x| of the residual stream (resid_post, any layer)."""
+    """Largest |x| of the residual stream (resid_post, any layer, any channel): the paper's
+    absolute "Spike" (which it reads in the spike channels; a tiny model may have none)."""
     sink_ratio: float
-    """Share of heads whose first-token (BOS) sink score exceeds ε."""
+    """The paper's Eq. 28 sink ratio on the probe batch (T = min(length, 64), ε)."""
     max_sink_score: float
     """Largest first-token sink score of any head."""
     sink_head_distance: float
@@ -136,6 +147,8 @@ class TrainingRun(Result):
     history: tuple[Snapshot, ...]
     checkpoint: str | None = None
     environment: dict[str, str] = field(default_factory=dict)
+    perplexity: float = math.nan
+    """Held-out perplexity at the end of training (:func:`held_out_perplexity`)."""
 
     @property
     def final(self) -> Snapshot:
@@ -154,9 +167,9 @@ class TrainingRun(Result):
                 "history": [asdict(s) for s in self.history],
                 "checkpoint": self.checkpoint,
                 "environment": self.environment,
+                "perplexity": self.perplexity,
             }
         )
-
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainingRun:
@@ -165,17 +178,21 @@ class TrainingRun(Result):
             Snapshot(**{k: math.nan if v is None else v for k, v in h.items()})
             for h in d["history"]
         )
+        perplexity = d.get("perplexity")
         return cls(
-            Variant(**d["variant"]),
+            Variant.from_dict(d["variant"]),
             TrainConfig.from_dict(d["config"]),
             dict(d["task"]),
             history,
             d.get("checkpoint"),
             dict(d.get("environment", {})),
+            math.nan if perplexity is None else float(perplexity),
         )
 
     def __str__(self) -> str:
         head = f"{self.variant.name} (seed {self.config.seed}, {self.task.get('kind')})"
+        if not math.isnan(self.perplexity):
+            head += f", held-out perplexity {self.perplexity:.2f}"
         rows = [
             f"{'step':>6} {'train':>7} {'loss':>7} {'BOS/med':>8} {'other/med':>9} "
             f"{'BOS‖x‖':>7} {'sinks':>6} {'max α0':>7} {'dist':>6}"
@@ -213,13 +230,23 @@ def train(
     """
     config = config or TrainConfig()
     task = task or BigramBackcopy()
+    settings = Regime.of(variant, config)
     model = build_model(variant, _model_cfg(variant, config, task), task.tokenizer())
-    probe = probe_batch(task, config)
+    if torch.device(config.device) != device_of(model):
+        model.to(config.device)
+    autocast = torch.autocast(
+        torch.device(config.device).type,
+        dtype=torch.bfloat16,
+        enabled=config.precision == "bfloat16",
+    )
+    probe = probe_batch(task, config, min(settings.length, config.seq_len))
     scan_config = ScanConfig(batch_size=config.probe_sequences, epsilon=config.epsilon)
-    optimizer = _optimizer(model, variant, config)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    optimizer = _optimizer(model, settings, config)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(s, settings, config)
+    )
     gen = torch.Generator().manual_seed(config.seed)
-    lengths = _lengths(variant, config)
+    lengths = settings.lengths
 
     history: list[Snapshot] = []
     start = time.perf_counter()
@@ -233,19 +260,25 @@ def train(
             on_snapshot(history[-1])
 
     snapshot(0)
-    bar = tqdm(range(1, config.steps + 1), desc=variant.name, disable=not progress, leave=False)
+    bar = tqdm(range(1, settings.steps + 1), desc=variant.name, disable=not progress, leave=False)
     model.train()
     for step in bar:
         length = lengths[int(torch.randint(len(lengths), (1,), generator=gen))]
-        tokens = task.sample(config.batch_size, length, gen)
-        loss = model(tokens, return_type="loss")
+        tokens = task.sample(config.batch_size, length, gen).to(config.device)
+        with autocast:
+            if settings.loss_from:
+                # loss_per_token[:, i] scores the token at position i + 1.
+                per_token = model(tokens, return_type="loss", loss_per_token=True)
+                loss = per_token[:, settings.loss_from - 1 :].float().mean()
+            else:
+                loss = model(tokens, return_type="loss").float()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         schedule.step()
         losses.append(float(loss.detach()))
-        if step % config.log_every == 0 or step == config.steps:
+        if step % config.log_every == 0 or step == settings.steps:
             snapshot(step)
             bar.set_postfix(
                 loss=f"{history[-1].loss:.3f}",
@@ -257,15 +290,68 @@ def train(
     optimizer.zero_grad(set_to_none=True)
     del optimizer, schedule
 
-    run = TrainingRun(variant, config, task.to_dict(), tuple(history), environment=_env())
+    ppl = held_out_perplexity(model, task, settings.length, config.batch_size)
+    run = TrainingRun(
+        variant, config, task.to_dict(), tuple(history), environment=_env(), perplexity=ppl
+    )
     if out is not None:
         run = dataclasses.replace(run, checkpoint=str(save_checkpoint(model, run, out)))
     return model, run
 
 
-def probe_batch(task: Task, config: TrainConfig) -> Corpus:
-    """The fixed batch a run with `config` is measured on (the same for every training seed)."""
-    return probe_corpus(task, config.probe_sequences, config.seq_len, config.probe_seed)
+def probe_batch(task: Task, config: TrainConfig, length: int | None = None) -> Corpus:
+    """The fixed batch a run with `config` is measured on (the same for every training seed).
+
+    Its sequences have `length` tokens (default the config's seq_len), so the sink ratio reads
+    T = min(length, 64) queries.
+    """
+    return probe_corpus(task, config.probe_sequences, length or config.seq_len, config.probe_seed)
+
+
+@dataclass(frozen=True)
+class Regime:
+    """The training settings a variant ends up with: the config's, changed where it says."""
+
+    length: int
+    """Training sequence length L (BOS included)."""
+    lengths: tuple[int, ...]
+    """The lengths a step draws from (L alone for full-length training)."""
+    loss_from: int
+    """First position (BOS = 0) whose token counts in the loss."""
+    steps: int
+    lr: float
+    min_lr_ratio: float
+    betas: tuple[float, float]
+    weight_decay: float
+
+    @classmethod
+    def of(cls, variant: Variant, config: TrainConfig) -> Regime:
+        """The regime of `variant` trained under `config`."""
+        length = max(8, round(config.seq_len * variant.seq_scale))
+        if variant.context == "long":
+            lengths: tuple[int, ...] = (length,)
+        else:
+            lengths = tuple(sorted({max(8, length // k) for k in (8, 4, 2, 1)}))
+        loss_from = round(config.seq_len * variant.loss_from)
+        if loss_from and (variant.context != "long" or loss_from >= length):
+            raise SpikeSinkError(
+                f"{variant.name}: a loss from position {loss_from} needs full-length sequences "
+                f"(context='long') longer than it (L = {length})"
+            )
+        return cls(
+            length=length,
+            lengths=lengths,
+            loss_from=loss_from,
+            steps=round(config.steps * variant.token_scale),
+            lr=config.lr * variant.lr_scale,
+            min_lr_ratio=_default(variant.min_lr_ratio, config.min_lr_ratio),
+            betas=(config.betas[0], _default(variant.beta2, config.betas[1])),
+            weight_decay=_default(variant.weight_decay, config.weight_decay),
+        )
+
+
+def _default(value: float | None, fallback: float) -> float:
+    return fallback if value is None else value
 
 
 def _model_cfg(variant: Variant, config: TrainConfig, task: Task) -> HookedTransformerConfig:
@@ -276,39 +362,62 @@ def _model_cfg(variant: Variant, config: TrainConfig, task: Task) -> HookedTrans
         d_head=config.d_head,
         d_mlp=config.d_mlp,
         d_vocab=task.d_vocab,
-        n_ctx=config.seq_len,
+        n_ctx=max(config.seq_len, Regime.of(variant, config).length),
         seed=config.seed,
         name=f"tl-spikesink/{variant.name}/seed{config.seed}",
     )
 
 
-def _optimizer(model: torch.nn.Module, variant: Variant, config: TrainConfig) -> torch.optim.AdamW:
-    wd = config.weight_decay if variant.weight_decay is None else variant.weight_decay
+def _optimizer(model: torch.nn.Module, regime: Regime, config: TrainConfig) -> torch.optim.AdamW:
     # Decaying norm gains or gate biases would pull them to 0 (a closed gate, a dead norm).
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-        betas=config.betas,
+        [
+            {"params": decay, "weight_decay": regime.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=regime.lr,
+        betas=regime.betas,
     )
 
 
-def _lr_factor(step: int, config: TrainConfig) -> float:
+def _lr_factor(step: int, regime: Regime, config: TrainConfig) -> float:
     if step < config.warmup:
         return (step + 1) / config.warmup
-    span = max(1, config.steps - config.warmup)
+    span = max(1, regime.steps - config.warmup)
     progress = min(1.0, (step - config.warmup) / span)
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (
-        1 + math.cos(math.pi * progress)
-    )
+    floor = regime.min_lr_ratio
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _lengths(variant: Variant, config: TrainConfig) -> tuple[int, ...]:
-    if variant.context == "long":
-        return (config.seq_len,)
-    return tuple(sorted({max(8, config.seq_len // k) for k in (8, 4, 2, 1)}))
+@torch.no_grad()
+def held_out_perplexity(
+    model: HookedTransformer, task: Task, length: int, batch_size: int = 32
+) -> float:
+    """exp(mean next-token loss) over held-out windows of `length` tokens, every position scored.
+
+    Natural text: every disjoint window of the held-out end of the stream, which training never
+    reads (the paper chunks C4 to the model's context). Other tasks: 256 fresh sequences from a
+    generator no training run uses.
+    """
+    windows = getattr(task, "held_out_windows", None)
+    if windows is not None:
+        tokens = windows(length)
+    else:
+        tokens = task.sample(256, length, torch.Generator().manual_seed(7919))
+    was_training = model.training
+    model.eval()
+    total = count = 0.0
+    try:
+        for batch in tokens.split(batch_size):
+            per_token = model(batch.to(device_of(model)), return_type="loss", loss_per_token=True)
+            total += float(per_token.double().sum())
+            count += per_token.numel()
+    finally:
+        model.train(was_training)
+    return math.exp(total / count)
 
 
 def _measure(
@@ -355,7 +464,7 @@ def first_token_profile(model: HookedTransformer, probe: Any) -> FirstTokenProfi
     when others are larger; the probe batch is small (a few thousand tokens at d_model 64), so
     one more forward reading every ``hook_resid_post`` answers exactly.
     """
-    tokens = torch.tensor([c.tokens for c in probe.chunks])
+    tokens = torch.tensor([c.tokens for c in probe.chunks], device=device_of(model))
     names = [f"blocks.{i}.hook_resid_post" for i in range(model.cfg.n_layers)]
     _, cache = model.run_with_cache(tokens, names_filter=names.__contains__)
     bos = other = peak = 0.0
@@ -418,7 +527,7 @@ def load_checkpoint(path: str | Path, device: str | None = None) -> HookedTransf
     cfg = HookedTransformerConfig.from_dict(meta["cfg"])
     tok_dir = path / "tokenizer"
     tokenizer = AutoTokenizer.from_pretrained(tok_dir) if tok_dir.exists() else None
-    variant = Variant(**{**meta["variant"]})
+    variant = Variant.from_dict(meta["variant"])
     model = build_model(variant, cfg, tokenizer)
     model.load_state_dict(weights)
     model.training_run = {k: meta[k] for k in ("variant", "config", "task", "history")}
@@ -438,6 +547,8 @@ __all__ = [
     "TrainConfig",
     "TrainingRun",
     "load_checkpoint",
+    "Regime",
+    "held_out_perplexity",
     "probe_batch",
     "rebuild_task",
     "save_checkpoint",

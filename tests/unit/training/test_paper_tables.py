@@ -1,0 +1,437 @@
+"""The paper's Tables 3–8 as variants and settings: each does what its row says, and the
+comparison with the paper's directions is computed as stated."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tl_spikesink.errors import SpikeSinkError
+from tl_spikesink.training.ablation import (
+    AblationRow,
+    AblationTable,
+    ablation_study,
+    load_table,
+    resolve_variants,
+)
+from tl_spikesink.training.runs import (
+    Regime,
+    Snapshot,
+    TrainConfig,
+    TrainingRun,
+    held_out_perplexity,
+    load_checkpoint,
+    train,
+)
+from tl_spikesink.training.tables import (
+    PAPER_BASELINE,
+    PAPER_ROWS,
+    compare,
+    direction,
+    paper_row,
+    paper_variants,
+)
+from tl_spikesink.training.tasks import BigramBackcopy, NaturalText
+from tl_spikesink.training.variants import GatedAttention, Variant, build_model, model_config
+
+TASK = BigramBackcopy(vocab_size=12, n_triggers=2)
+TINY = TrainConfig(
+    n_layers=2,
+    d_model=32,
+    d_head=8,
+    d_mlp=32,
+    seq_len=16,
+    batch_size=4,
+    steps=3,
+    warmup=1,
+    log_every=3,
+    probe_sequences=4,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def build(v: Variant, n_ctx: int = 16):
+    cfg = model_config(
+        v, n_layers=2, d_model=32, d_head=8, d_mlp=32, d_vocab=TASK.d_vocab, n_ctx=n_ctx, seed=0
+    )
+    return build_model(v, cfg, TASK.tokenizer())
+
+
+def tokens(n: int = 3, length: int = 16) -> torch.Tensor:
+    return TASK.sample(n, length, torch.Generator().manual_seed(5))
+
+
+# --- the rows ------------------------------------------------------------------------------
+
+
+def test_every_paper_row_is_there_once_with_the_published_baseline():
+    names = [r.name for r in PAPER_ROWS]
+    assert len(names) == len(set(names)) == 39  # 41 in the paper less two d_head 8 rows
+    assert {r.table for r in PAPER_ROWS} == {3, 4, 5, 6, 7, 8}
+    base = paper_row("baseline")
+    assert (base.perplexity, base.sink_ratio, base.spike) == (10.1, 0.460, 3818)
+    assert PAPER_BASELINE == {"perplexity": 10.1, "sink_ratio": 0.460, "spike": 3818.0}
+    # Every variant trains the paper's regime: full-length sequences.
+    assert all(v.context == "long" for v in paper_variants(TrainConfig()))
+
+
+def test_paper_directions_follow_the_threshold():
+    # Table 7, conditional head gate: 46.0 % -> 6.4 %, Spike 3818 -> 186.
+    assert paper_row("gate_head").direction("sink_ratio") == "down"
+    assert paper_row("gate_head").direction("spike") == "down"
+    # lr 6e-4: 51.5 % (+12 %, under the 20 % bar) and 3773: both "same".
+    assert paper_row("lr_6e-4").direction("sink_ratio") == "same"
+    assert paper_row("lr_6e-4").direction("spike") == "same"
+    assert paper_row("weight_decay_0").direction("spike") == "up"
+    assert direction(0.0, 0.0, "sink_ratio") == "same"  # the absolute floor
+    assert direction(0.03, 0.0, "sink_ratio") == "up"
+    assert direction(math.nan, 1.0, "spike") == "same"
+
+
+def test_head_shapes_scale_with_the_config():
+    c = TrainConfig(d_model=64, d_head=16)  # 4 heads
+    by_name = {v.name: v for v in paper_variants(c)}
+    assert (by_name["heads_8"].n_heads, by_name["heads_8"].d_head) == (1, None)
+    assert (by_name["d_head_16_heads_32"].d_head, by_name["d_head_16_heads_32"].n_heads) == (2, 4)
+    assert (by_name["d_head_64_width"].d_head, by_name["d_head_64_width"].n_heads) == (8, None)
+    with pytest.raises(SpikeSinkError, match="d_head"):
+        paper_variants(TrainConfig(d_model=60, d_head=12))
+
+
+def test_resolve_names():
+    c = TrainConfig()
+    assert [v.name for v in resolve_variants(["paper:dyt", "baseline"], c)] == ["dyt", "baseline"]
+    assert len(resolve_variants("paper", c)) == len(PAPER_ROWS)
+    with pytest.raises(SpikeSinkError, match="no paper row"):
+        resolve_variants(["paper:nope"], c)
+    with pytest.raises(SpikeSinkError, match="distinct"):
+        resolve_variants(["paper:dyt", "dyt"], c)  # two rows named dyt
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"loss_from": 1.0}, "loss_from"),
+        ({"ffn": "relu"}, "ffn"),
+        ({"gate_shape": "channel"}, "needs a gate"),
+        ({"lr_scale": 0.0}, "lr_scale"),
+        ({"beta2": 1.0}, "beta2"),
+        ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
+        ({"n_heads": 0}, "n_heads"),
+    ],
+)
+def test_bad_settings_name_the_field(kwargs, match):
+    with pytest.raises(SpikeSinkError, match=match):
+        Variant("x", **kwargs)
+
+
+# --- architectures -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["input", "constant", "positional", "token"])
+@pytest.mark.parametrize("shape", ["head", "channel", "single"])
+def test_gate_at_one_is_no_gate_and_at_zero_silences_every_head(kind, shape):
+    plain = build(Variant("plain"))
+    gated = build(Variant("g", gate=kind, gate_shape=shape))
+    gated.load_state_dict(plain.state_dict(), strict=False)
+    x = tokens()
+    attn = gated.blocks[0].attn
+    assert isinstance(attn, GatedAttention)
+    for name, p in attn.named_parameters():
+        if "gate" in name:
+            torch.nn.init.zeros_(p)
+    bias = attn.P_gate if kind == "positional" else attn.b_gate
+    _, ref = plain.run_with_cache(x)
+    with torch.no_grad():
+        bias.fill_(60.0)  # σ = 1
+    _, cache = gated.run_with_cache(x)
+    torch.testing.assert_close(cache["blocks.0.hook_attn_out"], ref["blocks.0.hook_attn_out"])
+    gate = cache["blocks.0.attn.hook_gate"]
+    expected = (3, 16, 4, 8) if shape == "channel" else (3, 16, 4)
+    assert tuple(gate.shape) == expected
+    with torch.no_grad():
+        bias.fill_(-60.0)  # σ = 0
+    _, cache = gated.run_with_cache(x)
+    assert float(cache["blocks.0.attn.hook_z"].abs().max()) < 1e-20  # σ(-60) ≈ 9e-27
+
+
+def test_conditional_gates_depend_on_what_they_read():
+    x = tokens()
+    for kind, varies_with in (("token", "token"), ("positional", "position"), ("input", "both")):
+        model = build(Variant("g", gate=kind))
+        with torch.no_grad():
+            for p in model.blocks[0].attn.parameters():
+                if p.ndim == 2 and p.shape[-1] == 4:  # W_gate / P_gate
+                    p.normal_()
+        _, cache = model.run_with_cache(x)
+        gate = cache["blocks.0.attn.hook_gate"]  # [batch, pos, head]
+        same_token = (x[:, 1:, None] == x[None, None, 0, 1:]).nonzero()
+        if kind == "positional":  # the same at one position across texts
+            torch.testing.assert_close(gate[0], gate[1])
+        elif kind == "token":  # the same for one token id wherever it stands
+            b, p, q = (int(i) for i in same_token[0])
+            if not (b == 0 and p == q):
+                torch.testing.assert_close(gate[b, p + 1], gate[0, q + 1])
+        else:
+            assert not torch.allclose(gate[0], gate[1])
+
+
+def test_ffn_types():
+    gelu, linear, attn_only = (build(Variant(n, ffn=n)) for n in ("gelu", "linear", "none"))
+    assert not gelu.cfg.gated_mlp and gelu.cfg.d_mlp == 48  # 1.5 × 32: SwiGLU's parameters
+    assert gelu.cfg.act_fn == "gelu"
+    x = torch.randn(2, 5, 32)
+    mlp = linear.blocks[0].mlp
+    torch.testing.assert_close(mlp(x), (x @ mlp.W_in + mlp.b_in) @ mlp.W_out + mlp.b_out)
+    assert attn_only.cfg.attn_only and not hasattr(attn_only.blocks[0], "mlp")
+    _, cache = attn_only.run_with_cache(tokens())
+    assert "blocks.0.hook_mlp_out" not in cache
+
+
+def test_heads_and_qk_norm():
+    narrow = build(Variant("h", n_heads=2))  # d_head 8 kept: attention width 16 of 32
+    assert (narrow.cfg.n_heads, narrow.cfg.d_head) == (2, 8)
+    assert tuple(narrow.blocks[0].attn.W_Q.shape) == (2, 32, 8)
+    # With QK-norm the attention pattern does not see the scale of W_Q or W_K; without, it does.
+    for qk_norm in (True, False):
+        model = build(Variant("q", norm="sandwich", qk_norm=qk_norm))
+        _, before = model.run_with_cache(tokens())
+        with torch.no_grad():
+            model.blocks[0].attn.W_Q.mul_(5.0)
+        _, after = model.run_with_cache(tokens())
+        same = torch.allclose(
+            before["blocks.0.attn.hook_pattern"], after["blocks.0.attn.hook_pattern"], atol=1e-5
+        )
+        assert same == qk_norm
+    with pytest.raises(SpikeSinkError, match="even"):
+        build(Variant("odd", d_head=3, n_heads=4))
+
+
+def test_checkpoints_of_new_variants_load_back(tmp_path):
+    x = tokens()
+    for v in (
+        Variant("t", gate="token", gate_shape="channel"),
+        Variant("p", gate="positional", context="long", seq_scale=1.25),
+        Variant("l", ffn="linear", qk_norm=True),
+    ):
+        model, _ = train(v, TINY, TASK, out=tmp_path / v.name, progress=False)
+        again = load_checkpoint(tmp_path / v.name)
+        torch.testing.assert_close(again(x), model(x))
+
+
+# --- regimes -------------------------------------------------------------------------------
+
+
+def test_regime_reads_the_variant_and_falls_back_to_the_config():
+    c = replace(TINY, lr=1e-2, steps=100, min_lr_ratio=0.1, betas=(0.9, 0.95), weight_decay=0.1)
+    r = Regime.of(Variant("x", lr_scale=0.25, beta2=0.999, token_scale=2.0), c)
+    assert (r.lr, r.betas, r.steps, r.min_lr_ratio, r.weight_decay) == (
+        2.5e-3,
+        (0.9, 0.999),
+        200,
+        0.1,
+        0.1,
+    )
+    r = Regime.of(Variant("y", context="long", seq_scale=1.5, loss_from=0.5), c)
+    assert (r.length, r.lengths, r.loss_from) == (24, (24,), 8)
+    with pytest.raises(SpikeSinkError, match="full-length"):
+        Regime.of(Variant("z", loss_from=0.5), c)  # mixed contexts
+
+
+def test_no_decay_keeps_the_peak_learning_rate(monkeypatch):
+    rates = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        rates.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    c = replace(TINY, steps=6, warmup=1, lr=1e-3)
+    train(Variant("flat", min_lr_ratio=1.0), c, TASK, progress=False)
+    assert rates == [pytest.approx(1e-3)] * 6
+    rates.clear()
+    train(Variant("decay"), c, TASK, progress=False)
+    assert rates[-1] < 0.5e-3
+
+
+def test_loss_counts_exactly_the_positions_from_min(monkeypatch):
+    """Noise on the final residual at a query position changes the loss iff it predicts a
+    token at a position ≥ min (query p predicts position p + 1)."""
+    v = Variant("late", context="long", loss_from=0.5)  # min = 8 of 16
+    c = replace(TINY, steps=1, warmup=1, lr=1e-30)
+    losses = []
+    real = torch.Tensor.backward
+
+    def record(self, *a, **k):
+        losses.append(float(self.detach()))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "backward", record)
+
+    def run_with_noise(position):
+        def noise(x, hook):
+            if position is not None and x.requires_grad:
+                x = x.clone()
+                x[:, position] += 10.0
+            return x
+
+        from transformer_lens import HookedTransformer
+
+        real_forward = HookedTransformer.forward
+
+        def forward(self, *a, **k):
+            with self.hooks(fwd_hooks=[("ln_final.hook_normalized", noise)]):
+                return real_forward(self, *a, **k)
+
+        monkeypatch.setattr(HookedTransformer, "forward", forward)
+        losses.clear()
+        train(v, c, TASK, progress=False)
+        monkeypatch.setattr(HookedTransformer, "forward", real_forward)
+        return losses[0]
+
+    clean = run_with_noise(None)
+    assert run_with_noise(6) == clean  # predicts position 7 < 8: not scored
+    assert run_with_noise(7) != clean  # predicts position 8: scored
+
+
+def test_held_out_perplexity_is_exp_of_the_mean_loss():
+    model = build(Variant("b"))
+    ppl = held_out_perplexity(model, TASK, 16, batch_size=100)
+    x = TASK.sample(256, 16, torch.Generator().manual_seed(7919))
+    with torch.no_grad():
+        loss = model(x, return_type="loss")
+    assert ppl == pytest.approx(math.exp(float(loss)), rel=1e-5)
+
+
+def test_compact_natural_text_vocabulary():
+    task = NaturalText(source="pydoc", vocab_size=8, held_out=0.25)
+
+    class Tok:
+        bos_token_id = 99
+
+        def __len__(self):
+            return 100
+
+        def convert_ids_to_tokens(self, ids):
+            return [f"t{i}" for i in ids]
+
+    # The training part (first 75 %) has 5 × id 7, 3 × id 3, then one each of 1, 2, 4, 5, 6, 8.
+    stream = torch.tensor([7] * 5 + [3] * 3 + [1, 2, 4, 5, 6, 8] + [9, 7] + [50, 3, 7, 60, 1, 3])
+    task.__dict__["_smollm2"] = Tok()
+    task.__dict__["_raw_stream"] = stream
+    # 6 kept ids: by count, ties by id: 7, 3, 1, 2, 4, 5; 6, 8 and the unseen 9, 50, 60 -> <unk>.
+    assert task._kept.tolist() == [7, 3, 1, 2, 4, 5]
+    assert task.d_vocab == 8 and task.bos == 0
+    # Held-out part (cut at 16 of 22): [50, 3, 7, 60, 1, 3]; 7 -> 2, 3 -> 3, 1 -> 4, else <unk>.
+    held = task.held_out_windows(4)
+    assert held.tolist() == [[0, 1, 3, 2], [0, 1, 4, 3]]
+    assert task.unk_share == pytest.approx(3 / 16)  # 6, 8 and 9 of the training part
+    with pytest.raises(SpikeSinkError, match="too few"):
+        task.sample(1, 64, torch.Generator(), split="held_out")
+    with pytest.raises(SpikeSinkError, match="source"):
+        NaturalText(source="web")
+
+
+# --- tables, resuming, the comparison --------------------------------------------------------
+
+
+def fake_run(name: str, seed: int, sink: float, spike: float, ppl: float) -> TrainingRun:
+    snap = Snapshot(
+        step=1,
+        train_loss=1.0,
+        loss=1.0,
+        max_spike_ratio=spike / 2,
+        bos_spike_ratio=spike / 4,
+        other_spike_ratio=1.0,
+        bos_norm_ratio=1.0,
+        max_abs=spike,
+        sink_ratio=sink,
+        max_sink_score=sink,
+        sink_head_distance=math.nan,
+        seconds=1.0,
+    )
+    v = paper_row(name).variant(TINY)
+    return TrainingRun(v, replace(TINY, seed=seed), TASK.to_dict(), (snap,), perplexity=ppl)
+
+
+def fake_table() -> AblationTable:
+    values = {  # name: (sink ratios, Spikes) per seed
+        "baseline": ((0.40, 0.50), (100.0, 120.0)),
+        "gate_head": ((0.05, 0.03), (100.0, 110.0)),  # paper: down/down -> agrees/differs
+        "weight_decay_0": ((0.10, 0.20), (400.0, 500.0)),  # paper: down/up -> agrees/agrees
+    }
+    rows = tuple(
+        AblationRow(
+            paper_row(n).variant(TINY),
+            tuple(fake_run(n, s, sinks[s], spikes[s], 5.0 + s) for s in (0, 1)),
+        )
+        for n, (sinks, spikes) in values.items()
+    )
+    return AblationTable(rows, TINY, TASK.to_dict())
+
+
+def test_compare_directions_agreement_and_summary_format():
+    c = compare(fake_table())
+    by = {r.row.name: r for r in c.rows}
+    assert by["gate_head"].ours == {"sink_ratio": "down", "spike": "same"}
+    assert by["gate_head"].agrees == {"sink_ratio": True, "spike": False}
+    assert by["weight_decay_0"].ours == {"sink_ratio": "down", "spike": "up"}
+    assert c.agreement == {"sink_ratio": 1.0, "spike": 0.5}
+    d = json.loads(c.to_json())
+    assert [r["variant"] for r in d["rows"]] == ["baseline", "weight_decay_0", "gate_head"]
+    row = d["rows"][2]
+    assert set(row) >= {"variant", "seeds", "perplexity", "sink_ratio", "spike",
+                        "first_token_spike_ratio", "paper", "agrees"}  # fmt: skip
+    assert row["variant"] == "gate_head" and row["seeds"] == [0, 1]
+    assert row["perplexity"] == [5.0, 6.0] and row["spike"] == [100.0, 110.0]
+    assert row["first_token_spike_ratio"] == [25.0, 27.5]
+    assert row["paper"] == {"sink_ratio": "down", "spike": "down"}
+    assert "agrees" in str(c) and "differs" in str(c)
+
+
+def test_compare_needs_the_baseline():
+    t = fake_table()
+    with pytest.raises(SpikeSinkError, match="baseline"):
+        compare(replace(t, rows=t.rows[1:]))
+
+
+def test_cli_load_writes_the_summary_json(tmp_path, capsys):
+    from tl_spikesink.cli import main
+
+    path = tmp_path / "table.json"
+    fake_table().to_json(path)
+    assert load_table(path).rows[1].runs[0].perplexity == 5.0
+    out = tmp_path / "summary.json"
+    main(["ablate", "--load", str(path), "--summary-json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(compare(load_table(path)).to_json())
+    assert "Tables 3-8" in capsys.readouterr().out
+
+
+def test_finished_runs_are_read_back_not_retrained(tmp_path, monkeypatch):
+    first = ablation_study(["paper:baseline"], seeds=[3], config=TINY, task=TASK,
+                           out=tmp_path, progress=False)  # fmt: skip
+    import tl_spikesink.training.ablation as ablation
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(ablation, "train", no_training)
+    again = ablation_study(["paper:baseline"], seeds=[3], config=TINY, task=TASK,
+                           out=tmp_path, progress=False)  # fmt: skip
+    assert again.runs[0].to_dict()["history"] == first.runs[0].to_dict()["history"]
+    assert again.runs[0].perplexity == first.runs[0].perplexity
+    with pytest.raises(AssertionError, match="trained again"):  # other settings: trains
+        ablation_study(["paper:baseline"], seeds=[3], config=replace(TINY, lr=1e-3),
+                       task=TASK, out=tmp_path, progress=False)  # fmt: skip
