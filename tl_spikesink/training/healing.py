@@ -28,7 +28,6 @@ the surgery before healing, and after.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
@@ -37,8 +36,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tl_spikesink.config import at_least, check_fields
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.results import Result
+from tl_spikesink.results import Result, find
 
 Surgery = Literal["dyt", "qk_norm", "gate", "loss_from"]
 SURGERIES: tuple[str, ...] = get_args(Surgery)
@@ -64,21 +64,15 @@ class HealConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.surgery not in SURGERIES:
-            raise SpikeSinkError(
-                f"HealConfig.surgery must be one of {SURGERIES}, got {self.surgery!r}"
-            )
-        for name in ("steps", "batch_size", "eval_texts", "eval_tokens"):
-            if getattr(self, name) < 1:
-                raise SpikeSinkError(f"HealConfig.{name} must be positive")
-        if not 8 <= self.seq_len:
-            raise SpikeSinkError(f"HealConfig.seq_len must be at least 8, got {self.seq_len}")
+        check_fields(self)
+        at_least(self, {"steps": 1, "batch_size": 1, "seq_len": 8, "eval_texts": 1,
+                        "eval_tokens": 1})  # fmt: skip
+        if not self.lr > 0:
+            raise SpikeSinkError(f"HealConfig.lr must be positive, got {self.lr}")
         if not 1 <= self.loss_from < self.seq_len:
             raise SpikeSinkError(
                 f"HealConfig.loss_from must lie in [1, seq_len), got {self.loss_from}"
             )
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise SpikeSinkError(f"HealConfig.lr must be positive, got {self.lr}")
 
 
 @dataclass(frozen=True)
@@ -113,10 +107,9 @@ class Healing(Result):
 
     def stage(self, name: str) -> Stage:
         """The stage called `name`."""
-        for s in self.stages:
-            if s.name == name:
-                return s
-        raise SpikeSinkError(f"no stage {name!r}; stages are clean, surgery, healed")
+        return find(
+            self.stages, "name", name, f"no stage {name!r}; stages are clean, surgery, healed"
+        )
 
     @property
     def verdict(self) -> dict[str, str]:
@@ -247,8 +240,9 @@ def heal(
 
 
 def operate(model: Any, config: HealConfig, calibration: list[str]) -> Any:
-    """A deep copy of `model` with the surgery done, every parameter frozen but the new ones
-    and the norm gains (see the module docstring).
+    """A deep copy of `model` with the surgery done.
+
+    Every parameter is frozen but the new ones and the norm gains (see the module docstring).
     """
     patient = copy.deepcopy(model)
     patient.eval()
@@ -258,6 +252,7 @@ def operate(model: Any, config: HealConfig, calibration: list[str]) -> Any:
         _swap_dyt(model, patient, calibration)
     else:
         _add_norm_gains(patient)
+        patient.setup()  # hook names must reach the new norms' hook points
         if config.surgery == "qk_norm":
             _add_qk_norm(patient, calibration)
         elif config.surgery == "gate":

@@ -34,7 +34,6 @@ the sink probe, the interventions and every view work on a variant unchanged.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
@@ -45,6 +44,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.components import Attention, TransformerBlock
 from transformer_lens.hook_points import HookPoint
 
+from tl_spikesink.config import at_least, check_fields
 from tl_spikesink.errors import SpikeSinkError
 
 NormPlacement = Literal["pre", "sandwich", "post", "dyt"]
@@ -104,32 +104,18 @@ class Variant:
     """Initial α of DynamicTanh (Zhu et al.'s default)."""
 
     def __post_init__(self) -> None:
-        for field_name, value, allowed in (
-            ("norm", self.norm, NORMS),
-            ("gate", self.gate, GATES),
-            ("gate_shape", self.gate_shape, GATE_SHAPES),
-            ("ffn", self.ffn, FFNS),
-            ("context", self.context, CONTEXTS),
-        ):
-            if value not in allowed:
-                raise SpikeSinkError(
-                    f"Variant.{field_name} must be one of {allowed}, got {value!r}"
-                )
-        for field_name in ("d_head", "n_heads"):
-            value = getattr(self, field_name)
-            if value is not None and value < 1:
-                raise SpikeSinkError(f"Variant.{field_name} must be positive, got {value}")
+        check_fields(self)
+        at_least(self, {"d_head": 1, "n_heads": 1, "weight_decay": 0})
         for field_name in ("seq_scale", "lr_scale", "token_scale"):
-            value = getattr(self, field_name)
-            if not (math.isfinite(value) and value > 0):
-                raise SpikeSinkError(f"Variant.{field_name} must be positive, got {value}")
-        if not (math.isfinite(self.loss_from) and 0 <= self.loss_from < self.seq_scale):
+            if not getattr(self, field_name) > 0:
+                raise SpikeSinkError(
+                    f"Variant.{field_name} must be positive, got {getattr(self, field_name)}"
+                )
+        if not 0 <= self.loss_from < self.seq_scale:
             raise SpikeSinkError(
                 f"Variant.loss_from must lie in [0, seq_scale={self.seq_scale}), got "
                 f"{self.loss_from}: some positions must keep their loss"
             )
-        if self.weight_decay is not None and not self.weight_decay >= 0:
-            raise SpikeSinkError(f"Variant.weight_decay must be >= 0, got {self.weight_decay}")
         if self.min_lr_ratio is not None and not 0 <= self.min_lr_ratio <= 1:
             raise SpikeSinkError(
                 f"Variant.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}"

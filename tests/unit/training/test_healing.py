@@ -93,3 +93,24 @@ def test_bad_settings(trained):
                  batch_size=2), TASK, progress=False)[0]  # fmt: skip
     with pytest.raises(SpikeSinkError, match="pre-norm"):
         heal(post, small("dyt"), texts, progress=False)
+
+
+def test_gates_reach_the_new_norms_of_a_folded_model(trained):
+    """Models loaded with fold_ln have gain-less RMSNormPre norms; the surgery gives each a gain
+    module of its own, and the gate's hooks must read the new module's hook point."""
+    import copy
+
+    from transformer_lens.components import RMSNormPre
+
+    model, texts = trained
+    folded = copy.deepcopy(model)
+    for block in folded.blocks:
+        block.ln1, block.ln2 = RMSNormPre(folded.cfg), RMSNormPre(folded.cfg)
+    folded.ln_final = RMSNormPre(folded.cfg)
+    folded.setup()
+    x = TASK.sample(3, 16, torch.Generator().manual_seed(2))
+    open_gate = operate(folded, small("gate", gate_bias=60.0), texts[:8])
+    torch.testing.assert_close(open_gate(x), folded(x))
+    closed = operate(folded, small("gate", gate_bias=-60.0), texts[:8])
+    _, cache = closed.run_with_cache(x)
+    assert float(cache["blocks.0.attn.hook_z"].abs().max()) < 1e-20
