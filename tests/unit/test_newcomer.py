@@ -298,3 +298,13 @@ def test_commands_without_another_tiny_run(argv, planted, tmp_path, monkeypatch,
     assert code == 0, printed.err
     assert out.is_file() and printed.out.strip()
     assert "%|" not in printed.out and "wrote" not in printed.out
+
+
+def test_every_built_in_model_says_what_it_is_in_the_registry_and_the_readme():
+    from tl_spikesink.models.registry import ENCODERS, MODELS
+
+    for name, spec in {**MODELS, **ENCODERS}.items():
+        assert re.search(r"\d+ MB download", spec.about), (name, spec.about)
+        row = next((r for r in README.splitlines() if r.startswith(f"| `{name}`")), None)
+        assert row and re.search(r"\d+ MB \| [\d.]+ [GM]B \|$", row), (name, row)
+    assert "Coder" in MODELS["qwen2.5-0.5b"].about and "Instruct" in MODELS["smollm2-135m"].about
