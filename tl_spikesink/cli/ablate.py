@@ -46,8 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="bigram_backcopy",
         help="synthetic bigram-backcopy data (fast) or natural text with SmolLM2's tokenizer",
     )
-    p.add_argument("--source", choices=("pydoc", "kjv"), default="pydoc",
-                   help="natural text: Python's documentation or the King James Bible")  # fmt: skip
+    p.add_argument("--source", choices=("pydoc", "kjv", "kjv_numbered"), default="pydoc",
+                   help="natural text: Python's docs, the KJV Bible (with verse numbers)")  # fmt: skip
     p.add_argument("--vocab", type=int, default=None, metavar="V",
                    help="natural text: keep the V most frequent tokens (default all)")  # fmt: skip
     p.add_argument("--device", default=None, help="train on this device (cpu, cuda)")

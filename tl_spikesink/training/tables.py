@@ -319,6 +319,11 @@ class PaperComparison(Result):
         )
 
 
+def _is_paper(row: Any, config: Any) -> bool:
+    known = {r.name: r for r in PAPER_ROWS}
+    return row.name in known and known[row.name].variant(config) == row.variant
+
+
 def compare(table: Any) -> PaperComparison:
     """Our ablation table (trained on :func:`paper_variants`) beside the paper's rows.
 
@@ -327,18 +332,19 @@ def compare(table: Any) -> PaperComparison:
     """
     from tl_spikesink.training.ablation import settings_line
 
-    names = {r.name for r in table.rows}
+    # A row counts only if it trained the paper row's own variant (the older miniature rows share
+    # some names, e.g. "baseline" with mixed context lengths).
+    names = {r.name for r in table.rows if _is_paper(r, table.config)}
     if "baseline" not in names:
         raise SpikeSinkError(
-            "the comparison needs the table's 'baseline' row (directions are changes from it); "
-            "train it with the other rows"
+            "the comparison needs the paper's 'baseline' row (directions are changes from it): "
+            "train it with the others (ablation_study(['paper:baseline', ...]))"
         )
     base = table.row("baseline")
     reference = {
         "sink_ratio": _mean(base.stat("sink_ratio").values),
         "spike": _mean(base.stat("max_abs").values),
     }
-    known = {row.name: row for row in PAPER_ROWS}
     rows = []
     for paper in PAPER_ROWS:
         if paper.name not in names:
@@ -359,7 +365,7 @@ def compare(table: Any) -> PaperComparison:
                 ours={q: direction(_mean(values[q]), reference[q], q) for q in QUANTITIES},
             )
         )
-    skipped = tuple(sorted(n for n in names if n not in known))
+    skipped = tuple(sorted(r.name for r in table.rows if r.name not in names))
     return PaperComparison(tuple(rows), settings_line(table), skipped)
 
 

@@ -435,3 +435,13 @@ def test_finished_runs_are_read_back_not_retrained(tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="trained again"):  # other settings: trains
         ablation_study(["paper:baseline"], seeds=[3], config=replace(TINY, lr=1e-3),
                        task=TASK, out=tmp_path, progress=False)  # fmt: skip
+
+
+def test_rows_that_only_share_a_name_are_not_compared():
+    t = fake_table()
+    mixed = AblationRow(Variant("baseline"), t.rows[0].runs)  # the miniature's mixed contexts
+    with pytest.raises(SpikeSinkError, match="paper's 'baseline'"):
+        compare(replace(t, rows=(mixed, *t.rows[1:])))
+    other = AblationRow(Variant("sandwich", norm="sandwich"), t.rows[1].runs)
+    c = compare(replace(t, rows=(*t.rows, other)))
+    assert c.skipped == ("sandwich",) and "sandwich" not in [r.row.name for r in c.rows]
