@@ -55,6 +55,9 @@ def test_sink_ratio_per_layer(result):
     fig = plots.plot_sink_ratio(result)
     assert list(trace(fig, "sink ratio").y) == pytest.approx([1 / N_HEADS, 0.0, 0.0])
     assert fig.layout.shapes[0].y0 == pytest.approx(1 / (N_LAYERS * N_HEADS))
+    # The overall ratio is named in the legend, not by a label that sat on the bars.
+    assert fig.layout.shapes[0].name == f"all layers {1 / (N_LAYERS * N_HEADS):.3f} (Eq. 28)"
+    assert fig.layout.shapes[0].showlegend and not fig.layout.annotations
 
 
 def test_alpha_by_position_draws_the_sink_head(result):
