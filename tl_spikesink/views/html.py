@@ -5,15 +5,17 @@ figure is embedded without it (`fig.to_html(include_plotlyjs=False)`). CircuitsV
 the ~1.3 MB CircuitsVis bundle each in `widget.local_src` (and a CDN link in `str(widget)`);
 here the bundle is inlined once as a classic script, which makes `CircuitsVis` a page global,
 and each widget is reduced to its component name and props (:func:`widgets.widget_props`) and
-mounted with the `CircuitsVis.render(...)` call `local_src` itself makes, deferred until the
-widget nears the viewport (CircuitsVis's attention heads draw T² cells per head: seconds).
+mounted with the `CircuitsVis.render(...)` call `local_src` itself makes, one widget per task
+as the page opens (the attention widget is capped at `max_attention_tokens`, so all of them
+draw within a few seconds). Each widget's container gets `data-drawn-ms`, the time since the
+page was opened at which its content appeared.
 
     >>> write_html(result, "report.html", model=model, texts=["The cat sat."])  # doctest: +SKIP
 
 Extra tables (interventions, claims, ...) are any objects whose `to_dict()` holds `rows`, a list of
 dicts; they are rendered generically, one column per key, and the decoupling table
-(:class:`~tl_spikesink.evaluation.decoupling.ExperimentTable`) also as its chart. Extra figures (any plotly
-figures, e.g. of the mechanism checks) follow the scan's plots.
+(:class:`~tl_spikesink.evaluation.decoupling.ExperimentTable`) also as its chart. Extra figures
+(any plotly figures, e.g. of the mechanism checks) follow the scan's plots.
 """
 
 from __future__ import annotations
@@ -96,9 +98,9 @@ def render_html(
         max_widget_tokens: the token widgets (spike colors, top-k, per-text sink scores) read
             at most this many tokens of each text.
         max_attention_tokens: the attention widget reads at most this many: CircuitsVis draws
-            heads × T² cells, which took 3 s for T = 32, 6 s for 48 and 11 s for 64 with
-            SmolLM2's 9 heads (headless Chromium, busy 2-core CPU); at T = 500 it would freeze
-            the page for minutes.
+            heads × T² cells, which took about 1 s for T = 48 with SmolLM2's 9 heads and
+            grows as T² (headless Chromium, busy 2-core CPU); at T = 500 it would freeze the
+            page for minutes.
 
     Returns:
         The page, ready to write to a file.
@@ -192,7 +194,8 @@ def _widgets(
                 f"On text 0 ({_preview(text)}), at most {max_attention_tokens} tokens (CircuitsVis "
                 "draws every head's T × T cells). "
                 "Head names give the first-token sink score pooled over the scan "
-                f"('sink' when above ε = {k.epsilon}); '{w.SINK_MARK.strip()}' marks key tokens "
+                f"('sink' when above ε = {k.epsilon}); heads are ordered by it, so the zoomed "
+                f"head is the layer's strongest. '{w.SINK_MARK.strip()}' marks key tokens "
                 "that some head of this layer sinks on in this text. Hover a head to zoom, click "
                 "to lock.",
                 w.attention_heads_widget(
@@ -204,8 +207,9 @@ def _widgets(
         (
             "Tokens colored by spike magnitude",
             f"On {note}. Value log10(1 + max over channels |x|) of the residual stream after each "
-            "layer (3.5 is about 3,000); pick the layer with the buttons, hover a token for all "
-            "layers.",
+            "layer (3.5 is about 3,000), one color scale for all layers. It opens on the first "
+            "button, the layer where this text's largest value appears ('peak'); the buttons "
+            "after it are every layer in order. Hover a token for all layers.",
             w.spike_tokens_widget(model, text, result=result, max_tokens=max_tokens),
         )
     )
@@ -216,7 +220,9 @@ def _widgets(
             f"On {len(texts)} text(s), at most {max_tokens} tokens each. Channels: {channels}. "
             "Sample picks (text, channel); Site picks the residual stream or a block output "
             "(the MLP output shows the blocks that write and cancel the spike); columns are "
-            "layers.",
+            "layers, opening on the range where the spike appears. Colors and hover values are "
+            "fractions of the sample's largest |x| (in its label): 1 and dark blue is the "
+            "spike, -1 and dark red its negative, pale is ordinary.",
             w.spike_topk_widget(model, texts, result=result, max_tokens=max_tokens),
         )
     )
@@ -320,10 +326,31 @@ def _mount(widget: RenderedHTML, div_id: str) -> str:
     name, props = widget_props(widget)
     # `<` only occurs inside JSON strings, where \u003c means the same and cannot end the script.
     data = json.dumps(props, separators=(",", ":")).replace("<", "\\u003c")
+    layer = _open_layer(name, props)
+    opens = "" if layer is None else f' data-open-layer="{layer}"'
     return (
-        f'<div id="{div_id}" class="cv-widget pending" data-component="{name}"></div>\n'
+        f'<div id="{div_id}" class="cv-widget pending" data-component="{name}"{opens}></div>\n'
         f'<script>tlSpikesink.mount("{div_id}", "{name}", {data});</script>'
     )
+
+
+def _open_layer(component: str, props: dict[str, Any]) -> int | None:
+    """The layer a TopkTokens widget should open on: where sample 0's first site peaks.
+
+    CircuitsVis opens it on layers 0-4; the page's script then picks the range holding this
+    layer (:data:`_MOUNT_JS`).
+    """
+    if component != "TopkTokens" or not props.get("topkVals"):
+        return None
+    import torch
+
+    from tl_spikesink.views.widgets import peak_layer
+
+    top = torch.tensor(props["topkVals"][0][0], dtype=torch.float64)  # [rank, layer]
+    bottom = torch.tensor(props["bottomkVals"][0][0], dtype=torch.float64)
+    if not top.numel():
+        return None
+    return peak_layer(torch.maximum(top.abs().amax(0), bottom.abs().amax(0)))
 
 
 def _is_figure(x: Any) -> bool:
@@ -459,21 +486,46 @@ def _circuitsvis_js() -> str:
 
 _MOUNT_JS = """
 window.tlSpikesink = {
-  // Mount a CircuitsVis widget when it first comes near the viewport: the page opens at once,
-  // and a heavy widget costs its drawing time only when someone scrolls to it.
+  queue: [],
+  // Every widget is drawn as the page opens, one per task in page order, so the page paints
+  // between them. A container records when its content appeared (data-drawn-ms, ms since the
+  // page was opened); a TopkTokens widget then opens on the layer range of its spike.
   mount(id, component, props) {
-    const el = document.getElementById(id);
-    const draw = () => {
-      if (el.dataset.mounted) return;
+    this.queue.push(() => {
+      const el = document.getElementById(id);
+      const done = new MutationObserver(() => {
+        if (!el.children.length) return;
+        done.disconnect();
+        el.classList.remove("pending");
+        el.dataset.drawnMs = Math.round(performance.now());
+        if (el.dataset.openLayer) tlSpikesink.openLayer(el, Number(el.dataset.openLayer));
+      });
+      done.observe(el, { childList: true });
       el.dataset.mounted = "1";
-      el.classList.remove("pending");
       CircuitsVis.render(id, CircuitsVis[component], props);
+    });
+    if (this.queue.length === 1) setTimeout(() => this.next(), 0);
+  },
+  next() {
+    const draw = this.queue.shift();
+    if (!draw) return;
+    draw();
+    if (this.queue.length) setTimeout(() => this.next(), 0);
+  },
+  // Pick the option of the layer-range selector ("10-14") that holds `layer`, as a reader would.
+  openLayer(el, layer) {
+    const select = el.querySelector("#neuron-selector");
+    if (!select) return;
+    const holds = (o) => {
+      const [a, b] = o.value.split("-").map(Number);
+      return a <= layer && layer <= (Number.isNaN(b) ? a : b);
     };
-    if (!("IntersectionObserver" in window)) return draw();
-    const seen = new IntersectionObserver((entries) => {
-      if (entries.some((e) => e.isIntersecting)) { seen.disconnect(); draw(); }
-    }, { rootMargin: "200px" });
-    seen.observe(el);
+    const option = [...select.options].find(holds);
+    if (!option) return;
+    // Also when it looks selected: CircuitsVis's first range ("0-4") is no option when there
+    // are fewer layers, and the table then has empty columns until one is picked.
+    select.value = option.value;
+    select.dispatchEvent(new Event("change", { bubbles: true }));
   },
 };
 """
@@ -493,8 +545,10 @@ pre { background: #f6f6f6; padding: 10px; overflow-x: auto; font-size: 12px; }
 .figure { margin: 10px 0 18px; }
 .cv-widget { margin: 8px 0 24px; position: relative; }
 .cv-widget.pending { min-height: 80px; background: #f6f7f9; }
-.cv-widget.pending::before { content: "drawn when scrolled into view"; color: #888; padding: 10px;
-  display: block; }
+.cv-widget.pending::before { content: "drawing…"; color: #888; padding: 10px; display: block; }
+/* ColoredTokensMulti pads itself by 20 px per layer for its hover table: a blank gap of 600 px
+   under a 30-layer model. The hover table floats over what follows instead. */
+.cv-widget[data-component="ColoredTokensMulti"] > div { padding-bottom: 8px !important; }
 details { margin: 14px 0; } summary { cursor: pointer; color: #335; }
 """
 

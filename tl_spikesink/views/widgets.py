@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import html
 import json
+import math
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -62,9 +63,11 @@ def attention_heads_widget(
     """A layer's attention heads on one text, with sink heads and sink columns marked.
 
     Heads are named like ``"L5H3 sink 0.94"`` (a sink head and its first-token sink score) or
-    ``"L5H4 0.12"``. Scores and sink heads come from `result` (pooled over its corpus) when
-    given, else from this text alone (α_0 = Σ_i A_i0 / T). A key token whose α_k in this text
-    exceeds ε in some head of the layer gets :data:`SINK_MARK` appended to its label.
+    ``"L5H4 0.12"`` and ordered by that score, strongest first, so the widget opens on the
+    strongest sink head (CircuitsVis zooms on the first head). Scores and sink heads come from
+    `result` (pooled over its corpus) when given, else from this text alone
+    (α_0 = Σ_i A_i0 / T). A key token whose α_k in this text exceeds ε in some head of the
+    layer gets :data:`SINK_MARK` appended to its label.
 
     Args:
         model: a HookedTransformer-like model; only read.
@@ -86,16 +89,17 @@ def attention_heads_widget(
     pattern = kept[hook_name("pattern", layer)].float()  # [head, query, key]
     alpha = _alpha(pattern)
     scores = result.sinks.scores[layer].tolist() if result is not None else alpha[:, 0].tolist()
+    order = sorted(range(len(scores)), key=lambda h: -scores[h])  # stable: ties keep head order
     names = [
-        f"L{layer}H{h} sink {s:.2f}" if s > eps else f"L{layer}H{h} {s:.2f}"
-        for h, s in enumerate(scores)
+        f"L{layer}H{h} sink {scores[h]:.2f}" if scores[h] > eps else f"L{layer}H{h} {scores[h]:.2f}"
+        for h in order
     ]
     seen = torch.arange(len(tokens), 0, -1)
     sink_keys = ((alpha > eps) & (seen >= min(_MIN_QUERIES, len(tokens)))).any(0)
     labels = [t + SINK_MARK if s else t for t, s in zip(tokens, sink_keys.tolist(), strict=True)]
     return render(
         "AttentionHeads",
-        attention=_compact(pattern),
+        attention=_compact(pattern[order]),
         tokens=labels,
         attentionHeadNames=names,
         maxValue=1.0,
@@ -116,7 +120,9 @@ def spike_tokens_widget(
     The value of a token at layer L (button "L5") is log10(1 + max_c |x_c|) over the channels of
     `site` at L, so 3.48 means a 3,000 activation. Every layer shares one color scale (the
     largest value of the text), so the spike appears where it steps up and fades where it steps
-    down.
+    down. CircuitsVis opens on its first button, so the first button, ``"L11 peak"``, repeats
+    the layer where the text's largest value first appears (within a factor 2 of it); the
+    buttons ``"L0"``, ``"L1"``, ... follow in order.
 
     Args:
         model: a HookedTransformer-like model; only read.
@@ -126,22 +132,37 @@ def spike_tokens_widget(
         max_tokens: read at most this many tokens of `text`.
 
     Returns:
-        A CircuitsVis ``ColoredTokensMulti`` widget (values [token, layer]); token strings are
-        HTML-escaped, because the component renders them as HTML.
+        A CircuitsVis ``ColoredTokensMulti`` widget (values [token, 1 + layer]: column 0 is the
+        peak layer again); token strings are HTML-escaped, because the component renders them
+        as HTML.
     """
     names = [hook_name(site, layer) for layer in range(Anatomy.of(model).n_layers)]
     tokens, kept = _forward(model, text, dict.fromkeys(names, _log_magnitude), result, max_tokens)
     values = torch.stack([kept[n] for n in names], dim=1)
-    n_layers = len(names)
+    peak = peak_layer(values.amax(0), log=True)
+    values = torch.cat([values[:, peak : peak + 1], values], dim=1)
+    n_values = values.shape[1]
     top = round(float(values.max()), _DECIMALS)
     return render(
         "ColoredTokensMulti",
         tokens=_as_html(tokens),
         values=_round(values),
-        labels=[f"L{layer}" for layer in range(n_layers)],
-        positiveBounds=[max(top, 1e-6)] * n_layers,
-        negativeBounds=[-1e-6] * n_layers,
+        labels=[f"L{peak} peak"] + [f"L{layer}" for layer in range(len(names))],
+        positiveBounds=[max(top, 1e-6)] * n_values,
+        negativeBounds=[-1e-6] * n_values,
     )
+
+
+def peak_layer(per_layer: torch.Tensor, *, log: bool = False) -> int:
+    """The first layer whose value is within a factor 2 of the largest: where a spike appears.
+
+    Args:
+        per_layer: one value per layer, e.g. the largest |x| of a text at each layer.
+        log: the values are log10 magnitudes (then "a factor 2" is log10(2) below the top).
+    """
+    top = float(per_layer.max())
+    cut = top - math.log10(2) if log else top / 2
+    return int((per_layer >= cut).nonzero()[0]) if per_layer.numel() else 0
 
 
 def spike_topk_widget(
@@ -158,10 +179,16 @@ def spike_topk_widget(
 
     Channels are `channels`, else the scan's spike channels, else (no spikes found) the three
     channels with the largest |x| in these texts, so the widget always shows something.
-    Selectors: "Sample" picks a (text, channel) pair ("text 0 · ch 507"); "Site" the residual
-    stream or a block output (the MLP output shows which tokens a step-up block writes the
-    spike into, and the negative values of a step-down block); columns are layers (CircuitsVis
-    numbers that axis itself, and layer numbers are what it counts).
+    Selectors: "Sample" picks a (text, channel) pair ("text 0 · ch 507 · max |x| 2.4e+04");
+    "Site" the residual stream or a block output (the MLP output shows which tokens a step-up
+    block writes the spike into, and the negative values of a step-down block); columns are
+    layers (CircuitsVis numbers that axis itself, and layer numbers are what it counts).
+
+    CircuitsVis colors a cell by its value on a fixed scale from 0 to 1 (blue) and 0 to -1
+    (red), so raw activations of hundreds would all be one solid color. Each sample's values
+    are therefore divided by that sample's largest |x| over all sites and layers (named in its
+    label): the spike is 1 and dark, ordinary tokens are pale, and hovering a cell gives this
+    fraction.
 
     Args:
         model: a HookedTransformer-like model; only read.
@@ -173,9 +200,9 @@ def spike_topk_widget(
         max_tokens: read at most this many tokens of each text.
 
     Returns:
-        A CircuitsVis ``TopkTokens`` widget (token strings HTML-escaped, as it renders HTML).
-        With a single sample (one text, one channel) CircuitsVis shows one layer column until
-        a layer range is picked.
+        A CircuitsVis ``TopkTokens`` widget (token strings HTML-escaped, as it renders HTML;
+        values are fractions of each sample's largest |x|). With a single sample (one text,
+        one channel) CircuitsVis shows one layer column until a layer range is picked.
     """
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
@@ -199,15 +226,25 @@ def spike_topk_widget(
     # One sample per (text, channel): CircuitsVis shows all layer columns only with 2+ samples,
     # and its first selector can then name the sites. Arrays are [site, token, layer].
     samples = [(i, j) for i in range(len(texts)) for j in range(len(channels))]
+    arrays = [acts[i][..., j].transpose(1, 2).double() for i, j in samples]
+    peaks = [float(a.abs().max()) for a in arrays]
     return topk_tokens(
         tokens=[_as_html(runs[i][0]) for i, _ in samples],
-        activations=[acts[i][..., j].transpose(1, 2).double().numpy() for i, j in samples],
+        activations=[_fraction(a, peak).numpy() for a, peak in zip(arrays, peaks, strict=True)],
         max_k=k,
         first_dimension_name="Site",
         third_dimension_name="Layer",
         first_dimension_labels=list(sites),
-        sample_labels=[f"text {i} · ch {channels[j]}" for i, j in samples],
+        sample_labels=[
+            f"text {i} · ch {channels[j]} · max |x| {peak:.3g}"
+            for (i, j), peak in zip(samples, peaks, strict=True)
+        ],
     )
+
+
+def _fraction(x: torch.Tensor, peak: float) -> torch.Tensor:
+    """`x / peak` rounded for the browser (all zeros stay zeros)."""
+    return (x / peak if peak > 0 else x).mul(10**_DECIMALS).round().div(10**_DECIMALS)
 
 
 def plot_text_sink_scores(
@@ -215,7 +252,8 @@ def plot_text_sink_scores(
 ) -> go.Figure:
     """Layers × heads heatmap (plotly) of the first-token sink score α_0 on one text.
 
-    For scores pooled over a corpus, plot the scan: :func:`~tl_spikesink.views.plots.plot_sink_scores`.
+    For scores pooled over a corpus, plot the scan:
+    :func:`~tl_spikesink.views.plots.plot_sink_scores`.
     (Named ``sink_scores_widget`` before 0.2, although it returns a plotly figure.)
 
     Args:
@@ -370,6 +408,7 @@ def _check_layer(layer: int, n_layers: int) -> None:
 __all__ = [
     "SINK_MARK",
     "attention_heads_widget",
+    "peak_layer",
     "plot_text_sink_scores",
     "sink_scores_widget",
     "spike_tokens_widget",

@@ -71,6 +71,8 @@ def test_plots_and_widgets_are_all_on_the_page(page):
         assert page.count(f'<div id="{div_id}"') == 1
     # The planted sink head (layer 0 holds the strongest) is the one shown and named.
     assert "Attention heads of layer 0" in page and '"L0H0 sink 1.00"' in page
+    # The top-k widget opens on the layer range of the planted spike (layer 1).
+    assert 'data-component="TopkTokens" data-open-layer="1"' in page
 
 
 def test_attention_widget_is_capped_and_token_widgets_are_not(planted, result):
