@@ -222,11 +222,11 @@ def heal(
     scan_config = ScanConfig(max_tokens=config.eval_tokens, max_seq_len=config.seq_len)
     held_out = as_corpus(model, eval_texts, scan_config, name="held-out texts")
     start = time.perf_counter()
-    clean = _measure("clean", model, held_out, scan_config)
-    patient = operate(model, config, train_texts[:64])
-    before = _measure("surgery", patient, held_out, scan_config)
+    clean, clean_scan = _measure("clean", model, held_out, scan_config)
+    patient = operate(model, config, train_texts[:64], scan=clean_scan)
+    before, _ = _measure("surgery", patient, held_out, scan_config)
     trained, losses = _train(patient, config, train_texts, progress)
-    healed = _measure("healed", patient, held_out, scan_config)
+    healed, _ = _measure("healed", patient, held_out, scan_config)
     record = Healing(
         model=str(model.cfg.model_name),
         config=config,
@@ -239,17 +239,19 @@ def heal(
     return patient, record
 
 
-def operate(model: Any, config: HealConfig, calibration: list[str]) -> Any:
+def operate(model: Any, config: HealConfig, calibration: list[str], scan: Any = None) -> Any:
     """A deep copy of `model` with the surgery done.
 
     Every parameter is frozen but the new ones and the norm gains (see the module docstring).
+    `scan`, a clean scan of the model, sets the cut above which a token counts as a spike token
+    where the DyT calibration leaves spike tokens out (default: the absolute 100).
     """
     patient = copy.deepcopy(model)
     patient.eval()
     for p in patient.parameters():
         p.requires_grad_(False)
     if config.surgery == "dyt":
-        _swap_dyt(model, patient, calibration)
+        _swap_dyt(model, patient, calibration, scan)
     else:
         _add_norm_gains(patient)
         patient.setup()  # hook names must reach the new norms' hook points
@@ -274,11 +276,11 @@ def _norms(model: Any) -> list[tuple[Any, str]]:
     return found
 
 
-def _swap_dyt(model: Any, patient: Any, calibration: list[str]) -> None:
+def _swap_dyt(model: Any, patient: Any, calibration: list[str], scan: Any) -> None:
     from tl_spikesink.interventions.norms import norm_scales
     from tl_spikesink.training.variants import DynamicTanh
 
-    scales = norm_scales(model, calibration).medians
+    scales = norm_scales(model, calibration, scan=scan).medians
     for parent, attr in _norms(patient):
         name = "ln_final" if parent is patient else f"blocks.{_index(patient, parent)}.{attr}"
         old = getattr(parent, attr)
@@ -411,13 +413,13 @@ def _stream(model: Any, texts: list[str]) -> torch.Tensor:
     return torch.tensor([i for text in ids for i in text])
 
 
-def _measure(name: str, model: Any, corpus: Any, config: Any) -> Stage:
+def _measure(name: str, model: Any, corpus: Any, config: Any) -> tuple[Stage, Any]:
     from tl_spikesink.evaluation.scoring import evaluate
     from tl_spikesink.training.runs import first_token_profile
 
     ev = evaluate(model, corpus, config=config, progress=False)
     sinks = ev.scan.sinks
-    return Stage(
+    stage = Stage(
         name=name,
         perplexity=ev.perplexity,
         sink_ratio=sinks.sink_ratio,
@@ -425,6 +427,7 @@ def _measure(name: str, model: Any, corpus: Any, config: Any) -> Stage:
         spike=float(ev.scan.spikes.top("resid_post", 1).max()),
         first_token_spike_ratio=_first_token_ratio(model, corpus, first_token_profile),
     )
+    return stage, ev.scan
 
 
 def _first_token_ratio(model: Any, corpus: Any, profile: Any) -> float:

@@ -294,7 +294,7 @@ class PaperComparison(Result):
             }
             body.append(
                 [
-                    str(r.row.table),
+                    "all" if r.row.name == "baseline" else str(r.row.table),
                     r.row.label,
                     str(len(r.seeds)),
                     f"{_mean(r.perplexity):.2f}",
