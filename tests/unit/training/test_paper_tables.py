@@ -53,13 +53,6 @@ TINY = TrainConfig(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def build(v: Variant, n_ctx: int = 16):
     cfg = model_config(
@@ -168,7 +161,7 @@ def test_gate_at_one_is_no_gate_and_at_zero_silences_every_head(kind, shape):
 
 def test_conditional_gates_depend_on_what_they_read():
     x = tokens()
-    for kind, varies_with in (("token", "token"), ("positional", "position"), ("input", "both")):
+    for kind in ("token", "positional", "input"):
         model = build(Variant("g", gate=kind))
         with torch.no_grad():
             for p in model.blocks[0].attn.parameters():
