@@ -29,3 +29,21 @@ def test_readme_quotes_the_committed_numbers():
     n = len(summary["rows"]) - 1  # the baseline is no comparison
     agreeing = round(summary["agreement"]["spike"] * n)
     assert f"in {agreeing} of {n} rows" in readme
+
+
+def test_the_readme_table_command_parses_to_the_committed_settings():
+    import re
+    import shlex
+
+    from tl_spikesink.cli.commands import build_parser
+
+    readme = (RESULTS.parents[1] / "README.md").read_text()
+    block = re.search(r"^tl-spikesink ablate --variants paper .*?(?=\n```)", readme, re.M | re.S)
+    args = build_parser().parse_args(shlex.split(block.group(0).replace("\\\n", " "))[1:])
+    table = load_table(RESULTS / "ablation.json")
+    c = table.config
+    assert (args.layers, args.d_model, args.d_head, args.d_mlp) == (
+        c.n_layers, c.d_model, c.d_head, c.d_mlp)  # fmt: skip
+    assert (args.seq_len, args.batch_size, args.steps, args.lr, args.warmup) == (
+        c.seq_len, c.batch_size, c.steps, c.lr, c.warmup)  # fmt: skip
+    assert (args.source, args.vocab) == (table.task["source"], table.task["vocab_size"])
