@@ -374,6 +374,8 @@ def _add_gates(patient: Any, bias: float) -> None:
 def _train(
     patient: Any, config: HealConfig, texts: list[str], progress: bool
 ) -> tuple[int, tuple[float, ...]]:
+    from tl_spikesink.training.runs import next_token_loss
+
     params = [p for p in patient.parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(config.seed)
     stream = _stream(patient, texts)
@@ -383,7 +385,7 @@ def _train(
     bos = int(patient.tokenizer.bos_token_id)
     device = _device(patient)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    first = config.loss_from - 1 if config.surgery == "loss_from" else 0
+    loss_from = config.loss_from if config.surgery == "loss_from" else 0
     losses: list[float] = []
     patient.train()
     try:
@@ -391,8 +393,7 @@ def _train(
             starts = torch.randint(0, len(stream) - window, (config.batch_size,), generator=gen)
             body = stream[starts[:, None] + torch.arange(window)]
             tokens = torch.cat([torch.full((config.batch_size, 1), bos), body], 1).to(device)
-            per_token = patient(tokens, return_type="loss", loss_per_token=True)
-            loss = per_token[:, first:].mean()
+            loss = next_token_loss(patient, tokens, loss_from)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

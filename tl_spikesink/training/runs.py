@@ -24,12 +24,13 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from tl_spikesink.config import check_fields
 from tl_spikesink.corpus import Corpus
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.evaluation.scoring import evaluate
@@ -78,14 +79,11 @@ class TrainConfig:
     """Sink-head threshold of the probe scan."""
     device: str = "cpu"
     """Where to train ("cuda" on a GPU); the probes read the model where it is."""
-    precision: str = "float32"
+    precision: Literal["float32", "bfloat16"] = "float32"
     """"float32", or "bfloat16" (autocast of the training forward; weights stay float32)."""
 
     def __post_init__(self) -> None:
-        if self.precision not in ("float32", "bfloat16"):
-            raise SpikeSinkError(
-                f"TrainConfig.precision must be 'float32' or 'bfloat16', got {self.precision!r}"
-            )
+        check_fields(self)
         for name in ("n_layers", "d_model", "d_head", "d_mlp", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise SpikeSinkError(
@@ -266,12 +264,7 @@ def train(
         length = lengths[int(torch.randint(len(lengths), (1,), generator=gen))]
         tokens = task.sample(config.batch_size, length, gen).to(config.device)
         with autocast:
-            if settings.loss_from:
-                # loss_per_token[:, i] scores the token at position i + 1.
-                per_token = model(tokens, return_type="loss", loss_per_token=True)
-                loss = per_token[:, settings.loss_from - 1 :].float().mean()
-            else:
-                loss = model(tokens, return_type="loss").float()
+            loss = next_token_loss(model, tokens, settings.loss_from)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -390,6 +383,15 @@ def _lr_factor(step: int, regime: Regime, config: TrainConfig) -> float:
     progress = min(1.0, (step - config.warmup) / span)
     floor = regime.min_lr_ratio
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def next_token_loss(
+    model: HookedTransformer, tokens: torch.Tensor, loss_from: int = 0
+) -> torch.Tensor:
+    """Mean next-token loss over the tokens at positions ≥ `loss_from` (BOS = 0; 0 or 1: all)."""
+    # loss_per_token[:, i] scores the token at position i + 1.
+    per_token = model(tokens, return_type="loss", loss_per_token=True)
+    return per_token[:, max(loss_from - 1, 0) :].float().mean()
 
 
 @torch.no_grad()
@@ -549,6 +551,7 @@ __all__ = [
     "load_checkpoint",
     "Regime",
     "held_out_perplexity",
+    "next_token_loss",
     "probe_batch",
     "rebuild_task",
     "save_checkpoint",
