@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from tl_spikesink.config import at_least, check_fields
 from tl_spikesink.errors import SpikeSinkError
+from tl_spikesink.probes.engine import device_of
 from tl_spikesink.results import Result, find
 
 Surgery = Literal["dyt", "qk_norm", "gate", "loss_from"]
@@ -263,16 +264,16 @@ def operate(model: Any, config: HealConfig, calibration: list[str], scan: Any = 
     return patient
 
 
-def _norms(model: Any) -> list[tuple[Any, str]]:
-    """(parent module, attribute) of every RMSNorm of the model."""
+def _norms(model: Any) -> list[tuple[str, Any, str]]:
+    """(module name, parent module, attribute) of every RMSNorm of the model."""
     found = []
-    for block in model.blocks:
+    for i, block in enumerate(model.blocks):
         for attr in ("ln1", "ln2", "ln1_post", "ln2_post"):
             if isinstance(getattr(block, attr, None), nn.Module) and not isinstance(
                 getattr(block, attr), nn.Identity
             ):
-                found.append((block, attr))
-    found.append((model, "ln_final"))
+                found.append((f"blocks.{i}.{attr}", block, attr))
+    found.append(("ln_final", model, "ln_final"))
     return found
 
 
@@ -281,36 +282,25 @@ def _swap_dyt(model: Any, patient: Any, calibration: list[str], scan: Any) -> No
     from tl_spikesink.training.variants import DynamicTanh
 
     scales = norm_scales(model, calibration, scan=scan).medians
-    for parent, attr in _norms(patient):
-        name = "ln_final" if parent is patient else f"blocks.{_index(patient, parent)}.{attr}"
+    for name, parent, attr in _norms(patient):
         old = getattr(parent, attr)
         dyt = DynamicTanh(patient.cfg.d_model, alpha=1.0 / scales.get(name, 1.0))
         weight = getattr(old, "w", None)
         if weight is not None:  # an unfolded gain carries over
             with torch.no_grad():
                 dyt.w.copy_(weight)
-        setattr(parent, attr, dyt.to(_device(patient)))
-
-
-def _index(model: Any, block: Any) -> int:
-    return next(i for i, b in enumerate(model.blocks) if b is block)
-
-
-def _device(model: Any) -> torch.device:
-    from tl_spikesink.probes.engine import device_of
-
-    return device_of(model)
+        setattr(parent, attr, dyt.to(device_of(patient)))
 
 
 def _add_norm_gains(patient: Any) -> None:
     from transformer_lens.components import RMSNorm
 
-    for parent, attr in _norms(patient):
+    for _, parent, attr in _norms(patient):
         old = getattr(parent, attr)
         if hasattr(old, "w"):
             old.w.requires_grad_(True)
             continue
-        new = RMSNorm(patient.cfg, patient.cfg.d_model).to(_device(patient))
+        new = RMSNorm(patient.cfg, patient.cfg.d_model).to(device_of(patient))
         with torch.no_grad():
             new.w.fill_(1.0)
         setattr(parent, attr, new)
@@ -336,7 +326,7 @@ def _add_qk_norm(patient: Any, calibration: list[str]) -> None:
     run(patient, corpus, [Reduce([(n, keep(n)) for n in names])], progress=False)
     for i, block in enumerate(patient.blocks):
         for w in "qk":
-            norm = RMSNorm(patient.cfg, patient.cfg.d_head).to(_device(patient))
+            norm = RMSNorm(patient.cfg, patient.cfg.d_head).to(device_of(patient))
             with torch.no_grad():
                 norm.w.fill_(float(torch.cat(rms[f"blocks.{i}.attn.hook_{w}"]).median()))
             setattr(block.attn, f"{w}_norm", norm)
@@ -364,7 +354,7 @@ class HeadGate(nn.Module):
 
 def _add_gates(patient: Any, bias: float) -> None:
     for i, block in enumerate(patient.blocks):
-        gate = HeadGate(patient.cfg.d_model, patient.cfg.n_heads, bias).to(_device(patient))
+        gate = HeadGate(patient.cfg.d_model, patient.cfg.n_heads, bias).to(device_of(patient))
         block.head_gate = gate
         # Permanent hooks: every analysis of the healed copy sees the gated model.
         patient.add_hook(f"blocks.{i}.ln1.hook_normalized", gate.read, is_permanent=True)
@@ -383,7 +373,7 @@ def _train(
     if len(stream) <= window:
         raise SpikeSinkError("the training texts are shorter than one window; pass more text")
     bos = int(patient.tokenizer.bos_token_id)
-    device = _device(patient)
+    device = device_of(patient)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     loss_from = config.loss_from if config.surgery == "loss_from" else 0
     losses: list[float] = []
