@@ -13,9 +13,7 @@ Example:
 
 from __future__ import annotations
 
-import warnings
-from importlib import import_module
-from typing import Any
+from tl_spikesink.lazy import exports
 
 __version__ = "0.1.0"
 
@@ -131,21 +129,12 @@ _RENAMED = {
 """Old root names whose new name differs: the old one was misleading or collided."""
 
 
-def __getattr__(name: str) -> Any:
-    if name in _NAMES:
-        return getattr(import_module(f"tl_spikesink.{_NAMES[name]}"), name)
-    if name in _SUBPACKAGES or name in _OTHER_MODULES:
-        return import_module(f"tl_spikesink.{name}")
-    if name in _MOVED or name in _RENAMED:
-        module, new = _RENAMED.get(name, (_MOVED.get(name), name))
-        warnings.warn(
-            f"tl_spikesink.{name} moved to tl_spikesink.{module}.{new}; the root name goes in "
-            "the next release",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(import_module(f"tl_spikesink.{module}"), new)
-    raise AttributeError(f"module 'tl_spikesink' has no attribute {name!r}")
+__getattr__ = exports(
+    "tl_spikesink",
+    _NAMES,
+    modules=(*_SUBPACKAGES, *_OTHER_MODULES),
+    renamed={**{old: (module, old) for old, module in _MOVED.items()}, **_RENAMED},
+)
 
 
 def __dir__() -> list[str]:

@@ -29,6 +29,7 @@ Example (``torchrun --nproc-per-node 4 my_scan.py``)::
 from __future__ import annotations
 
 import functools
+import inspect
 import io
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -43,7 +44,7 @@ import torch.distributed as dist
 from tl_spikesink.anatomy import Anatomy
 from tl_spikesink.corpus import Corpus
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.evaluation.scoring import Evaluation, evaluate_all
+from tl_spikesink.evaluation.scoring import Evaluation, evaluate, evaluate_all
 from tl_spikesink.interventions.base import Intervention
 from tl_spikesink.probes.scan import ScanConfig, ScanResult, as_corpus, scan, scan_corpus
 
@@ -116,22 +117,52 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def _sharded(single: Callable[..., T]) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Make a sharded body callable with `single`'s own signature; outside a group, run `single`.
+
+    The body gets this rank, the world size and `single`'s arguments by name (defaults applied),
+    so the distributed variants cannot drift from the functions they shard.
+    """
+    signature = inspect.signature(single)
+
+    def wrap(body: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(body)
+        def sharded(*args: Any, **kwargs: Any) -> T:
+            here, world = _world()
+            if world == 1:
+                return single(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return body(here, world, **bound.arguments)
+
+        sharded.__signature__ = signature  # type: ignore[attr-defined]
+        return sharded
+
+    return wrap
+
+
+@_sharded(scan)
 def scan_distributed(
+    here: int,
+    world: int,
     model: Any,
-    texts: Sequence[str] | str | Corpus | None = None,
-    config: ScanConfig | None = None,
-    *,
-    progress: bool = True,
-    **settings: Any,
+    texts: Sequence[str] | str | Corpus | None,
+    config: ScanConfig | None,
+    progress: bool,
+    settings: dict[str, Any],
 ) -> ScanResult:
     """:func:`tl_spikesink.probes.scan`, each rank reading its own shard; every rank gets the whole.
 
+    Called as :func:`scan` is (its signature); `here` and `world` come from the decorator.
+
     Args:
+        here: this rank.
+        world: the number of ranks.
         model: this rank's model (a whole copy; see the README on large models).
         texts: the same texts (or Corpus) on every rank; None for the default corpus.
         config: settings, the same on every rank.
         progress: show a progress bar (rank 0 only).
-        **settings: override single fields of `config` (e.g. ``batch_size=4``).
+        settings: overrides of single fields of `config` (e.g. ``batch_size=4``).
 
     Returns:
         The merged :class:`ScanResult`, identical on every rank and equal to the
@@ -147,9 +178,6 @@ def scan_distributed(
         ...     result.to_json("scan.json")
     """
     config = replace(config or ScanConfig(), **settings)
-    here, world = _world()
-    if world == 1:
-        return scan(model, texts, config, progress=progress)
 
     def task() -> tuple[dict[str, Any], ScanResult | None]:
         corpus = _prepare(model, texts, config)
@@ -162,14 +190,16 @@ def scan_distributed(
     return _whole(_merge(parts), record, world)
 
 
+@_sharded(evaluate)
 def evaluate_distributed(
+    here: int,
+    world: int,
     model: Any,
     texts_or_corpus: Sequence[str] | str | Corpus | None,
-    intervention: Intervention | None = None,
-    *,
-    config: ScanConfig | None = None,
-    sink_heads: Sequence[tuple[int, int]] | None = None,
-    progress: bool = True,
+    intervention: Intervention | None,
+    config: ScanConfig | None,
+    sink_heads: Sequence[tuple[int, int]] | None,
+    progress: bool,
 ) -> Evaluation:
     """:func:`tl_spikesink.evaluation.scoring`, sharded over the ranks; every rank gets the whole.
 
@@ -185,14 +215,16 @@ def evaluate_distributed(
     )[0]
 
 
+@_sharded(evaluate_all)
 def evaluate_all_distributed(
+    here: int,
+    world: int,
     model: Any,
     corpus: Corpus,
     interventions: Sequence[Intervention | None],
-    *,
     config: ScanConfig,
-    sink_heads: Sequence[tuple[int, int]] | None = None,
-    progress: bool = True,
+    sink_heads: Sequence[tuple[int, int]] | None,
+    progress: bool,
 ) -> list[Evaluation]:
     """:func:`tl_spikesink.evaluation.scoring.evaluate_all`, sharded; :func:`experiment` uses it.
 
@@ -201,11 +233,6 @@ def evaluate_all_distributed(
     evaluation if one is asked for, else from a sharded clean scan (one extra forward pass
     over the corpus, which a single process gets for free from its scoring pass).
     """
-    here, world = _world()
-    if world == 1:
-        return evaluate_all(
-            model, corpus, interventions, config=config, sink_heads=sink_heads, progress=progress
-        )
     shard = corpus.shard(here, world)
     shown = progress and here == 0
     wanted = list(interventions)

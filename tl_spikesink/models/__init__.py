@@ -7,8 +7,7 @@
 TransformerLens or torch.
 """
 
-from importlib import import_module
-from typing import Any
+from tl_spikesink.lazy import exports
 
 _NAMES = {
     "DEFAULT_MODEL": "registry",
@@ -21,10 +20,7 @@ _NAMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _NAMES:
-        return getattr(import_module(f"tl_spikesink.models.{_NAMES[name]}"), name)
-    raise AttributeError(f"module 'tl_spikesink.models' has no attribute {name!r}")
+__getattr__ = exports("tl_spikesink.models", _NAMES)
 
 
 __all__ = [

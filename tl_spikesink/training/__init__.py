@@ -12,9 +12,7 @@ Names load on first use, so `import tl_spikesink` (and the CLI's parser) stays l
 Its figures (emergence curves, the table as bars) are views: :mod:`tl_spikesink.views.training`.
 """
 
-import warnings
-from importlib import import_module
-from typing import Any
+from tl_spikesink.lazy import exports
 
 _NAMES = {
     "AblationRow": "ablation",
@@ -56,18 +54,6 @@ _RENAMED = {
 """Old names (``ablate`` read like an intervention; plots are views) → where they are now."""
 
 
-def __getattr__(name: str) -> Any:
-    if name in _NAMES:
-        return getattr(import_module(f"tl_spikesink.training.{_NAMES[name]}"), name)
-    if name in _RENAMED:
-        module, new = _RENAMED[name]
-        warnings.warn(
-            f"tl_spikesink.training.{name} is now tl_spikesink.{module}.{new}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(import_module(f"tl_spikesink.{module}"), new)
-    raise AttributeError(f"module 'tl_spikesink.training' has no attribute {name!r}")
-
+__getattr__ = exports("tl_spikesink.training", _NAMES, renamed=_RENAMED)
 
 __all__ = sorted(_NAMES)

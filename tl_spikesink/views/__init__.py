@@ -4,7 +4,7 @@ Nothing here computes a statistic; each view takes a result. Importing this pack
 neither plotly nor CircuitsVis: each module imports them where a figure is drawn.
 """
 
-from importlib import import_module as _import_module
+from tl_spikesink.lazy import exports
 
 _MODULES = (
     "format",
@@ -21,11 +21,8 @@ _MODULES = (
 )
 
 
-def __getattr__(name: str):
-    # Submodules load on first use: plotly and CircuitsVis only when a figure is drawn.
-    if name in _MODULES:
-        return _import_module(f"tl_spikesink.views.{name}")
-    raise AttributeError(f"module 'tl_spikesink.views' has no attribute {name!r}")
+# Submodules load on first use: plotly and CircuitsVis only when a figure is drawn.
+__getattr__ = exports("tl_spikesink.views", {}, modules=_MODULES)
 
 
 __all__ = list(_MODULES)

@@ -85,4 +85,27 @@ def text_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [fmt(header), fmt(["-" * w for w in width]), *(fmt(r) for r in rows)]
 
 
-__all__ = ["MISSING", "json_clean", "json_text", "layer_list", "num", "pct", "signed", "text_table"]
+def block_events(counter: dict, verb: str) -> str:
+    """Step-up or step-down blocks with what each did: `verb` is "created" or "cancelled"."""
+    from tl_spikesink.anatomy import paper_block
+
+    if not counter:
+        return "none"
+    return ", ".join(
+        f"layer {layer} {comp} = paper block {paper_block(layer, comp)} "
+        f"({verb} {n} token-channel spike{'' if n == 1 else 's'})"
+        for (layer, comp), n in sorted(counter.items())
+    )
+
+
+__all__ = [
+    "MISSING",
+    "block_events",
+    "json_clean",
+    "json_text",
+    "layer_list",
+    "num",
+    "pct",
+    "signed",
+    "text_table",
+]

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tl_spikesink.errors import SpikeSinkError
-from tl_spikesink.views.format import layer_list, num, pct
+from tl_spikesink.views.format import block_events, layer_list, num, pct
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -256,8 +256,8 @@ def _summary(r: ScanResult) -> str:
         ),
         ("spike channels", ", ".join(map(str, s.channels)) or "none"),
         ("massive layers", layer_list(s.massive_layers)),
-        ("step-up blocks", _events(s.lifecycle["step_up"], "created")),
-        ("step-down blocks", _events(s.lifecycle["step_down"], "cancelled")),
+        ("step-up blocks", block_events(s.lifecycle["step_up"], "created")),
+        ("step-down blocks", block_events(s.lifecycle["step_down"], "cancelled")),
         (
             "spike tokens",
             f"{len(s.tokens)} ({token_shares(s)})"
@@ -434,19 +434,6 @@ def _cell(v: Any) -> str:
     if hasattr(v, "tolist"):  # tensors and arrays
         return _cell(v.tolist())
     return str(v)
-
-
-def _events(counter: dict, verb: str) -> str:
-    """``layer (component, paper block b: <verb> n token-channel spikes)`` per block."""
-    from tl_spikesink.anatomy import paper_block
-
-    if not counter:
-        return "none"
-    return ", ".join(
-        f"{layer} ({comp}, paper block {paper_block(layer, comp)}: {verb} {n} token-channel "
-        f"spike{'' if n == 1 else 's'})"
-        for (layer, comp), n in sorted(counter.items())
-    )
 
 
 def _preview(text: str, n: int = 40) -> str:

@@ -1,7 +1,7 @@
 """Plotly figure of the residual stream's excess kurtosis per layer, with and without spike tokens.
 
-    >>> fig = plot_kurtosis(result)  # doctest: +SKIP
-    >>> fig.show()  # doctest: +SKIP
+>>> fig = plot_kurtosis(result)  # doctest: +SKIP
+>>> fig.show()  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -19,12 +19,6 @@ _RUN_LABELS = {
 }
 
 
-
-
-
-
-
-
 def render_report(r: SAEReport) -> str:
     """The text table ``print(report)`` shows."""
     from tl_spikesink.saes.evaluation import GROUPS

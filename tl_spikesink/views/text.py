@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from tl_spikesink.anatomy import paper_block
 from tl_spikesink.probes.spikes import SPIKE_DEFINITION
-from tl_spikesink.views.format import json_clean, layer_list, num, pct
+from tl_spikesink.views.format import block_events, json_clean, layer_list, num, pct
 
 if TYPE_CHECKING:
     from tl_spikesink.probes.scan import ScanResult
@@ -131,8 +131,8 @@ def summary(r: ScanResult) -> str:
         "hook_resid_post",
         f"  spike channels   {', '.join(map(str, s.channels[:8])) or 'none'}",
         f"  massive layers   {layer_list(s.massive_layers)}",
-        f"  step-up blocks   {_events(s.lifecycle['step_up'], 'created')}",
-        f"  step-down blocks {_events(s.lifecycle['step_down'], 'cancelled')}",
+        f"  step-up blocks   {block_events(s.lifecycle['step_up'], 'created')}",
+        f"  step-down blocks {block_events(s.lifecycle['step_down'], 'cancelled')}",
         f"  spike tokens     {len(s.tokens)} ({token_shares(s)})",
     ]
     if s.truncated:
@@ -200,17 +200,6 @@ def _kurtosis_line(r: ScanResult) -> list[str]:
         f"{k.peak_layer}, mean {num(k.mean)}; without spike tokens: mean "
         f"{num(k.mean_without_spikes)} (OSP excess kurtosis over d_model, per token)"
     ]
-
-
-def _events(counter: dict, verb: str) -> str:
-    """Step-up or step-down blocks with what each did: `verb` is "created" or "cancelled"."""
-    if not counter:
-        return "none"
-    return ", ".join(
-        f"layer {layer} {comp} = paper block {paper_block(layer, comp)} "
-        f"({verb} {n} token-channel spike{'' if n == 1 else 's'})"
-        for (layer, comp), n in sorted(counter.items())
-    )
 
 
 def token_shares(stats: Any) -> str:

@@ -104,7 +104,7 @@ def test_widget_props_survive_embedding(page, planted, result):
 
 def test_summary_facts(page):
     assert "<th>spike channels</th><td>7</td>" in page
-    assert "<th>step-up blocks</th><td>1 (mlp, " in page
+    assert "<th>step-up blocks</th><td>layer 1 mlp = paper block " in page
     assert "<th>top sink heads</th><td>L0H0 1.00</td>" in page
     assert "&lt;bos&gt;" in page  # token strings escaped in the spike-token table
 
