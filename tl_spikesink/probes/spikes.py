@@ -26,6 +26,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -35,8 +36,8 @@ from tl_spikesink.anatomy import Site, hook_name
 from tl_spikesink.probes.engine import Probe, Step
 from tl_spikesink.probes.reducers import (
     BIN_SHIFT,
-    Buffers,
     N_BINS,
+    Buffers,
     TokenShares,
     TopEntries,
     abs_bits,
@@ -50,6 +51,10 @@ from tl_spikesink.tokens import TokenRef, is_delimiter
 _META = ("text_index", "start", "position", "channel", "token_id")
 _STEP_SHARE = 0.5
 """A block steps a spike up (down) when its output carries at least this share of it."""
+STAGE_BYTES = 8 << 20
+"""Activations a spike probe holds before reducing them together (at least one site of one
+layer): every layer of a short batch at once, yet small enough to leave a CPU's last-level cache
+to the weights the next layers read."""
 SPIKE_DEFINITION = (
     "largest |x| at hook_resid_post in the spike channels, over all layers and tokens "
     "(the 'Spike' column of Sun et al. 2026); null without a massive activation"
@@ -349,7 +354,8 @@ class SpikeProbe(Probe):
             s: [[] for _ in range(n_layers)] for s in sites
         }
         self.found: list[tuple] = []
-        self.waiting: dict[int, torch.Tensor] = {}
+        self.staged: list[tuple[int, int]] = []  # (site index, layer) of each filled stage slot
+        self.stage = torch.zeros(0, 0, 0)
         self.buffers = Buffers()
 
     def _threshold(self, site: Site) -> float:
@@ -360,12 +366,14 @@ class SpikeProbe(Probe):
     def hooks(self) -> list[tuple[str, Callable]]:
         """(hook_name, fn) pairs for `model.hooks`.
 
-        Every site of a block fires before its ``hook_resid_post``: the other sites' hooks only
-        keep a reference to their activation, and the residual stream's hook reduces the whole
-        layer at once (a third of the operations, which is what a hook costs at batch size 1).
+        A hook only copies its activation into a staging buffer; the staged (site, layer) pairs
+        are reduced together when the buffer is full (:data:`STAGE_BYTES`), when the activation
+        shape changes, and at the end of the pass. At batch size 1 a reduction costs what its
+        torch calls cost, whatever their size, so one reduction per pass instead of one per
+        layer is what keeps the scan close to a bare forward.
         """
         return [
-            (hook_name(site, layer), self._hook(i, site, layer))
+            (hook_name(site, layer), self._hook(i, layer))
             for i, site in enumerate(self.sites)
             for layer in range(self.n_layers)
         ]
@@ -388,131 +396,173 @@ class SpikeProbe(Probe):
             ],
             dim=-1,
         ).reshape(b * t, 4)
-        self.found: list[tuple] = []
-        self.waiting: dict[int, torch.Tensor] = {}
+        self.found = []
+        self.staged = []
 
-    def _hook(self, site_index: int, site: Site, layer: int) -> Callable:
-        if site != "resid_post":
-
-            def wait(act: Float[torch.Tensor, "batch pos d_model"], hook: Any) -> None:
-                self.waiting[site_index] = act.detach()
-
-            return wait
-
+    def _hook(self, site_index: int, layer: int) -> Callable:
         def hook(act: Float[torch.Tensor, "batch pos d_model"], hook: Any) -> None:
-            waiting, self.waiting = self.waiting, {}
-            together = [(i, a) for i, a in sorted(waiting.items()) if a.shape == act.shape]
-            for i, a in waiting.items():  # a site shaped otherwise goes alone
-                if a.shape != act.shape:
-                    self._reduce(layer, [(i, a)])
-            self._reduce(layer, [(site_index, act.detach()), *together])
+            self._stage(site_index, layer, act.detach())
 
         return hook
 
-    def _reduce(self, layer: int, acts: list[tuple[int, torch.Tensor]]) -> None:
-        sites = [i for i, _ in acts]
-        n_sites, d = len(acts), acts[0][1].shape[-1]
-        flats = [a.reshape(-1, d) for _, a in acts]
-        n_tok, device, buf = flats[0].shape[0], flats[0].device, self.buffers
+    def _stage(self, site_index: int, layer: int, act: torch.Tensor) -> None:
+        d = act.shape[-1]
+        shape = (act.numel() // d, d)
+        if self.staged and (shape != self.stage.shape[1:] or len(self.staged) == len(self.stage)):
+            self._flush()
+        if not self.staged:
+            most = len(self.sites) * self.n_layers
+            slots = max(1, min(most, STAGE_BYTES // (4 * act.numel())))
+            self.stage = self.buffers("stage", (slots, *shape), torch.float32, act.device)
+        self.stage[len(self.staged)].copy_(act.reshape(shape))
+        self.staged.append((site_index, layer))
+
+    def _flush(self) -> None:
+        """Reduce every staged (site, layer) at once: histogram counts and candidate entries."""
+        groups, self.staged = self.staged, []
+        n_groups = len(groups)
+        x = self.stage[:n_groups]
+        n_tok, d = x.shape[1:]
+        device, buf = x.device, self.buffers
         # |x|'s float32 bit pattern is ordered like |x|: as floats the bits are |x| itself (the
         # search below needs no |x| copy), their row maximum is the token maximum, and their
-        # high bits are the histogram bin. One buffer for every site of the layer.
-        bits = buf("bits", (n_sites, n_tok, d), torch.int32, device)
-        for s, x in enumerate(flats):
-            abs_bits(x, out=bits[s])
+        # high bits are the histogram bin.
+        bits = abs_bits(x, out=buf("bits", x.shape, torch.int32, device))
         magnitude = bits.view(torch.float32)
-        tok_max = bits.amax(-1).view(torch.float32)  # [site, token]
+        tok_max = bits.amax(-1).view(torch.float32)  # [group, token]
         if self.has_pads:
             tok_max.masked_fill_(self.pads.flatten()[None], -1.0)
 
         # The top-k entries lie in the k tokens with the largest maxima, and every entry above the
         # threshold in a token whose maximum is above it: only those rows are searched.
-        threshold = torch.tensor([self._threshold(self.sites[i]) for i in sites], device=device)
+        thresholds = [self._threshold(self.sites[i]) for i, _ in groups]
+        threshold = torch.tensor(thresholds, device=device)
         kth = tok_max.topk(min(self.top_k, n_tok), dim=-1).values[:, -1]
         cut = torch.minimum(kth, threshold)  # ties with the k-th go on too
         # Pads (-1) and tokens whose activations are all exactly zero are never searched.
-        site_of, rows = ((tok_max >= cut[:, None]) & (tok_max > 0)).nonzero(as_tuple=True)
-        flat = site_of * n_tok + rows
-        keys = buf("keys", (len(flat), d), torch.float32, device)
-        torch.index_select(magnitude.view(-1, d), 0, flat, out=keys)
-        above = torch.gt(keys, threshold[site_of, None], out=buf("above", keys.shape, torch.bool, device))
-        r, channel = above.nonzero(as_tuple=True)
-        n_above = torch.bincount(site_of[r], minlength=n_sites).tolist()
-        # Per site: every entry above the threshold (the usual case: what topk(n_above) would
-        # keep, ties included, without the sort), or every entry down to the m-th largest.
-        special = [s for s, n in enumerate(n_above) if not self.top_k <= n <= self.capacity]
-        if special:
-            usual = torch.ones(n_sites, dtype=torch.bool, device=device)
-            usual[special] = False
-            ok = usual[site_of[r]]
-            picked = [(r[ok], channel[ok])]  # empty when every site is special
-            for s in special:
-                mine = (site_of == s).nonzero()[:, 0]
-                m = min(max(self.top_k, min(self.capacity, n_above[s])), mine.numel() * d)
-                if m == 0:
-                    continue
-                k = keys[mine]
-                pool = k.flatten()
-                if n_above[s] > self.capacity:
-                    # topk(capacity) of a large layer costs milliseconds; the histogram says in
-                    # which bin the m-th largest entry lies, and only entries from there compete.
-                    counts = torch.bincount(bits[s].flatten() >> BIN_SHIFT, minlength=N_BINS)
-                    from_top = counts.flip(0).cumsum(0)
-                    floor = bin_edges(N_BINS - 1 - torch.searchsorted(from_top, m)).item()
-                    # Pads are in that histogram: should they crowd the bin, search everything.
-                    above_floor = pool[pool >= floor]
-                    pool = above_floor if above_floor.numel() >= m else pool
-                # Every entry tied with the cutoff goes on, so the reducer (not topk) breaks ties
-                # and the result does not depend on how the corpus was batched. Exact zeros tie
-                # by the million and say nothing; they are never kept.
-                cutoff = pool.topk(m).values[-1]
-                rr, cc = ((k >= cutoff) & (k > 0)).nonzero(as_tuple=True)
-                picked.append((mine[rr], cc))
-            r, channel = (torch.cat(c) for c in zip(*picked, strict=True))
-            order = torch.sort(site_of[r], stable=True).indices  # grouped by site again
-            r, channel = r[order], channel[order]
-        entry_site, entry_row = site_of[r], rows[r]
-        values = keys[r, channel]
-        for s, x in enumerate(flats):  # the sign, from the activation itself
-            mine = (entry_site == s).nonzero()[:, 0]
-            values[mine] = x[entry_row[mine], channel[mine]].float()
+        group_of, rows = ((tok_max >= cut[:, None]) & (tok_max > 0)).nonzero(as_tuple=True)
+        flat_rows = group_of * n_tok + rows
+        keys = buf("keys", (len(flat_rows), d), torch.float32, device)
+        torch.index_select(magnitude.view(-1, d), 0, flat_rows, out=keys)
+        above = torch.gt(
+            keys, threshold[group_of, None], out=buf("above", keys.shape, torch.bool, device)
+        )
+        n_above = torch.zeros(n_groups, dtype=torch.long, device=device)
+        n_above = n_above.index_add_(0, group_of, above.sum(1)).tolist()
+        # Per group: every entry above the threshold (the usual case: what topk(n_above) would
+        # keep, ties included, without the sort), or every entry down to the m-th largest:
+        # m = top_k where fewer are above (one padded topk for all such groups), m = capacity
+        # where more are (rare; a loop).
+        under = [g for g, n in enumerate(n_above) if n < self.top_k]
+        over = [g for g, n in enumerate(n_above) if n > self.capacity]
+        if under or over:
+            usual = torch.ones(n_groups, dtype=torch.bool, device=device)
+            usual[under + over] = False
+            keep = above & usual[group_of, None]
+            if under:
+                cutoff = self._under_cutoffs(keys, group_of, under, n_groups)
+                keep |= (keys >= cutoff[group_of, None]) & (keys > 0)
+            r, channel = keep.nonzero(as_tuple=True)
+            if over:
+                picked = [(r, channel)] + [
+                    self._over_entries(keys, group_of, bits[g], g, n_above[g]) for g in over
+                ]
+                r, channel = (torch.cat(c) for c in zip(*picked, strict=True))
+                order = torch.sort(group_of[r], stable=True).indices  # grouped again
+                r, channel = r[order], channel[order]
+        else:
+            r, channel = above.nonzero(as_tuple=True)
+        entry_keys = keys[r, channel]
+        values = x.view(-1, d)[flat_rows[r], channel]  # the sign, from the activation itself
 
         bits >>= BIN_SHIFT
-        if n_sites > 1:  # one bincount for every site: site s counts in bins s·N_BINS + bin
-            offsets = torch.arange(n_sites, device=device, dtype=torch.int32) * N_BINS
+        if n_groups > 1:  # one bincount for every group: group g counts in bins g·N_BINS + bin
+            offsets = torch.arange(n_groups, device=device, dtype=torch.int32) * N_BINS
             bits += offsets[:, None, None]
-        counts = torch.bincount(bits.flatten(), minlength=n_sites * N_BINS)
+        counts = torch.bincount(bits.flatten(), minlength=n_groups * N_BINS)
         if self.has_pads:  # take the pads back out: cheaper than masking every entry
-            counts -= torch.bincount(bits[:, self.pads.flatten()].flatten(), minlength=counts.numel())
+            counts -= torch.bincount(
+                bits[:, self.pads.flatten()].flatten(), minlength=counts.numel()
+            )
         if self.hist is None:
             self.hist = torch.zeros(
                 len(self.sites), self.n_layers, N_BINS, dtype=torch.long, device=device
             )
-        self.hist[sites, layer] += counts.view(n_sites, N_BINS)
+        where = torch.tensor(groups, device=device).T
+        self.hist.index_put_((where[0], where[1]), counts.view(n_groups, N_BINS), accumulate=True)
         # Where the entries are is worked out for the whole pass at once, in end_batch.
-        self.found.append(
-            (layer, sites, entry_site, entry_row, channel, keys[r, channel], values, n_above)
-        )
+        self.found.append((groups, group_of[r], rows[r], channel, entry_keys, values, n_above))
+
+    def _under_cutoffs(
+        self, keys: torch.Tensor, group_of: torch.Tensor, under: list[int], n_groups: int
+    ) -> torch.Tensor:
+        """The top_k-th largest candidate entry of each group in `under` (+inf elsewhere)."""
+        device, d = keys.device, keys.shape[1]
+        cutoff = torch.full((n_groups,), float("inf"), device=device)
+        is_under = torch.zeros(n_groups, dtype=torch.bool, device=device)
+        is_under[under] = True
+        mine = is_under[group_of].nonzero()[:, 0]  # rows come sorted by group
+        if not len(mine):
+            return cutoff
+        slot_of = torch.cumsum(is_under, 0) - 1  # group -> its row of the padded table
+        g = slot_of[group_of[mine]]
+        counts = torch.bincount(g, minlength=len(under))
+        start = torch.cumsum(counts, 0) - counts
+        width = int(counts.max())
+        # Missing rows are -1: below every entry, so a group with fewer than top_k entries keeps
+        # every positive one, as topk over just its own would.
+        padded = torch.full((len(under), width, d), -1.0, device=device)
+        padded[g, torch.arange(len(mine), device=device) - start[g]] = keys[mine]
+        m = min(self.top_k, width * d)
+        cutoff[under] = padded.view(len(under), -1).topk(m, dim=-1).values[:, -1]
+        return cutoff
+
+    def _over_entries(
+        self, keys: torch.Tensor, group_of: torch.Tensor, bits: torch.Tensor, g: int, n_above: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, channel) of a group's entries down to its capacity-th largest (ties go on)."""
+        mine = (group_of == g).nonzero()[:, 0]
+        m = min(self.capacity, mine.numel() * keys.shape[1])
+        k = keys[mine]
+        pool = k.flatten()
+        # topk(capacity) of a large layer costs milliseconds; the histogram says in which bin the
+        # m-th largest entry lies, and only entries from there compete.
+        counts = torch.bincount(bits.flatten() >> BIN_SHIFT, minlength=N_BINS)
+        from_top = counts.flip(0).cumsum(0)
+        floor = bin_edges(N_BINS - 1 - torch.searchsorted(from_top, m)).item()
+        # Pads are in that histogram: should they crowd the bin, search everything.
+        above_floor = pool[pool >= floor]
+        pool = above_floor if above_floor.numel() >= m else pool
+        # Every entry tied with the cutoff goes on, so the reducer (not topk) breaks ties and the
+        # result does not depend on how the corpus was batched. Exact zeros tie by the million
+        # and say nothing; they are never kept.
+        cutoff = pool.topk(m).values[-1]
+        rr, cc = ((k >= cutoff) & (k > 0)).nonzero(as_tuple=True)
+        return mine[rr], cc
 
     def end_batch(self, step: Step, logits: torch.Tensor | None) -> None:
-        """Locate the pass's entries (one transfer, one gather) and queue them for selection."""
+        """Reduce what is still staged, locate the pass's entries, queue them for selection."""
+        if self.staged:
+            self._flush()
         if not self.found:
             return
         found, self.found = self.found, []
-        cpu = [torch.cat(col).cpu() for col in list(zip(*found, strict=True))[2:7]]
-        site_of, token, channel, keys, values = cpu
+        # Entries come grouped by flush, and within a flush by group: number the groups of the
+        # whole pass and split the entries back by them.
+        groups = [g for f in found for g in f[0]]
+        offsets = accumulate((len(f[0]) for f in found), initial=0)
+        group_of = torch.cat(
+            [f[1] + offset for f, offset in zip(found, offsets, strict=False)]
+        ).cpu()
+        columns = list(zip(*found, strict=True))[2:6]
+        token, channel, keys, values = (torch.cat(col).cpu() for col in columns)
         meta = torch.cat([self.where[token], channel[:, None]], dim=1)[:, [0, 1, 2, 4, 3]]
-        # Entries come grouped by call, and within a call by site: split them back.
-        groups = [(layer, i, s) for layer, sites, *_ in found for s, i in enumerate(sites)]
-        call = torch.cat([torch.full((len(f[2]),), n) for n, f in enumerate(found)])
-        sizes = torch.bincount(call * len(self.sites) + site_of, minlength=len(found) * len(self.sites))
-        sizes = sizes.view(len(found), len(self.sites))
-        sizes = [int(sizes[n, s]) for n, f in enumerate(found) for s in range(len(f[1]))]
-        overflow = [n > self.capacity for f in found for n in f[7]]
+        sizes = torch.bincount(group_of, minlength=len(groups)).tolist()
+        overflow = [n > self.capacity for f in found for n in f[6]]
         parts = zip(
             groups, keys.split(sizes), values.split(sizes), meta.split(sizes), overflow, strict=True
         )
-        for (layer, i, _), k, v, mt, over in parts:
+        for (i, layer), k, v, mt, over in parts:
             site = self.sites[i]
             pending = self.pending[site][layer]
             pending.append((k, v, mt, over))
@@ -541,7 +591,7 @@ class SpikeProbe(Probe):
 
     def result(self, token_strings: dict[int, str]) -> SpikeStats:
         """Freeze what was seen into :class:`SpikeStats`."""
-        if self.found:  # hooks fired outside the engine, with no end_batch after them
+        if self.found or self.staged:  # hooks fired outside the engine, no end_batch after them
             self.end_batch(None, None)  # type: ignore[arg-type]
         for site in self.sites:
             for layer in range(self.n_layers):

@@ -76,3 +76,16 @@ def test_merge_refuses_to_count_a_corpus_twice(planted):
     shard = ts.scan(planted, corpus.shard(0, 2), progress=False)
     with pytest.raises(ts.SpikeSinkError, match="twice"):
         shard.merge(shard)
+
+
+@pytest.mark.parametrize("stage_bytes", [1, 4096])
+def test_scan_does_not_depend_on_how_much_is_staged(planted, monkeypatch, stage_bytes):
+    # The default stage holds every layer of these batches; 1 byte reduces one site at a time,
+    # 4096 a few; under-filled layers (fewer than top_k entries above the cut) and overflowing
+    # ones (max_candidates 8) take their own paths in each grouping.
+    import tl_spikesink.probes.spikes as spikes
+
+    settings = {"batch_size": 3, "progress": False, "top_k": 4, "max_candidates": 8}
+    whole = ts.scan(planted, TEXTS, **settings)
+    monkeypatch.setattr(spikes, "STAGE_BYTES", stage_bytes)
+    assert_same_scan(ts.scan(planted, TEXTS, **settings), whole)
