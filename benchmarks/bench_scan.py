@@ -2,8 +2,11 @@
 
 Prints time per pass and its ratio to `model(tokens)` for: the bare forward, the forward without
 logits (what the scan runs), the scan, and `run_with_cache`; and the peak memory each needs above
-the loaded model, measured in a fresh process per mode (CPU: peak RSS; CUDA: peak allocated), at
-two corpus sizes so "memory flat as the corpus grows" can be read off.
+the loaded model, measured in a fresh process per mode (CPU: peak RSS, exact on Linux; CUDA: peak
+allocated), on the corpus and on its whole texts `--grow` times over (the same batch shapes), so
+"memory flat as the corpus grows" can be read off. Run it with ``MALLOC_MMAP_THRESHOLD_=65536``
+for RSS to follow live memory: glibc otherwise keeps freed blocks, and RSS then depends on the
+allocation history more than on what is alive.
 
     python benchmarks/bench_scan.py                  # SmolLM2, CPU, 4,096 tokens
     python benchmarks/bench_scan.py --device cuda --tokens 65536 --batch-size 32
@@ -34,6 +37,14 @@ def _setup(args):
         max_tokens=args.tokens,
         name="pydoc topics",
     )
+    if hasattr(args, "copies"):
+        # Memory runs read the whole texts of that corpus `copies` times: the grown corpus's
+        # batches have the small one's shapes, so only what a run keeps can make its peak grow.
+        whole = max(c.text_index for c in corpus.chunks) or 1  # the last text may be cut short
+        texts = ts.default_texts()[:whole] * args.copies
+        corpus = ts.tokenize(model, texts, max_seq_len=args.seq_len, name="copies")
+        batches = list(corpus.batches(args.batch_size))
+        return ts, model, corpus, batches
     batches = list(corpus.batches(args.batch_size))
     return ts, model, corpus, batches
 
@@ -69,24 +80,43 @@ def _memory_child(mode, args, queue):
         _run(mode, ts, model, corpus, batches, args)
         queue.put((torch.cuda.max_memory_allocated() - base) / 2**20)
     else:
-        # ru_maxrss is useless here: loading the model peaks above any run. Sample the current RSS.
-        import threading
-
-        import psutil
-
-        proc, peak, done = psutil.Process(), [0], threading.Event()
-        base = proc.memory_info().rss
-
-        def sample():
-            while not done.wait(0.005):
-                peak[0] = max(peak[0], proc.memory_info().rss)
-
-        thread = threading.Thread(target=sample, daemon=True)
-        thread.start()
+        # ru_maxrss is useless here: loading the model peaks above any run. Linux resets the
+        # peak RSS (VmHWM) to the current RSS on "5" > /proc/self/clear_refs, which measures
+        # the run's own peak exactly; elsewhere, sample the current RSS.
+        base = _rss_kib("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            queue.put(_sampled_peak_mib(lambda: _run(mode, ts, model, corpus, batches, args)))
+            return
         _run(mode, ts, model, corpus, batches, args)
-        done.set()
-        thread.join()
-        queue.put((max(peak[0], base) - base) / 2**20)
+        queue.put((_rss_kib("VmHWM") - base) / 1024)
+
+
+def _rss_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _sampled_peak_mib(run):
+    import threading
+
+    import psutil
+
+    proc, peak, done = psutil.Process(), [0], threading.Event()
+    base = proc.memory_info().rss
+
+    def sample():
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    run()
+    done.set()
+    thread.join()
+    return (max(peak[0], base) - base) / 2**20
 
 
 def peak_memory_mib(mode, args):
@@ -126,12 +156,11 @@ def _timings(args):
 def _memory(args):
     kind = "CUDA allocated" if "cuda" in args.device else "CPU RSS"
     print(f"\npeak memory above the loaded model (MiB), {kind}:")
-    print(f"{'mode':<20}{args.tokens:>12}{args.grow * args.tokens:>12}")
+    print(f"{'mode':<20}{'texts x1':>12}{f'texts x{args.grow}':>12}")
     mem = {}
-    for m in ("forward", "scan", "run_with_cache"):
-        small = peak_memory_mib(m, args)
-        grown = argparse.Namespace(**{**vars(args), "tokens": args.grow * args.tokens})
-        big = peak_memory_mib(m, grown)
+    for m in ("forward", "forward_no_logits", "scan", "run_with_cache"):
+        small = peak_memory_mib(m, argparse.Namespace(**{**vars(args), "copies": 1}))
+        big = peak_memory_mib(m, argparse.Namespace(**{**vars(args), "copies": args.grow}))
         mem[m] = (small, big)
         print(f"{m:<20}{small:>12.1f}{big:>12.1f}")
     return mem
@@ -150,7 +179,10 @@ def main():
     )
     parser.add_argument("--memory-only", action="store_true", help="skip the timings")
     parser.add_argument(
-        "--grow", type=int, default=2, help="the second memory run reads this many times the tokens"
+        "--grow",
+        type=int,
+        default=2,
+        help="the second memory run reads the first run's whole texts this many times",
     )
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args()

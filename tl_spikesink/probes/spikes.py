@@ -565,9 +565,12 @@ class SpikeProbe(Probe):
         for (i, layer), k, v, mt, over in parts:
             site = self.sites[i]
             pending = self.pending[site][layer]
-            pending.append((k, v, mt, over))
-            # Selecting sorts; one selection over many batches keeps the per-batch cost low.
-            if sum(len(p[0]) for p in pending) > 4 * self.capacity or len(pending) > 32:
+            # Copies, not views: a view would keep the whole pass's entries alive until every
+            # (site, layer) had folded them, and the scan's memory would grow with the corpus.
+            pending.append((k.clone(), v.clone(), mt.clone(), over))
+            # Selecting sorts; one selection over many batches keeps the per-batch cost low, and
+            # folding at `capacity` entries bounds what waits at what the result itself holds.
+            if sum(len(p[0]) for p in pending) > self.capacity or len(pending) > 32:
                 self._fold(site, layer)
 
     def _fold(self, site: Site, layer: int) -> None:
