@@ -39,7 +39,7 @@ from jaxtyping import Float, Int
 from tl_spikesink.anatomy import hook_name
 from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.probes.engine import HookFn, Probe, Step
-from tl_spikesink.probes.reducers import check_same
+from tl_spikesink.probes.reducers import Buffers, Stage, check_same
 from tl_spikesink.results import Result
 from tl_spikesink.tokens import TokenRef
 from tl_spikesink.views.format import num, text_table
@@ -196,32 +196,41 @@ class KurtosisProbe(Probe):
         self.stats = KurtosisStats.empty(n_layers, abs_threshold, capacity)
         self.k: list[torch.Tensor | None] = [None] * n_layers
         self.peak: list[torch.Tensor | None] = [None] * n_layers
+        self.stage = Stage(Buffers(), "resid_post", n_layers, self._reduce)
 
     def hooks(self) -> list[tuple[str, HookFn]]:
         """(hook_name, fn) pairs for `model.hooks`."""
-        return [(hook_name("resid_post", layer), self._hook(layer)) for layer in range(self.n_layers)]
+        return [
+            (hook_name("resid_post", layer), self._hook(layer)) for layer in range(self.n_layers)
+        ]
 
     def start_batch(self, step: Step) -> None:
         """Forget the previous batch's per-layer values."""
         self.k = [None] * self.n_layers
         self.peak = [None] * self.n_layers
+        self.stage.clear()
 
     def _hook(self, layer: int) -> HookFn:
         def hook(act: Float[torch.Tensor, "batch pos d_model"], hook: Any) -> None:
-            x = act.detach().float()
-            self.k[layer] = token_kurtosis(x)
-            # max |x| without an |x| buffer; vector_norm(x, inf) and aminmax are far slower on CPU
-            self.peak[layer] = torch.maximum(x.amax(-1), -x.amin(-1))
+            self.stage.add(layer, act.detach())
 
         return hook
 
+    def _reduce(self, layers: list[int], x: Float[torch.Tensor, "n token d_model"]) -> None:
+        k = token_kurtosis(x)
+        # max |x| without an |x| buffer; vector_norm(x, inf) and aminmax are far slower on CPU
+        peak = torch.maximum(x.amax(-1), -x.amin(-1))
+        for i, layer in enumerate(layers):
+            self.k[layer], self.peak[layer] = k[i], peak[i]
+
     def end_batch(self, step: Step, logits: torch.Tensor | None) -> None:
         """Add the batch's real tokens to the sums; keep the candidates' per-layer values."""
+        self.stage.flush()
         if any(k is None for k in self.k):
             return  # a pass that stopped early (stop_at_layer) saw no complete token
-        k = torch.stack(self.k)  # type: ignore[arg-type]
-        peak = torch.stack(self.peak).amax(0)  # type: ignore[arg-type]
         mask = step.mask
+        k = torch.stack(self.k).view(-1, *mask.shape)  # type: ignore[arg-type]
+        peak = torch.stack(self.peak).amax(0).view(mask.shape)  # type: ignore[arg-type]
         total = torch.where(mask, k, torch.zeros_like(k)).double().sum((1, 2)).cpu()
         keep = (mask & (peak > self.stats.abs_threshold)).cpu()
         row, pos = keep.nonzero(as_tuple=True)

@@ -21,7 +21,9 @@ N_BINS = 1 << 11
 BIN_SHIFT = 20
 
 
-def abs_bits(x: Float[torch.Tensor, ...], out: torch.Tensor | None = None) -> Int[torch.Tensor, ...]:
+def abs_bits(
+    x: Float[torch.Tensor, ...], out: torch.Tensor | None = None
+) -> Int[torch.Tensor, ...]:
     """The float32 bit pattern of |x|, as int32 (into `out` if given): ordered exactly like |x|.
 
     The bit pattern of a non-negative float32 is monotone in its value, so with the sign bit
@@ -75,6 +77,51 @@ class Buffers:
         if buf is None or buf.dtype != dtype or buf.device != device:
             buf = self._bufs[name] = torch.empty(0, dtype=dtype, device=device)
         return buf.resize_(shape)
+
+
+STAGE_BYTES = 8 << 20
+"""What a :class:`Stage` holds before reducing (at least one activation): every layer of a short
+batch at once, yet small enough to leave a CPU's last-level cache to the weights."""
+
+
+class Stage:
+    """Activations copied in as hooks fire, reduced together: one reduction for many layers.
+
+    At batch size 1 a reduction costs what its torch calls cost, whatever their size, so one
+    reduction per pass instead of one per layer is what keeps a probe close to a bare forward.
+    `reduce(keys, x)` gets the keys given to :meth:`add` and their activations stacked as
+    float32 ``[n, tokens, d]``; it runs when the stage is full (:data:`STAGE_BYTES`), when an
+    activation of another shape comes, and on :meth:`flush`. Copies, not references: a later
+    write hook may change a tensor in place (``hook_resid_pre`` is the previous
+    ``hook_resid_post``).
+    """
+
+    def __init__(self, buffers: Buffers, name: str, most: int, reduce: Callable[..., None]):
+        self.buffers, self.name, self.most, self.reduce = buffers, name, most, reduce
+        self.keys: list[Any] = []
+        self.x = torch.zeros(0, 0, 0)
+
+    def add(self, key: Any, act: torch.Tensor) -> None:
+        """Copy `act` in (as float32 ``[tokens, d]``), reducing what is staged first if needed."""
+        d = act.shape[-1]
+        shape = (act.numel() // d, d)
+        if self.keys and (shape != self.x.shape[1:] or len(self.keys) == len(self.x)):
+            self.flush()
+        if not self.keys:
+            slots = max(1, min(self.most, STAGE_BYTES // (4 * act.numel())))
+            self.x = self.buffers(self.name, (slots, *shape), torch.float32, act.device)
+        self.x[len(self.keys)].copy_(act.reshape(shape))
+        self.keys.append(key)
+
+    def flush(self) -> None:
+        """Reduce what is staged, if anything."""
+        keys, self.keys = self.keys, []
+        if keys:
+            self.reduce(keys, self.x[: len(keys)])
+
+    def clear(self) -> None:
+        """Drop what is staged (a new batch begins)."""
+        self.keys = []
 
 
 @dataclass(frozen=True)

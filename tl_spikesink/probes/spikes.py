@@ -38,6 +38,7 @@ from tl_spikesink.probes.reducers import (
     BIN_SHIFT,
     N_BINS,
     Buffers,
+    Stage,
     TokenShares,
     TopEntries,
     abs_bits,
@@ -51,10 +52,6 @@ from tl_spikesink.tokens import TokenRef, is_delimiter
 _META = ("text_index", "start", "position", "channel", "token_id")
 _STEP_SHARE = 0.5
 """A block steps a spike up (down) when its output carries at least this share of it."""
-STAGE_BYTES = 8 << 20
-"""Activations a spike probe holds before reducing them together (at least one site of one
-layer): every layer of a short batch at once, yet small enough to leave a CPU's last-level cache
-to the weights the next layers read."""
 SPIKE_DEFINITION = (
     "largest |x| at hook_resid_post in the spike channels, over all layers and tokens "
     "(the 'Spike' column of Sun et al. 2026); null without a massive activation"
@@ -354,9 +351,9 @@ class SpikeProbe(Probe):
             s: [[] for _ in range(n_layers)] for s in sites
         }
         self.found: list[tuple] = []
-        self.staged: list[tuple[int, int]] = []  # (site index, layer) of each filled stage slot
-        self.stage = torch.zeros(0, 0, 0)
         self.buffers = Buffers()
+        # Keyed by (site index, layer).
+        self.stage = Stage(self.buffers, "stage", len(sites) * n_layers, self._reduce)
 
     def _threshold(self, site: Site) -> float:
         # Block outputs are kept down to half the spike threshold: a step-up block may write only
@@ -366,11 +363,8 @@ class SpikeProbe(Probe):
     def hooks(self) -> list[tuple[str, Callable]]:
         """(hook_name, fn) pairs for `model.hooks`.
 
-        A hook only copies its activation into a staging buffer; the staged (site, layer) pairs
-        are reduced together when the buffer is full (:data:`STAGE_BYTES`), when the activation
-        shape changes, and at the end of the pass. At batch size 1 a reduction costs what its
-        torch calls cost, whatever their size, so one reduction per pass instead of one per
-        layer is what keeps the scan close to a bare forward.
+        A hook only copies its activation into a :class:`Stage`; one reduction covers every
+        staged (site, layer), at the latest at the end of the pass.
         """
         return [
             (hook_name(site, layer), self._hook(i, layer))
@@ -397,31 +391,17 @@ class SpikeProbe(Probe):
             dim=-1,
         ).reshape(b * t, 4)
         self.found = []
-        self.staged = []
+        self.stage.clear()
 
     def _hook(self, site_index: int, layer: int) -> Callable:
         def hook(act: Float[torch.Tensor, "batch pos d_model"], hook: Any) -> None:
-            self._stage(site_index, layer, act.detach())
+            self.stage.add((site_index, layer), act.detach())
 
         return hook
 
-    def _stage(self, site_index: int, layer: int, act: torch.Tensor) -> None:
-        d = act.shape[-1]
-        shape = (act.numel() // d, d)
-        if self.staged and (shape != self.stage.shape[1:] or len(self.staged) == len(self.stage)):
-            self._flush()
-        if not self.staged:
-            most = len(self.sites) * self.n_layers
-            slots = max(1, min(most, STAGE_BYTES // (4 * act.numel())))
-            self.stage = self.buffers("stage", (slots, *shape), torch.float32, act.device)
-        self.stage[len(self.staged)].copy_(act.reshape(shape))
-        self.staged.append((site_index, layer))
-
-    def _flush(self) -> None:
-        """Reduce every staged (site, layer) at once: histogram counts and candidate entries."""
-        groups, self.staged = self.staged, []
+    def _reduce(self, groups: list[tuple[int, int]], x: torch.Tensor) -> None:
+        """Reduce staged (site, layer) groups at once: histogram counts and candidate entries."""
         n_groups = len(groups)
-        x = self.stage[:n_groups]
         n_tok, d = x.shape[1:]
         device, buf = x.device, self.buffers
         # |x|'s float32 bit pattern is ordered like |x|: as floats the bits are |x| itself (the
@@ -542,8 +522,7 @@ class SpikeProbe(Probe):
 
     def end_batch(self, step: Step, logits: torch.Tensor | None) -> None:
         """Reduce what is still staged, locate the pass's entries, queue them for selection."""
-        if self.staged:
-            self._flush()
+        self.stage.flush()
         if not self.found:
             return
         found, self.found = self.found, []
@@ -594,7 +573,7 @@ class SpikeProbe(Probe):
 
     def result(self, token_strings: dict[int, str]) -> SpikeStats:
         """Freeze what was seen into :class:`SpikeStats`."""
-        if self.found or self.staged:  # hooks fired outside the engine, no end_batch after them
+        if self.found or self.stage.keys:  # hooks fired outside the engine, no end_batch after
             self.end_batch(None, None)  # type: ignore[arg-type]
         for site in self.sites:
             for layer in range(self.n_layers):

@@ -83,9 +83,14 @@ def test_scan_does_not_depend_on_how_much_is_staged(planted, monkeypatch, stage_
     # The default stage holds every layer of these batches; 1 byte reduces one site at a time,
     # 4096 a few; under-filled layers (fewer than top_k entries above the cut) and overflowing
     # ones (max_candidates 8) take their own paths in each grouping.
-    import tl_spikesink.probes.spikes as spikes
+    import tl_spikesink.probes.reducers as reducers
 
     settings = {"batch_size": 3, "progress": False, "top_k": 4, "max_candidates": 8}
     whole = ts.scan(planted, TEXTS, **settings)
-    monkeypatch.setattr(spikes, "STAGE_BYTES", stage_bytes)
+    monkeypatch.setattr(reducers, "STAGE_BYTES", stage_bytes)
     assert_same_scan(ts.scan(planted, TEXTS, **settings), whole)
+    got = ts.scan(planted, TEXTS, **settings)
+    assert got.kurtosis.n_tokens == whole.kurtosis.n_tokens
+    assert torch.allclose(got.kurtosis.total, whole.kurtosis.total)
+    assert torch.equal(got.kurtosis.refs, whole.kurtosis.refs)
+    assert torch.allclose(got.kurtosis.values, whole.kurtosis.values)
