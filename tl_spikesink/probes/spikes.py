@@ -445,7 +445,7 @@ class SpikeProbe(Probe):
             r, channel = keep.nonzero(as_tuple=True)
             if over:
                 picked = [(r, channel)] + [
-                    self._over_entries(keys, group_of, bits[g], g, n_above[g]) for g in over
+                    self._over_entries(keys, group_of, bits[g], g) for g in over
                 ]
                 r, channel = (torch.cat(c) for c in zip(*picked, strict=True))
                 order = torch.sort(group_of[r], stable=True).indices  # grouped again
@@ -498,7 +498,7 @@ class SpikeProbe(Probe):
         return cutoff
 
     def _over_entries(
-        self, keys: torch.Tensor, group_of: torch.Tensor, bits: torch.Tensor, g: int, n_above: int
+        self, keys: torch.Tensor, group_of: torch.Tensor, bits: torch.Tensor, g: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, channel) of a group's entries down to its capacity-th largest (ties go on)."""
         mine = (group_of == g).nonzero()[:, 0]
