@@ -43,8 +43,6 @@ def _setup(args):
         whole = max(c.text_index for c in corpus.chunks) or 1  # the last text may be cut short
         texts = ts.default_texts()[:whole] * args.copies
         corpus = ts.tokenize(model, texts, max_seq_len=args.seq_len, name="copies")
-        batches = list(corpus.batches(args.batch_size))
-        return ts, model, corpus, batches
     batches = list(corpus.batches(args.batch_size))
     return ts, model, corpus, batches
 
