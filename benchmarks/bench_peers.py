@@ -11,6 +11,9 @@ process. Rows:
   scan runs on.
 - ``tl_cached``: ``run_with_cache`` without logits, what a notebook user would write by hand.
 - ``scan``: ``ts.scan(model, corpus)``.
+- with ``--bridge``, ``bridge_bare`` and ``bridge_scan``: the same two on a TransformerBridge
+  booted from the HF eager model (compatibility mode). Its bare forward computes the logits
+  even with ``return_type=None``; its scan stops after the last block it reads.
 
 Each row at batch 1 and at batch 8 (padded, with the mask), the modes interleaved round by round
 so drift in the machine's load hits them alike; the best of ``--repeats`` rounds is printed with
@@ -18,6 +21,7 @@ its ratio to the HF peer and to ``tl_bare``, and the load average before and aft
 
     python benchmarks/bench_peers.py                    # SmolLM2, CPU, 1,024 tokens
     python benchmarks/bench_peers.py --repeats 7 --json peers.json
+    python benchmarks/bench_peers.py --bridge           # also the TransformerBridge route
     python benchmarks/bench_peers.py --device cuda --dtype bfloat16 --tokens 16384
 """
 
@@ -33,11 +37,12 @@ import time
 import torch
 
 MODES = ("hf_peer", "hf_sdpa_floor", "tl_bare", "tl_cached", "scan")
+BRIDGE_MODES = ("bridge_bare", "bridge_scan")
 BATCH_SIZES = (1, 8)
 
 
-def _hf_models(name: str, device: str, dtype: torch.dtype):
-    """The built-in model's GGUF as HF eager and SDPA models (sharing nothing with TL's copy)."""
+def _hf_model(name: str, device: str, dtype: torch.dtype, impl: str):
+    """The built-in model's GGUF as an HF model (sharing nothing with TL's copy)."""
     from transformers import AutoModelForCausalLM
 
     from tl_spikesink.models.cache import cache_root
@@ -45,15 +50,31 @@ def _hf_models(name: str, device: str, dtype: torch.dtype):
     from tl_spikesink.models.registry import MODELS
 
     path = fetch(MODELS[name], cache_root(None), progress=False)
-    kwargs = {"gguf_file": path.name, "local_files_only": True, "dtype": dtype}
-    out = {}
-    for impl in ("eager", "sdpa"):
-        with contextlib.redirect_stderr(io.StringIO()):  # the de-quantization progress bars
-            hf = AutoModelForCausalLM.from_pretrained(
-                path.parent, attn_implementation=impl, **kwargs
-            )
-        out[impl] = hf.to(device).eval()
-    return out
+    with contextlib.redirect_stderr(io.StringIO()):  # the de-quantization progress bars
+        hf = AutoModelForCausalLM.from_pretrained(
+            path.parent,
+            gguf_file=path.name,
+            local_files_only=True,
+            dtype=dtype,
+            attn_implementation=impl,
+        )
+    return hf.to(device).eval()
+
+
+def _bridge(name: str, device: str, dtype: torch.dtype, tokenizer):
+    """A TransformerBridge around an HF eager model of its own: booting wraps the HF modules
+    it is given, which would slow the peer's forward."""
+    import tempfile
+
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf = _hf_model(name, device, dtype, "eager")
+    with tempfile.TemporaryDirectory() as folder:
+        hf.config.save_pretrained(folder)
+        with contextlib.redirect_stderr(io.StringIO()):
+            bridge = TransformerBridge.boot_transformers(folder, hf_model=hf, tokenizer=tokenizer)
+    bridge.enable_compatibility_mode()
+    return bridge
 
 
 def _peer_stats(hidden, attentions, mask):
@@ -68,8 +89,9 @@ def _peer_stats(hidden, attentions, mask):
 
 def _run(mode, ctx, batches):
     model, hf, corpus, bs = ctx["tl"], ctx["hf"], ctx["corpus"], ctx["batch_size"]
-    if mode == "scan":
-        ctx["ts"].scan(model, corpus, batch_size=bs, progress=False)
+    if mode in ("scan", "bridge_scan"):
+        host = model if mode == "scan" else ctx["bridge"]
+        ctx["ts"].scan(host, corpus, batch_size=bs, progress=False)
         return
     with torch.inference_mode():
         for tokens, mask in batches:
@@ -82,6 +104,8 @@ def _run(mode, ctx, batches):
                 hf["sdpa"].model(tokens, attention_mask=mask)
             elif mode == "tl_bare":
                 model(tokens, attention_mask=mask, return_type=None)
+            elif mode == "bridge_bare":
+                ctx["bridge"](tokens, attention_mask=mask, return_type=None)
             else:
                 _, cache = model.run_with_cache(tokens, attention_mask=mask, return_type=None)
                 del cache
@@ -95,16 +119,22 @@ def main():
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES + BRIDGE_MODES)
+    parser.add_argument("--bridge", action="store_true", help="also run the bridge modes")
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args()
+    if args.bridge:
+        args.modes += [m for m in BRIDGE_MODES if m not in args.modes]
 
     import tl_spikesink as ts
 
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     model = ts.load(args.model, device=args.device, dtype=dtype, progress=False)
-    hf = _hf_models(args.model, args.device, dtype)
+    hf = {impl: _hf_model(args.model, args.device, dtype, impl) for impl in ("eager", "sdpa")}
+    bridge = None
+    if any(m in BRIDGE_MODES for m in args.modes):
+        bridge = _bridge(args.model, args.device, dtype, model.tokenizer)
     corpus = ts.tokenize(
         model, ts.default_texts(), max_seq_len=args.seq_len, max_tokens=args.tokens, name="peers"
     )
@@ -115,7 +145,7 @@ def main():
         batches = [
             (b.tokens.to(args.device), b.mask.long().to(args.device)) for b in corpus.batches(bs)
         ]
-        ctx = {"ts": ts, "tl": model, "hf": hf, "corpus": corpus, "batch_size": bs}
+        ctx = {"ts": ts, "tl": model, "hf": hf, "corpus": corpus, "batch_size": bs, "bridge": bridge}
         for mode in args.modes:  # warm-up
             _run(mode, ctx, batches)
         for _ in range(args.repeats):

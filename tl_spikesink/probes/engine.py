@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -134,12 +135,13 @@ def run(
     check_weights(model)
     device = device_of(model)
     forward = _forward_kwargs(model, stop_at_layer)
+    stopper = _bridge_stopper(model)
     bar = tqdm(total=corpus.n_tokens, unit="tok", desc=desc, disable=not progress, leave=False)
     single = passes[0] if len(passes) == 1 and passes[0].skip is None else None
     try:
         with torch.inference_mode():
             # One pass: install the hooks once for the whole corpus (the scan's hot path).
-            with model.hooks(fwd_hooks=_hooks(single) if single else []):
+            with model.hooks(fwd_hooks=_hooks(single, stopper) if single else []):
                 for index, batch in enumerate(corpus.batches(batch_size, padding_side)):
                     mask = batch.mask.to(device)
                     step = Step(
@@ -153,7 +155,7 @@ def run(
                         if single:
                             logits = _call(model, step, ps, forward)
                         else:
-                            with model.hooks(fwd_hooks=_hooks(ps)):
+                            with model.hooks(fwd_hooks=_hooks(ps, stopper)):
                                 logits = _call(model, step, ps, forward)
                         for probe in ps.probes:
                             probe.end_batch(step, logits if probe.needs_logits else None)
@@ -163,10 +165,43 @@ def run(
         bar.close()
 
 
-def _hooks(ps: Pass) -> list[tuple[str, HookFn]]:
+def _hooks(ps: Pass, stopper: Callable[[list[str]], list[tuple[str, HookFn]]] | None = None):
     writers = [h for p in ps.probes if p.writes for h in p.hooks()]
     readers = [h for p in ps.probes if not p.writes for h in p.hooks()]
-    return [*ps.fwd_hooks, *writers, *readers]
+    hooks = [*ps.fwd_hooks, *writers, *readers]
+    if stopper is None or any(p.needs_logits for p in ps.probes):
+        return hooks
+    return hooks + stopper([name for name, _ in hooks])
+
+
+_BLOCK = re.compile(r"blocks\.(\d+)\.")
+
+
+def _bridge_stopper(model: Any) -> Callable[[list[str]], list[tuple[str, HookFn]]] | None:
+    """For a TransformerBridge: a last hook that ends the forward after the last hooked block.
+
+    The bridge runs HF's forward, which computes the final norm and the logits even with
+    ``return_type=None`` (a fifth of a SmolLM2 forward at batch 8), and its own
+    ``stop_at_layer`` stops only *before* a block. Raising the bridge's StopAtLayerException
+    from a hook installed after every probe's (hooks at one point run in the order they were
+    added) ends the forward where nothing reads any more; the bridge's forward catches it.
+    A HookedTransformer needs none of this: ``return_type=None`` already skips the unembedding.
+    """
+    if type(model).__name__ != "TransformerBridge":
+        return None
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+    def stop(x: torch.Tensor, hook: Any) -> None:
+        raise StopAtLayerException(x)
+
+    def stopper(names: list[str]) -> list[tuple[str, HookFn]]:
+        layers = [_BLOCK.match(n) for n in names]
+        if not names or not all(layers):  # a hook outside the blocks (embedding, final norm)
+            return []
+        last = max(int(m.group(1)) for m in layers if m)
+        return [(f"blocks.{last}.hook_resid_post", stop)]
+
+    return stopper
 
 
 def _call(model: Any, step: Step, ps: Pass, forward: dict[str, Any]) -> torch.Tensor | None:

@@ -62,3 +62,37 @@ def test_bridge_scan_matches_its_own_full_cache(bridge):
         assert torch.allclose(
             r.spikes.top("resid_post", 3)[layer], values.topk(3).values, rtol=1e-5
         )
+
+
+def test_bridge_scan_skips_the_final_norm_and_unembedding(bridge):
+    """HF's forward computes the logits even with return_type=None; the scan stops it after
+    the last block it reads, and a pass that asks for logits still gets them."""
+    from tl_spikesink.probes.engine import Probe, run
+
+    calls = []
+    handles = [
+        m.register_forward_hook(lambda *a, name=name: calls.append(name))
+        for name, m in (("ln_final", bridge.ln_final), ("unembed", bridge.unembed))
+    ]
+    texts = sentences(4, seed=5, min_words=3, max_words=20)
+    try:
+        ts.scan(bridge, texts, batch_size=2, progress=False)
+        assert calls == []
+
+        class Logits(Probe):
+            needs_logits = True
+            seen: list = []
+
+            def hooks(self):
+                return [("blocks.0.hook_resid_post", lambda x, hook: None)]
+
+            def end_batch(self, step, logits):
+                self.seen.append(logits.shape)
+
+        probe = Logits()
+        run(bridge, ts.tokenize(bridge, texts), [probe], batch_size=2, progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert probe.seen and all(s[-1] == bridge.cfg.d_vocab for s in probe.seen)
+    assert "unembed" in calls
