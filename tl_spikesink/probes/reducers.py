@@ -147,7 +147,7 @@ class TopEntries:
         return cls(
             torch.zeros(0),
             torch.zeros(0),
-            torch.zeros(0, n_meta, dtype=torch.long),
+            torch.zeros(0, n_meta, dtype=torch.int32),
             k,
             threshold,
             capacity,

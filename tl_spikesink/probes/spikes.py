@@ -389,7 +389,7 @@ class SpikeProbe(Probe):
                 batch.tokens,
             ],
             dim=-1,
-        ).reshape(b * t, 4)
+        ).reshape(b * t, 4).int()
         self.found = []
         self.stage.clear()
 
@@ -535,7 +535,9 @@ class SpikeProbe(Probe):
         ).cpu()
         columns = list(zip(*found, strict=True))[2:6]
         token, channel, keys, values = (torch.cat(col).cpu() for col in columns)
-        meta = torch.cat([self.where[token], channel[:, None]], dim=1)[:, [0, 1, 2, 4, 3]]
+        # int32: half the bytes of what the scan keeps per entry (every column fits: text
+        # indices, offsets, positions, channels and token ids are far below 2^31).
+        meta = torch.cat([self.where[token], channel[:, None].int()], dim=1)[:, [0, 1, 2, 4, 3]]
         sizes = torch.bincount(group_of, minlength=len(groups)).tolist()
         overflow = [n > self.capacity for f in found for n in f[6]]
         parts = zip(
