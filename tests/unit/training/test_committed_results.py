@@ -47,3 +47,23 @@ def test_the_readme_table_command_parses_to_the_committed_settings():
     assert (args.seq_len, args.batch_size, args.steps, args.lr, args.warmup) == (
         c.seq_len, c.batch_size, c.steps, c.lr, c.warmup)  # fmt: skip
     assert (args.source, args.vocab) == (table.task["source"], table.task["vocab_size"])
+
+
+def test_readme_quotes_the_committed_recipe_search():
+    readme = (RESULTS.parents[1] / "README.md").read_text()
+    rows = json.loads((RESULTS / "recipe_search.json").read_text())["rows"]
+    assert rows
+    for r in rows:
+        line = next(
+            (x for x in readme.splitlines() if x.startswith(f"| `{r['name']}` |") and
+             f"| {r['seed']} |" in x),
+            None,
+        )  # fmt: skip
+        assert line is not None, (r["name"], r["seed"])
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[3:7] == [
+            f"{r['perplexity']:.1f}",
+            f"{r['sink_ratio']:.3f}",
+            f"{r['first_token_spike_ratio']:.0f}",
+            f"{r['max_first_token_score']:.2f}",
+        ], r["name"]
