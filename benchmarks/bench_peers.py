@@ -145,7 +145,14 @@ def main():
         batches = [
             (b.tokens.to(args.device), b.mask.long().to(args.device)) for b in corpus.batches(bs)
         ]
-        ctx = {"ts": ts, "tl": model, "hf": hf, "corpus": corpus, "batch_size": bs, "bridge": bridge}
+        ctx = {
+            "ts": ts,
+            "tl": model,
+            "hf": hf,
+            "corpus": corpus,
+            "batch_size": bs,
+            "bridge": bridge,
+        }
         for mode in args.modes:  # warm-up
             _run(mode, ctx, batches)
         for _ in range(args.repeats):

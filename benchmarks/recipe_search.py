@@ -87,7 +87,9 @@ def run_one(name: str, seed: int, out: str) -> dict:
         "max_first_token_score": round(last.max_sink_score, 3),
         "spike": round(last.max_abs, 1),
         "seconds": round(last.seconds, 1),
-        "curve": [[s.step, round(s.sink_ratio, 3), round(s.bos_spike_ratio, 1)] for s in run.history],
+        "curve": [
+            [s.step, round(s.sink_ratio, 3), round(s.bos_spike_ratio, 1)] for s in run.history
+        ],
     }
 
 
@@ -113,9 +115,7 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="print the README's table")
     args = parser.parse_args()
 
-    jobs = [
-        (n, s) for n in args.only or CANDIDATES for s in range(args.seeds or SEEDS.get(n, 1))
-    ]
+    jobs = [(n, s) for n in args.only or CANDIDATES for s in range(args.seeds or SEEDS.get(n, 1))]
     if args.workers == 1:
         rows = [run_one(n, s, args.out) for n, s in jobs]
     else:
@@ -126,7 +126,10 @@ def main() -> None:
         with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
             rows = list(pool.map(run_one, *zip(*jobs, strict=True), [args.out] * len(jobs)))
     if args.markdown:
-        print("| candidate | changes from the baseline | seed | ppl | sink ratio | BOS spike/med | max first-token α |")
+        print(
+            "| candidate | changes from the baseline | seed | ppl | sink ratio | BOS spike/med "
+            "| max first-token α |"
+        )
         print("|---|---|---|---|---|---|---|")
         for r in rows:
             print(markdown_row(r))
