@@ -165,7 +165,11 @@ def run(
         bar.close()
 
 
-def _hooks(ps: Pass, stopper: Callable[[list[str]], list[tuple[str, HookFn]]] | None = None):
+Stopper = Callable[[list[str]], list[tuple[str, HookFn]]]
+"""Given a pass's hook names, the hooks that end its forward early (none: run to the end)."""
+
+
+def _hooks(ps: Pass, stopper: Stopper | None = None) -> list[tuple[str, HookFn]]:
     writers = [h for p in ps.probes if p.writes for h in p.hooks()]
     readers = [h for p in ps.probes if not p.writes for h in p.hooks()]
     hooks = [*ps.fwd_hooks, *writers, *readers]
@@ -177,7 +181,7 @@ def _hooks(ps: Pass, stopper: Callable[[list[str]], list[tuple[str, HookFn]]] | 
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
 
 
-def _bridge_stopper(model: Any) -> Callable[[list[str]], list[tuple[str, HookFn]]] | None:
+def _bridge_stopper(model: Any) -> Stopper | None:
     """For a TransformerBridge: a last hook that ends the forward after the last hooked block.
 
     The bridge runs HF's forward, which computes the final norm and the logits even with
