@@ -81,7 +81,9 @@ def test_bridge_scan_skips_the_final_norm_and_unembedding(bridge):
 
         class Logits(Probe):
             needs_logits = True
-            seen: list = []
+
+            def __init__(self):
+                self.seen = []
 
             def hooks(self):
                 return [("blocks.0.hook_resid_post", lambda x, hook: None)]
