@@ -11,6 +11,10 @@ process. Rows:
   scan runs on.
 - ``tl_cached``: ``run_with_cache`` without logits, what a notebook user would write by hand.
 - ``scan``: ``ts.scan(model, corpus)``.
+- ``scan_resid_only`` (only when named in ``--modes``): ``ts.scan`` reading the residual
+  stream alone (``spike_sites=("resid_post",)``), without the block outputs; the floor of a
+  scan that still finds spikes and sinks, to show what the default's step-up / step-down
+  reading costs.
 - with ``--bridge``, ``bridge_bare`` and ``bridge_scan``: the same two on a TransformerBridge
   booted from the HF eager model (compatibility mode). Its bare forward computes the logits
   even with ``return_type=None``; its scan stops after the last block it reads.
@@ -22,6 +26,7 @@ its ratio to the HF peer and to ``tl_bare``, and the load average before and aft
     python benchmarks/bench_peers.py                    # SmolLM2, CPU, 1,024 tokens
     python benchmarks/bench_peers.py --repeats 7 --json peers.json
     python benchmarks/bench_peers.py --bridge           # also the TransformerBridge route
+    python benchmarks/bench_peers.py --modes tl_bare scan scan_resid_only
     python benchmarks/bench_peers.py --device cuda --dtype bfloat16 --tokens 16384
 """
 
@@ -38,6 +43,7 @@ import torch
 
 MODES = ("hf_peer", "hf_sdpa_floor", "tl_bare", "tl_cached", "scan")
 BRIDGE_MODES = ("bridge_bare", "bridge_scan")
+EXTRA_MODES = ("scan_resid_only",)
 BATCH_SIZES = (1, 8)
 
 
@@ -89,9 +95,10 @@ def _peer_stats(hidden, attentions, mask):
 
 def _run(mode, ctx, batches):
     model, hf, corpus, bs = ctx["tl"], ctx["hf"], ctx["corpus"], ctx["batch_size"]
-    if mode in ("scan", "bridge_scan"):
-        host = model if mode == "scan" else ctx["bridge"]
-        ctx["ts"].scan(host, corpus, batch_size=bs, progress=False)
+    if mode in ("scan", "bridge_scan", "scan_resid_only"):
+        host = ctx["bridge"] if mode == "bridge_scan" else model
+        sites = {"spike_sites": ("resid_post",)} if mode == "scan_resid_only" else {}
+        ctx["ts"].scan(host, corpus, batch_size=bs, progress=False, **sites)
         return
     with torch.inference_mode():
         for tokens, mask in batches:
@@ -119,7 +126,9 @@ def main():
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES + BRIDGE_MODES)
+    parser.add_argument(
+        "--modes", nargs="+", default=list(MODES), choices=MODES + BRIDGE_MODES + EXTRA_MODES
+    )
     parser.add_argument("--bridge", action="store_true", help="also run the bridge modes")
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args()

@@ -52,10 +52,13 @@ CANDIDATES: dict[str, dict] = {
     "lr3e-2_wd0.3_nodecay": {"lr": 0.03, "weight_decay": 0.3, "min_lr_ratio": 1.0},
     "lr4e-2_wd0.2": {"lr": 0.04, "weight_decay": 0.2},
     "lr4e-2_wd0.3_warm500": {"lr": 0.04, "weight_decay": 0.3, "warmup": 500},
+    # d_head 4 (16 heads): the ablation's d_head_32_width row, whose seed 0 passed both bars.
+    "lr4e-2_wd0.3_dh4": {"lr": 0.04, "weight_decay": 0.3, "d_head": 4},
+    "lr5e-2_wd0.3_dh4": {"lr": 0.05, "weight_decay": 0.3, "d_head": 4},
 }
 """Name -> changes to BASE (``source`` changes the text instead)."""
 
-SEEDS = {"lr4e-2_wd0.3": 3}
+SEEDS = {"lr4e-2_wd0.3": 3, "lr4e-2_wd0.3_dh4": 5}
 """Candidates run over more seeds than one (the most promising)."""
 
 
@@ -109,13 +112,19 @@ def main() -> None:
     parser.add_argument(
         "--seeds", type=int, help="seeds 0..N-1 of each (default: 1, or as SEEDS says)"
     )
+    parser.add_argument("--from-seed", type=int, default=0, help="skip the seeds below this")
     parser.add_argument("--workers", type=int, default=1, help="runs at once, one thread each")
     parser.add_argument("--out", default="benchmarks/runs/recipe", help="checkpoint folder")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--markdown", action="store_true", help="print the README's table")
     args = parser.parse_args()
 
-    jobs = [(n, s) for n in args.only or CANDIDATES for s in range(args.seeds or SEEDS.get(n, 1))]
+    jobs = [
+        (n, s)
+        for n in args.only or CANDIDATES
+        for s in range(args.seeds or SEEDS.get(n, 1))
+        if s >= args.from_seed
+    ]
     if args.workers == 1:
         rows = [run_one(n, s, args.out) for n, s in jobs]
     else:

@@ -46,6 +46,7 @@ def test_the_readme_table_command_parses_to_the_committed_settings():
         c.n_layers, c.d_model, c.d_head, c.d_mlp)  # fmt: skip
     assert (args.seq_len, args.batch_size, args.steps, args.lr, args.warmup) == (
         c.seq_len, c.batch_size, c.steps, c.lr, c.warmup)  # fmt: skip
+    assert args.weight_decay == c.weight_decay
     assert (args.source, args.vocab) == (table.task["source"], table.task["vocab_size"])
 
 
