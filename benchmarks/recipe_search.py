@@ -55,10 +55,17 @@ CANDIDATES: dict[str, dict] = {
     # d_head 4 (16 heads): the ablation's d_head_32_width row, whose seed 0 passed both bars.
     "lr4e-2_wd0.3_dh4": {"lr": 0.04, "weight_decay": 0.3, "d_head": 4},
     "lr5e-2_wd0.3_dh4": {"lr": 0.05, "weight_decay": 0.3, "d_head": 4},
+    "lr4e-2_wd0.3_seq128": {"lr": 0.04, "weight_decay": 0.3, "seq_len": 128, "batch_size": 8},
+    "lr4e-2_wd0.3_mlp128": {"lr": 0.04, "weight_decay": 0.3, "d_mlp": 128},
 }
 """Name -> changes to BASE (``source`` changes the text instead)."""
 
-SEEDS = {"lr4e-2_wd0.3": 3, "lr4e-2_wd0.3_dh4": 5}
+SEEDS = {
+    "lr4e-2_wd0.3": 3,
+    "lr4e-2_wd0.3_dh4": 5,
+    "lr4e-2_wd0.3_seq128": 3,
+    "lr4e-2_wd0.3_mlp128": 3,
+}
 """Candidates run over more seeds than one (the most promising)."""
 
 
