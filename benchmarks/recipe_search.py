@@ -119,19 +119,13 @@ def main() -> None:
     parser.add_argument(
         "--seeds", type=int, help="seeds 0..N-1 of each (default: 1, or as SEEDS says)"
     )
-    parser.add_argument("--from-seed", type=int, default=0, help="skip the seeds below this")
     parser.add_argument("--workers", type=int, default=1, help="runs at once, one thread each")
     parser.add_argument("--out", default="benchmarks/runs/recipe", help="checkpoint folder")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--markdown", action="store_true", help="print the README's table")
     args = parser.parse_args()
 
-    jobs = [
-        (n, s)
-        for n in args.only or CANDIDATES
-        for s in range(args.seeds or SEEDS.get(n, 1))
-        if s >= args.from_seed
-    ]
+    jobs = [(n, s) for n in args.only or CANDIDATES for s in range(args.seeds or SEEDS.get(n, 1))]
     if args.workers == 1:
         rows = [run_one(n, s, args.out) for n, s in jobs]
     else:
