@@ -15,6 +15,9 @@ process. Rows:
   stream alone (``spike_sites=("resid_post",)``), without the block outputs; the floor of a
   scan that still finds spikes and sinks, to show what the default's step-up / step-down
   reading costs.
+- ``scan_torch`` (only when named in ``--modes``): ``ts.scan`` with the compiled CPU kernels
+  switched off (``kernels.switched_off()``, as ``TL_SPIKESINK_KERNELS=0`` does): the torch
+  reductions a GPU runs, to show what the kernels save in the same run.
 - with ``--bridge``, ``bridge_bare`` and ``bridge_scan``: the same two on a TransformerBridge
   booted from the HF eager model (compatibility mode). Its bare forward computes the logits
   even with ``return_type=None``; its scan stops after the last block it reads.
@@ -26,7 +29,7 @@ its ratio to the HF peer and to ``tl_bare``, and the load average before and aft
     python benchmarks/bench_peers.py                    # SmolLM2, CPU, 1,024 tokens
     python benchmarks/bench_peers.py --repeats 7 --json peers.json
     python benchmarks/bench_peers.py --bridge           # also the TransformerBridge route
-    python benchmarks/bench_peers.py --modes tl_bare scan scan_resid_only
+    python benchmarks/bench_peers.py --modes tl_bare scan scan_torch scan_resid_only
     python benchmarks/bench_peers.py --device cuda --dtype bfloat16 --tokens 16384
 """
 
@@ -43,7 +46,7 @@ import torch
 
 MODES = ("hf_peer", "hf_sdpa_floor", "tl_bare", "tl_cached", "scan")
 BRIDGE_MODES = ("bridge_bare", "bridge_scan")
-EXTRA_MODES = ("scan_resid_only",)
+EXTRA_MODES = ("scan_resid_only", "scan_torch")
 BATCH_SIZES = (1, 8)
 
 
@@ -95,10 +98,14 @@ def _peer_stats(hidden, attentions, mask):
 
 def _run(mode, ctx, batches):
     model, hf, corpus, bs = ctx["tl"], ctx["hf"], ctx["corpus"], ctx["batch_size"]
-    if mode in ("scan", "bridge_scan", "scan_resid_only"):
+    if mode in ("scan", "bridge_scan", "scan_resid_only", "scan_torch"):
         host = ctx["bridge"] if mode == "bridge_scan" else model
         sites = {"spike_sites": ("resid_post",)} if mode == "scan_resid_only" else {}
-        ctx["ts"].scan(host, corpus, batch_size=bs, progress=False, **sites)
+        from tl_spikesink.probes import kernels
+
+        off = kernels.switched_off() if mode == "scan_torch" else contextlib.nullcontext()
+        with off:
+            ctx["ts"].scan(host, corpus, batch_size=bs, progress=False, **sites)
         return
     with torch.inference_mode():
         for tokens, mask in batches:

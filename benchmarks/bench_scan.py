@@ -70,7 +70,10 @@ def _run(mode, ts, model, corpus, batches, args):
 
 
 def _memory_child(mode, args, queue):
+    from tl_spikesink.probes import kernels
+
     ts, model, corpus, batches = _setup(args)
+    kernels.warm_up()  # the numba runtime is the process's, like the model: not the scan's
     if str(args.device).startswith("cuda"):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()

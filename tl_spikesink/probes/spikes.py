@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 
+import tl_spikesink.probes.kernels as kernels
 from tl_spikesink.anatomy import Site, hook_name
 from tl_spikesink.probes.engine import Probe, Step
 from tl_spikesink.probes.reducers import (
@@ -350,6 +351,7 @@ class SpikeProbe(Probe):
         self.pending: dict[Site, list[list[tuple]]] = {
             s: [[] for _ in range(n_layers)] for s in sites
         }
+        self.n_pending = {s: [0] * n_layers for s in sites}
         self.found: list[tuple] = []
         self.buffers = Buffers()
         # Keyed by (site index, layer).
@@ -363,8 +365,10 @@ class SpikeProbe(Probe):
     def hooks(self) -> list[tuple[str, Callable]]:
         """(hook_name, fn) pairs for `model.hooks`.
 
-        A hook only copies its activation into a :class:`Stage`; one reduction covers every
-        staged (site, layer), at the latest at the end of the pass.
+        On CPU a hook reduces its activation at once, in one compiled pass
+        (:mod:`~tl_spikesink.probes.kernels`). Elsewhere, or without numba, it only copies the
+        activation into a :class:`Stage`, and one torch reduction covers every staged
+        (site, layer), at the latest at the end of the pass.
         """
         return [
             (hook_name(site, layer), self._hook(i, layer))
@@ -381,21 +385,47 @@ class SpikeProbe(Probe):
         # pass instead of five per hook.
         b, t = batch.tokens.shape
         pos = torch.arange(t)[None, :] - batch.first[:, None]
-        self.where = torch.stack(
-            [
-                batch.text_index[:, None].expand(b, t),
-                batch.start[:, None].expand(b, t),
-                pos,
-                batch.tokens,
-            ],
-            dim=-1,
-        ).reshape(b * t, 4).int()
+        self.where = (
+            torch.stack(
+                [
+                    batch.text_index[:, None].expand(b, t),
+                    batch.start[:, None].expand(b, t),
+                    pos,
+                    batch.tokens,
+                ],
+                dim=-1,
+            )
+            .reshape(b * t, 4)
+            .int()
+        )
         self.found = []
         self.stage.clear()
+        if self.hist is None:
+            self.hist = torch.zeros(
+                len(self.sites), self.n_layers, N_BINS, dtype=torch.long, device=step.mask.device
+            )
+        if kernels.available(self.hist):
+            self.hist_np, self.pads_np = self.hist.numpy(), self.pads.flatten().numpy()
+            self.where_np = self.where.numpy()
 
     def _hook(self, site_index: int, layer: int) -> Callable:
+        threshold = self._threshold(self.sites[site_index])
+
         def hook(act: Float[torch.Tensor, "batch pos d_model"], hook: Any) -> None:
-            self.stage.add((site_index, layer), act.detach())
+            if not kernels.available(act):
+                self.stage.add((site_index, layer), act.detach())
+                return
+            *entries, n_above = kernels.spike_entries(
+                act,
+                self.pads_np,
+                self.where_np,
+                self.hist_np[site_index, layer],
+                threshold,
+                self.top_k,
+                self.capacity,
+                BIN_SHIFT,
+            )
+            self._queue(self.sites[site_index], layer, *entries, n_above > self.capacity)
 
         return hook
 
@@ -463,10 +493,6 @@ class SpikeProbe(Probe):
         if self.has_pads:  # take the pads back out: cheaper than masking every entry
             counts -= torch.bincount(
                 bits[:, self.pads.flatten()].flatten(), minlength=counts.numel()
-            )
-        if self.hist is None:
-            self.hist = torch.zeros(
-                len(self.sites), self.n_layers, N_BINS, dtype=torch.long, device=device
             )
         where = torch.tensor(groups, device=device).T
         self.hist.index_put_((where[0], where[1]), counts.view(n_groups, N_BINS), accumulate=True)
@@ -544,15 +570,26 @@ class SpikeProbe(Probe):
             groups, keys.split(sizes), values.split(sizes), meta.split(sizes), overflow, strict=True
         )
         for (i, layer), k, v, mt, over in parts:
-            site = self.sites[i]
-            pending = self.pending[site][layer]
             # Copies, not views: a view would keep the whole pass's entries alive until every
             # (site, layer) had folded them, and the scan's memory would grow with the corpus.
-            pending.append((k.clone(), v.clone(), mt.clone(), over))
-            # Selecting sorts; one selection over many batches keeps the per-batch cost low, and
-            # folding at `capacity` entries bounds what waits at what the result itself holds.
-            if sum(len(p[0]) for p in pending) > self.capacity or len(pending) > 32:
-                self._fold(site, layer)
+            self._queue(self.sites[i], layer, k.clone(), v.clone(), mt.clone(), over)
+
+    def _queue(
+        self,
+        site: Site,
+        layer: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        meta: torch.Tensor,
+        overflow: bool,
+    ) -> None:
+        pending = self.pending[site][layer]
+        pending.append((keys, values, meta, overflow))
+        self.n_pending[site][layer] += len(keys)
+        # Selecting sorts; one selection over many batches keeps the per-batch cost low, and
+        # folding at `capacity` entries bounds what waits at what the result itself holds.
+        if self.n_pending[site][layer] > self.capacity or len(pending) > 32:
+            self._fold(site, layer)
 
     def _fold(self, site: Site, layer: int) -> None:
         pending = self.pending[site][layer]
@@ -571,7 +608,7 @@ class SpikeProbe(Probe):
         self.entries[site][layer] = replace(
             new, truncated=new.truncated or old.truncated or any(truncated)
         )
-        self.pending[site][layer] = []
+        self.pending[site][layer], self.n_pending[site][layer] = [], 0
 
     def result(self, token_strings: dict[int, str]) -> SpikeStats:
         """Freeze what was seen into :class:`SpikeStats`."""
