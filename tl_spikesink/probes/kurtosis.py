@@ -56,7 +56,7 @@ KURTOSIS_DEFINITION = (
 """What :class:`ExcessKurtosis` measures, as reports print it."""
 
 
-def token_kurtosis(x: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, ...]:
+def token_kurtosis(x: Float[torch.Tensor, "... d_model"]) -> Float[torch.Tensor, "..."]:
     """OSP's per-token excess kurtosis relu(mean(x⁴) / std(x)⁴ − 3), over the last axis.
 
     Elementwise products and plain sums only: the scan runs this on every layer of every batch,

@@ -385,19 +385,15 @@ class SpikeProbe(Probe):
         # pass instead of five per hook.
         b, t = batch.tokens.shape
         pos = torch.arange(t)[None, :] - batch.first[:, None]
-        self.where = (
-            torch.stack(
-                [
-                    batch.text_index[:, None].expand(b, t),
-                    batch.start[:, None].expand(b, t),
-                    pos,
-                    batch.tokens,
-                ],
-                dim=-1,
-            )
-            .reshape(b * t, 4)
-            .int()
-        )
+        self.where = torch.stack(
+            [
+                batch.text_index[:, None].expand(b, t),
+                batch.start[:, None].expand(b, t),
+                pos,
+                batch.tokens,
+            ],
+            dim=-1,
+        ).reshape(b * t, 4).int()
         self.found = []
         self.stage.clear()
         if self.hist is None:
