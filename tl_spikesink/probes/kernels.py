@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
+from tl_spikesink.probes.reducers import BIN_SHIFT, N_BINS
+
 _off = False
 """Set by :func:`switched_off`; the environment variable is read once per process."""
 
@@ -67,8 +69,8 @@ def warm_up() -> bool:
     x = torch.zeros(2, 4)
     if not available(x):
         return False
-    hist = np.zeros(1 << 11, np.int64)
-    spike_entries(x, np.zeros(2, bool), np.zeros((2, 4), np.int32), hist, 1.0, 1, 1, 20)
+    hist = np.zeros(N_BINS, np.int64)
+    spike_entries(x, np.zeros(2, bool), np.zeros((2, 4), np.int32), hist, 1.0, 1, 1, BIN_SHIFT)
     token_kurtosis(x)
     return True
 
