@@ -103,8 +103,7 @@ def spike_entries(
         index, start, position, channel and token id. Then the number of entries above
         `threshold`.
     """
-    d = x.shape[-1]
-    flat = x.detach().float().contiguous().view(-1, d).numpy()
+    flat = _rows(x)
     thr_bits = int(np.float32(threshold).view(np.int32))
     keys, values, meta, n_above = _kernels().spike_entries(
         flat, flat.view(np.int32), pads, where, hist, thr_bits, top_k, capacity, shift
@@ -120,6 +119,10 @@ def token_kurtosis(
     The moments are summed in float64, one row at a time: the same numbers as the torch
     version to float32 rounding, in one pass over the activation instead of eight.
     """
-    d = x.shape[-1]
-    k, peak = _kernels().token_kurtosis(x.detach().float().contiguous().view(-1, d).numpy())
+    k, peak = _kernels().token_kurtosis(_rows(x))
     return torch.from_numpy(k), torch.from_numpy(peak)
+
+
+def _rows(x: torch.Tensor) -> np.ndarray:
+    """`x` as the kernels read it: float32 ``[rows, d]``, C-contiguous, sharing memory if it can."""
+    return x.detach().float().contiguous().view(-1, x.shape[-1]).numpy()

@@ -405,7 +405,8 @@ class SpikeProbe(Probe):
             self.where_np = self.where.numpy()
 
     def _hook(self, site_index: int, layer: int) -> Callable:
-        threshold = self._threshold(self.sites[site_index])
+        site = self.sites[site_index]
+        threshold = self._threshold(site)
 
         def hook(act: Float[torch.Tensor, "batch pos d_model"], hook: Any) -> None:
             if not kernels.available(act):
@@ -421,7 +422,7 @@ class SpikeProbe(Probe):
                 self.capacity,
                 BIN_SHIFT,
             )
-            self._queue(self.sites[site_index], layer, *entries, n_above > self.capacity)
+            self._queue(site, layer, *entries, n_above > self.capacity)
 
         return hook
 
