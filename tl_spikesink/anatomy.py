@@ -175,9 +175,12 @@ def check_weights(model: Any) -> None:
     params = getattr(model, "parameters", None)
     if params is None:
         return
-    params = list(params())
-    dtypes = {p.dtype for p in params}
-    if any(p.is_meta for p in params):
+    # One walk of the module tree (a scan checks before every pass; a walk costs milliseconds).
+    dtypes, meta = set(), False
+    for p in params():
+        dtypes.add(p.dtype)
+        meta |= p.is_meta
+    if meta:
         raise SpikeSinkError(
             f"{type(model).__name__} has weights on the meta device (shapes only, no values); "
             "load its weights first, e.g. model.to_empty(device='cpu') then load_state_dict"

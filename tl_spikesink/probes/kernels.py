@@ -104,9 +104,8 @@ def spike_entries(
         `threshold`.
     """
     flat = _rows(x)
-    thr_bits = int(np.float32(threshold).view(np.int32))
     keys, values, meta, n_above = _kernels().spike_entries(
-        flat, flat.view(np.int32), pads, where, hist, thr_bits, top_k, capacity, shift
+        flat, flat.view(np.int32), pads, where, hist, _bits(threshold), top_k, capacity, shift
     )
     return torch.from_numpy(keys), torch.from_numpy(values), torch.from_numpy(meta), int(n_above)
 
@@ -125,4 +124,14 @@ def token_kurtosis(
 
 def _rows(x: torch.Tensor) -> np.ndarray:
     """`x` as the kernels read it: float32 ``[rows, d]``, C-contiguous, sharing memory if it can."""
-    return x.detach().float().contiguous().view(-1, x.shape[-1]).numpy()
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    # numpy's reshape of a contiguous array is a view, and cheaper than torch's view (a hook
+    # runs this ~100 times a forward, with its objects out of cache).
+    return x.detach().numpy().reshape(-1, x.shape[-1])
+
+
+@cache
+def _bits(threshold: float) -> int:
+    """`threshold` as float32 bits, the form the spike kernel compares."""
+    return int(np.float32(threshold).view(np.int32))

@@ -165,22 +165,23 @@ class TopEntries:
         capacity: int,
     ) -> TopEntries:
         """Reduce candidate entries; a negative key marks an entry to leave out (a pad)."""
+        # numpy, not torch: boolean and fancy indexing of a few thousand rows costs a tenth.
+        keys, values, meta = (t.detach().cpu().numpy() for t in (keys, values, meta))
         valid = keys >= 0
-        keys, values, meta = keys[valid].cpu(), values[valid].cpu(), meta[valid].cpu()
+        if not valid.all():
+            keys, values, meta = keys[valid], values[valid], meta[valid]
         n_above = int((keys > threshold).sum())
         m = max(k, min(capacity, n_above))
-        full = cls._sorted(keys, values, meta, k, threshold, capacity, n_above > capacity)
+        order = total_order(keys, meta)[:m]
         return cls(
-            full.keys[:m], full.values[:m], full.meta[:m], k, threshold, capacity, full.truncated
+            torch.from_numpy(keys[order]),
+            torch.from_numpy(values[order]),
+            torch.from_numpy(meta[order]),
+            k,
+            threshold,
+            capacity,
+            n_above > capacity,
         )
-
-    @classmethod
-    def _sorted(cls, keys, values, meta, k, threshold, capacity, truncated) -> TopEntries:
-        # A total order (key descending, then metadata) makes merges independent of batch order.
-        # One lexsort: a chain of stable torch sorts costs a dozen calls per (site, layer).
-        columns = meta.numpy().T[::-1]
-        order = torch.from_numpy(np.lexsort((*columns, -keys.numpy())))
-        return cls(keys[order], values[order], meta[order], k, threshold, capacity, truncated)
 
     def merge(self, other: TopEntries) -> TopEntries:
         """The reduction of both inputs together."""
@@ -202,6 +203,28 @@ class TopEntries:
 
     def __len__(self) -> int:
         return int(self.keys.numel())
+
+
+def total_order(keys: np.ndarray, meta: np.ndarray) -> np.ndarray:
+    """Indices that sort by key descending, then by the metadata columns left to right.
+
+    A total order makes merges independent of batch order. One sort on the key, then a lexsort
+    of the tied entries alone: the same order as one lexsort of everything on every column,
+    at a third of the cost (ties are a minority, mostly the first token's identical rows).
+    """
+    order = np.argsort(-keys, kind="stable")
+    ranked = keys[order]
+    tie = (ranked[1:] == ranked[:-1]) | (np.isnan(ranked[1:]) & np.isnan(ranked[:-1]))
+    if not tie.any():
+        return order
+    in_tie = np.zeros(len(ranked), bool)
+    in_tie[1:] |= tie
+    in_tie[:-1] |= tie
+    at = np.nonzero(in_tie)[0]
+    run = np.cumsum(np.concatenate([[True], ~tie]))[at]  # tied runs are contiguous in `order`
+    tied = order[at]
+    order[at] = tied[np.lexsort((*meta[tied].T[::-1], run))]
+    return order
 
 
 def share(items: tuple, pred: Callable[[Any], bool]) -> float:

@@ -1,5 +1,6 @@
 """Mergeable everywhere: scan(A).merge(scan(B)) is the scan of A + B."""
 
+import numpy as np
 import pytest
 import torch
 from checks import assert_same_scan
@@ -8,7 +9,7 @@ from hypothesis import strategies as st
 from planted import sentences
 
 import tl_spikesink as ts
-from tl_spikesink.probes.reducers import TopEntries
+from tl_spikesink.probes.reducers import TopEntries, total_order
 
 TEXTS = sentences(12, seed=5, min_words=3, max_words=40)
 
@@ -63,6 +64,26 @@ def test_top_entries_merge_is_exact(keys, cut, k, capacity):
     merged = reduce(slice(None, cut)).merge(reduce(slice(cut, None)))
     assert torch.equal(whole.keys, merged.keys) and torch.equal(whole.meta, merged.meta)
     assert whole.truncated == merged.truncated
+
+
+@given(
+    keys=st.lists(st.sampled_from([0.0, -0.0, 1.0, 2.5, 7.0, float("nan")]), max_size=40),
+    meta=st.data(),
+)
+def test_total_order_is_one_lexsort_of_every_column(keys, meta):
+    key = np.array(keys, np.float32)
+    cols = meta.draw(
+        st.lists(
+            st.lists(st.integers(-2, 2), min_size=3, max_size=3),
+            min_size=len(keys),
+            max_size=len(keys),
+        )
+    )
+    m = np.array(cols, np.int32).reshape(len(keys), 3)
+    got, want = total_order(key, m), np.lexsort((*m.T[::-1], -key))
+    # Rows equal in key and every column may come in either order; nothing else may differ.
+    assert np.array_equal(key[got], key[want], equal_nan=True)
+    assert np.array_equal(m[got], m[want])
 
 
 def test_merge_refuses_to_count_a_corpus_twice(planted):
