@@ -60,6 +60,10 @@ CANDIDATES: dict[str, dict] = {
     # d_head 8 (8 heads): between the baseline's steady 0.12 and d_head 4's bimodal 0.1 / 0.4;
     # seed 0 peaked at 0.11 (step 1000) and faded to 0.007, so seeds 1 and 2 were not run.
     "lr4e-2_wd0.3_dh8": {"lr": 0.04, "weight_decay": 0.3, "d_head": 8},
+    # d_head 4's upper mode with more weight decay (Gu et al.: weight decay favours sinks), and
+    # with 4 layers (a run inside the 5-minute budget).
+    "lr4e-2_wd0.5_dh4": {"lr": 0.04, "weight_decay": 0.5, "d_head": 4},
+    "lr4e-2_wd0.3_dh4_L4": {"lr": 0.04, "weight_decay": 0.3, "d_head": 4, "n_layers": 4},
 }
 """Name -> changes to BASE (``source`` changes the text instead)."""
 

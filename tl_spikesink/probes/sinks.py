@@ -307,6 +307,13 @@ class SinkProbe(Probe):
         self._start_ratio(lengths, rel)
         self._grow(width)
         self.alpha_count[:width] += self.seen_by.sum(0).cpu()
+        # What every hook of the pass multiplies its pattern by, shaped once here: at batch 1 a
+        # hook's handful of view and expand calls cost as much as its arithmetic.
+        # Row 0 weights every real query (the attention each key gets), row 1 Eq. 27's first T.
+        self.query_weights = torch.stack([self.mask, self.ratio_queries], 1)[:, None]
+        self.key_weights = self.key_pos[:, :, None] if self.left_padded else self.key_pos[0]
+        b = len(batch.lengths)
+        self.first_index = self.first_col[:, None, None, None].expand(b, self.n_heads, width, 1)
 
     def _start_ratio(self, lengths: torch.Tensor, rel: torch.Tensor) -> None:
         # Eq. 27: each sequence's first T queries, as weights over the padded query columns, and
@@ -341,18 +348,19 @@ class SinkProbe(Probe):
         b, h, q, k = p.shape
         if self.left_padded:
             p = torch.nan_to_num(p, 0.0, out=self.buffers("p", p.shape, p.dtype, p.device))
-        # Attention each key gets. A row vector times the pattern, not einsum: on CPU einsum
-        # lowers this to a matrix-vector bmm about 20x slower than the broadcast matmul.
-        received = (self.mask[:, None, None, :] @ p).squeeze(-2)
-        w = self.ratio_width
-        ratio = (self.ratio_queries[:, None, None, :w] @ p[:, :, :w, :w]).squeeze(-2)
+        # Attention each key gets from every real query, and from Eq. 27's first T: two rows
+        # times the pattern in one product. Not einsum: on CPU einsum lowers this to a
+        # matrix-vector bmm about 20x slower than the broadcast matmul.
+        both = self.query_weights @ p  # [batch, head, 2, key]
+        received, ratio = both[:, :, 0], both[:, :, 1, : self.ratio_width]
         # Σ_j A_ij (i − j) = i·Σ_j A_ij − Σ_j A_ij·j: one matrix-vector product per sequence.
         mass = p.sum(-1)
         if self.left_padded:
-            key_pos = torch.bmm(p.reshape(b, h * q, k), self.key_pos[:, :, None]).view(b, h, q)
+            key_pos = torch.bmm(p.reshape(b, h * q, k), self.key_weights).view(b, h, q)
+            a_first = p.gather(-1, self.first_index).squeeze(-1)
         else:  # every sequence starts at column 0: one product for the whole batch
-            key_pos = (p.reshape(-1, k) @ self.key_pos[0]).view(b, h, q)
-        a_first = p.gather(-1, self.first_col[:, None, None, None].expand(b, h, q, 1)).squeeze(-1)
+            key_pos = (p.reshape(-1, k) @ self.key_weights).view(b, h, q)
+            a_first = p[..., 0].clone()  # a view would keep the whole pattern alive
         self.seen[layer] = (received, ratio, mass, key_pos, a_first)
 
     def _reduce_layers(self) -> None:
@@ -365,7 +373,8 @@ class SinkProbe(Probe):
         )
         self.seen = {}
         n, b, h, k = received.shape
-        received = received.gather(-1, self.align[None, :, None, :].expand(n, b, h, k))
+        if self.left_padded:  # otherwise relative key positions are the columns already
+            received = received.gather(-1, self.align[None, :, None, :].expand(n, b, h, k))
         received = received * (self.seen_by > 0)[None, :, None, :]
         self.alpha_sum[layers, :, :k] += received.sum(1).double().cpu()
         self.mass_sum[layers] += received.sum((1, 3)).double().cpu()
@@ -379,8 +388,9 @@ class SinkProbe(Probe):
         if w == 0:
             return
         n, b, h, _ = received.shape
-        cols = self.align[:, :w].clamp(max=w - 1)
-        received = received.gather(-1, cols[None, :, None, :].expand(n, b, h, w))
+        if self.left_padded:
+            cols = self.align[:, :w].clamp(max=w - 1)
+            received = received.gather(-1, cols[None, :, None, :].expand(n, b, h, w))
         alpha = received / self.ratio_t[None, :, None, None].clamp(min=1).float()
         best = alpha.masked_fill(~self.ratio_keys[None, :, None, :w], -1.0).amax(-1)
         sink = (best > self.epsilon) & self.ratio_rows[None, :, None]

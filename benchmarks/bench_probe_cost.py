@@ -1,0 +1,118 @@
+"""Where the scan's own time goes: milliseconds inside each probe's hooks and reductions.
+
+The wall-clock ratios of ``bench_peers.py`` move by several points between runs on a shared
+machine, more than most changes to the probes. This benchmark times only the scan's own code
+(each probe's hooks, ``start_batch``, ``end_batch`` and the final ``result``), which a noisy
+neighbour moves far less, and prints it beside the wall time of a bare forward and of the
+scan. The timers cost about a microsecond per call, and what the probes cost the forward
+around them (the cache they take from the weights) is not in these numbers: the wall-time
+difference is the whole cost, this is the part that is ours to cut.
+
+    python benchmarks/bench_probe_cost.py                 # SmolLM2, CPU, batch 1 and 8
+    python benchmarks/bench_probe_cost.py --repeats 9 --kernels-off
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from collections import Counter
+
+import torch
+
+PARTS = ("hooks", "start_batch", "end_batch")
+
+
+def _timed(cost: Counter, key: str, fn):
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            cost[key] += time.perf_counter() - start
+
+    return timed
+
+
+def _instrument(probes, cost: Counter) -> None:
+    """Time every hook and batch call of `probes`, per probe class (instance attributes)."""
+    for probe in probes:
+        name = type(probe).__name__
+        hooks = probe.hooks()
+        probe.hooks = lambda hooks=hooks, name=name: [
+            (n, _timed(cost, f"{name} hooks", f)) for n, f in hooks
+        ]
+        for part in PARTS[1:]:
+            setattr(probe, part, _timed(cost, f"{name} {part}", getattr(probe, part)))
+
+
+def _scan(ts, model, corpus, batch_size: int, cost: Counter):
+    from tl_spikesink.probes.engine import run
+    from tl_spikesink.probes.scan import ScanProbes
+
+    # What ts.scan does (scan_corpus), with the probes timed.
+    config = ts.ScanConfig(batch_size=batch_size)
+    scanned = ScanProbes(model, config)
+    _instrument(scanned.probes, cost)
+    run(model, corpus, scanned.probes, batch_size=batch_size, progress=False)
+    return _timed(cost, "result", scanned.result)(model, corpus)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument(
+        "--kernels-off", action="store_true", help="the torch reductions, as on a GPU"
+    )
+    args = parser.parse_args()
+
+    import tl_spikesink as ts
+    from tl_spikesink.probes import kernels
+
+    torch.manual_seed(0)
+    model = ts.load(args.model, progress=False)
+    corpus = ts.tokenize(
+        model, ts.default_texts(), max_seq_len=args.seq_len, max_tokens=args.tokens, name="cost"
+    )
+    off = kernels.switched_off() if args.kernels_off else contextlib.nullcontext()
+    print(
+        f"{args.model}, {corpus.n_tokens} tokens in {len(corpus.chunks)} sequences, "
+        f"{torch.get_num_threads()} threads, kernels {'off' if args.kernels_off else 'on'}; "
+        f"best of {args.repeats} (each part on its own)"
+    )
+    with off:
+        for bs in args.batch_sizes:
+            batches = [(b.tokens, b.mask.long()) for b in corpus.batches(bs)]
+            best: dict[str, float] = {}
+            _scan(ts, model, corpus, bs, Counter())  # compile, warm the allocator
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    for tokens, mask in batches:
+                        model(tokens, attention_mask=mask, return_type=None)
+                bare = time.perf_counter() - start
+                cost: Counter = Counter()
+                start = time.perf_counter()
+                _scan(ts, model, corpus, bs, cost)
+                cost["wall: scan"] = time.perf_counter() - start
+                cost["wall: TL bare"] = bare
+                for key, seconds in cost.items():
+                    best[key] = min(best.get(key, float("inf")), seconds)
+            ours = sum(v for k, v in best.items() if not k.startswith("wall"))
+            print(f"\nbatch {bs}")
+            for key in sorted(best):
+                print(f"  {key:<28}{best[key] * 1e3:>9.1f} ms")
+            bare = best["wall: TL bare"]
+            print(
+                f"  {'ours, all parts':<28}{ours * 1e3:>9.1f} ms = {ours / bare:.1%} of the "
+                f"bare forward; wall ratio {best['wall: scan'] / bare:.3f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
