@@ -64,6 +64,9 @@ CANDIDATES: dict[str, dict] = {
     # with 4 layers (a run inside the 5-minute budget).
     "lr4e-2_wd0.5_dh4": {"lr": 0.04, "weight_decay": 0.5, "d_head": 4},
     "lr4e-2_wd0.3_dh4_L4": {"lr": 0.04, "weight_decay": 0.3, "d_head": 4, "n_layers": 4},
+    # 128-token windows lost the sinks in 3 seeds; the other way, 32-token windows (32 a step,
+    # the same tokens), with Eq. 28's T = 32.
+    "lr4e-2_wd0.3_seq32": {"lr": 0.04, "weight_decay": 0.3, "seq_len": 32, "batch_size": 32},
 }
 """Name -> changes to BASE (``source`` changes the text instead)."""
 

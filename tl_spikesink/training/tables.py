@@ -210,6 +210,9 @@ class Comparison:
     sink_ratio: tuple[float, ...]
     spike: tuple[float, ...]
     first_token_spike_ratio: tuple[float, ...]
+    peak_sink_ratio: tuple[float, ...]
+    """Each run's highest Eq. 28 sink ratio along its emergence curve: sinks that formed and
+    then faded show here and not in `sink_ratio` (the end of training)."""
     ours: dict[str, Direction]
     """Our change from our baseline, per quantity (means over seeds)."""
 
@@ -235,6 +238,7 @@ class Comparison:
             "sink_ratio": list(self.sink_ratio),
             "spike": list(self.spike),
             "first_token_spike_ratio": list(self.first_token_spike_ratio),
+            "peak_sink_ratio": list(self.peak_sink_ratio),
             "paper": self.paper,
             "ours": self.ours,
             "agrees": self.agrees,
@@ -283,7 +287,7 @@ class PaperComparison(Result):
         )
 
     def __str__(self) -> str:
-        header = ["table", "row (paper)", "seeds", "ppl", "sink ratio", "Spike",
+        header = ["table", "row (paper)", "seeds", "ppl", "sink ratio", "peak sink", "Spike",
                   "sink: paper/ours", "Spike: paper/ours"]  # fmt: skip
         body = []
         for r in self.rows:
@@ -299,6 +303,7 @@ class PaperComparison(Result):
                     str(len(r.seeds)),
                     f"{_mean(r.perplexity):.2f}",
                     f"{_mean(r.sink_ratio):.3f}",
+                    f"{_mean(r.peak_sink_ratio):.3f}",
                     f"{_mean(r.spike):.1f}",
                     marks["sink_ratio"],
                     marks["spike"],
@@ -314,9 +319,15 @@ class PaperComparison(Result):
                 f"agreement over {len(self.rows) - 1} rows: sink ratio "
                 f"{share['sink_ratio']:.0%}, Spike {share['spike']:.0%}. ↑/↓: a change of more "
                 f"than {THRESHOLD:.0%} of the baseline's value (sink ratio: and over "
-                f"{SINK_FLOOR:g}), ≈ otherwise; ours are means over seeds.",
+                f"{SINK_FLOOR:g}), ≈ otherwise; ours are means over seeds. Peak sink: the "
+                "highest sink ratio along each run's curve (far above the end: sinks that faded).",
             ]
         )
+
+
+def _peak_sink(run: Any) -> float:
+    values = [s.sink_ratio for s in run.history if not math.isnan(s.sink_ratio)]
+    return max(values, default=math.nan)
 
 
 def _is_paper(row: Any, config: Any) -> bool:
@@ -362,6 +373,7 @@ def compare(table: Any) -> PaperComparison:
                 sink_ratio=values["sink_ratio"],
                 spike=values["spike"],
                 first_token_spike_ratio=ours.stat("bos_spike_ratio").values,
+                peak_sink_ratio=tuple(_peak_sink(run) for run in ours.runs),
                 ours={q: direction(_mean(values[q]), reference[q], q) for q in QUANTITIES},
             )
         )

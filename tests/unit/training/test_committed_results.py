@@ -26,6 +26,8 @@ def test_readme_quotes_the_committed_numbers():
     for row in summary["rows"]:  # the README shows each row's mean over its seeds
         ppl = f"{sum(row['perplexity']) / len(row['perplexity']):.1f}"
         assert f"| {ppl} |" in readme, (row["variant"], ppl)
+        peak = f"{sum(row['peak_sink_ratio']) / len(row['peak_sink_ratio']):.3f}"
+        assert f"| {peak} |" in readme, (row["variant"], peak)
     n = len(summary["rows"]) - 1  # the baseline is no comparison
     agreeing = round(summary["agreement"]["spike"] * n)
     assert f"in {agreeing} of {n} rows" in readme

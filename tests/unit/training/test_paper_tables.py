@@ -394,6 +394,19 @@ def test_compare_directions_agreement_and_summary_format():
     assert "agrees" in str(c) and "differs" in str(c)
 
 
+def test_peak_sink_ratio_is_the_highest_point_of_each_curve():
+    t = fake_table()
+    base = t.rows[0]
+    early = replace(base.runs[0].history[-1], step=0, sink_ratio=0.9)
+    faded = replace(base.runs[0], history=(early, *base.runs[0].history))
+    t = replace(t, rows=(replace(base, runs=(faded, base.runs[1])), *t.rows[1:]))
+    row = compare(t).rows[0]
+    assert row.sink_ratio == (0.40, 0.50)  # the end of training, as before
+    assert row.peak_sink_ratio == (0.9, 0.50)
+    assert json.loads(compare(t).to_json())["rows"][0]["peak_sink_ratio"] == [0.9, 0.5]
+    assert "peak sink" in str(compare(t))
+
+
 def test_compare_needs_the_baseline():
     t = fake_table()
     with pytest.raises(SpikeSinkError, match="baseline"):
