@@ -21,7 +21,7 @@ from collections import Counter
 
 import torch
 
-PARTS = ("hooks", "start_batch", "end_batch")
+BATCH_CALLS = ("start_batch", "end_batch")
 
 
 def _timed(cost: Counter, key: str, fn):
@@ -43,7 +43,7 @@ def _instrument(probes, cost: Counter) -> None:
         probe.hooks = lambda hooks=hooks, name=name: [
             (n, _timed(cost, f"{name} hooks", f)) for n, f in hooks
         ]
-        for part in PARTS[1:]:
+        for part in BATCH_CALLS:
             setattr(probe, part, _timed(cost, f"{name} {part}", getattr(probe, part)))
 
 

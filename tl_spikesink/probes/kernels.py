@@ -4,7 +4,7 @@ The spike probe's reduction of an activation is a bit pattern, a row maximum, a 
 search of the few rows that can hold an entry. In torch those are separate calls, each reading
 the whole activation (and the histogram's ``bincount`` a second, shifted copy of it); on a CPU
 that costs more than the arithmetic, and the copies compete with the model's weights for the
-cache (docs/speed.md). :func:`spike_entries` does all of it in one compiled loop over the
+cache (docs/speed.md). :func:`spike_entries` does all of it in one compiled pass over the
 activation, straight from the hook, while the activation is still in cache;
 :func:`token_kurtosis` does the same for the kurtosis probe's moments.
 

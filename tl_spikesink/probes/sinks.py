@@ -312,8 +312,9 @@ class SinkProbe(Probe):
         # Row 0 weights every real query (the attention each key gets), row 1 Eq. 27's first T.
         self.query_weights = torch.stack([self.mask, self.ratio_queries], 1)[:, None]
         self.key_weights = self.key_pos[:, :, None] if self.left_padded else self.key_pos[0]
-        b = len(batch.lengths)
-        self.first_index = self.first_col[:, None, None, None].expand(b, self.n_heads, width, 1)
+        if self.left_padded:  # right padding reads the first token at column 0, no gather
+            b = len(batch.lengths)
+            self.first_index = self.first_col[:, None, None, None].expand(b, self.n_heads, width, 1)
 
     def _start_ratio(self, lengths: torch.Tensor, rel: torch.Tensor) -> None:
         # Eq. 27: each sequence's first T queries, as weights over the padded query columns, and
