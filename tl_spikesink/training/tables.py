@@ -17,6 +17,9 @@ what we trained instead:
 * d_head at fixed #heads: 1/8, 1/4 and 1/2 of the config's d_head (the paper's d_head 8, 1/16 of
   its baseline, would be below the 2 that rotary positions need at our d_head 16);
 * d_head/#heads at fixed width: the same factorizations down to d_head 2;
+* a row whose head shape a config cannot host (an odd d_head, or one below 2: the 1/8 and 1/4
+  rows under a d_head-4 baseline) is left out of "paper" with a warning and listed as
+  :attr:`PaperComparison.not_hosted`;
 * short contexts (Table 8, 1/256 and 1/1024): L/4 and L/2 instead of L/16 and L/4, since the
   sink ratio at T < 16 queries counts a uniform head as a sink (H_T / T > 0.3 for T ≤ 8);
 * loss only at positions ≥ min of length max: the same fractions of L.
@@ -29,6 +32,7 @@ the baseline's value (sink ratio: and at least :data:`SINK_FLOOR` in absolute te
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -84,6 +88,14 @@ class PaperRow:
         if keep_heads:
             changes["n_heads"] = heads
         return Variant(self.name, context="long", **changes)
+
+    def unfit(self, config: Any) -> str | None:
+        """Why a model of `config`'s size cannot host this row (None when it can)."""
+        try:
+            self.variant(config)
+        except SpikeSinkError as e:
+            return str(e)
+        return None
 
     def direction(self, quantity: str) -> Direction:
         """The paper's change from its baseline in `quantity` ("sink_ratio" or "spike")."""
@@ -163,10 +175,12 @@ def _rows() -> tuple[PaperRow, ...]:
 
 
 def _whole(x: float, row: str, what: str) -> int:
-    if x < 1 or x != int(x):
+    # Rotary positions rotate pairs of dimensions, so a head needs an even d_head.
+    if x < 1 or x != int(x) or (what == "d_head" and x % 2):
         raise SpikeSinkError(
-            f"paper row {row!r} needs {what} = {x:g} at this size; pick a TrainConfig whose "
-            "d_head is divisible by 8 and head count by 4 (the default's are)"
+            f"paper row {row!r} needs {what} = {x:g} at this size (d_head must be even for "
+            "rotary positions); pick a TrainConfig whose d_head is divisible by 16 and head "
+            "count by 4 (the default's are)"
         )
     return int(x)
 
@@ -184,9 +198,21 @@ def paper_row(name: str) -> PaperRow:
 
 
 def paper_variants(config: Any, names: Any = None) -> list[Any]:
-    """Our variants of the paper's rows (all, or those in `names`) under `config`."""
-    rows = PAPER_ROWS if names is None else [paper_row(n) for n in names]
-    return [row.variant(config) for row in rows]
+    """Our variants of the paper's rows (all, or those in `names`) under `config`.
+
+    Asked for all rows, those `config`'s size cannot host (head shapes below d_head 2) are left
+    out with a warning that names them; a row asked for by name that does not fit raises.
+    """
+    if names is not None:
+        return [paper_row(n).variant(config) for n in names]
+    unfit = [row.name for row in PAPER_ROWS if row.unfit(config)]
+    if unfit:
+        warnings.warn(
+            f"{len(unfit)} of the paper's rows do not fit d_head={config.d_head}, "
+            f"d_model={config.d_model} and are left out: {', '.join(unfit)}",
+            stacklevel=2,
+        )
+    return [row.variant(config) for row in PAPER_ROWS if row.name not in unfit]
 
 
 def direction(value: float, baseline: float, quantity: str) -> Direction:
@@ -263,6 +289,11 @@ class PaperComparison(Result):
     """Our training settings, in one line."""
     skipped: tuple[str, ...] = ()
     """Rows of our table that are not paper rows (not compared)."""
+    not_hosted: tuple[str, ...] = ()
+    """Paper rows our size cannot host (see :meth:`PaperRow.unfit`)."""
+    missing: tuple[str, ...] = ()
+    """Paper rows our size hosts that the table has not trained yet (a table built over
+    several sittings)."""
 
     @property
     def agreement(self) -> dict[str, float]:
@@ -283,6 +314,8 @@ class PaperComparison(Result):
                 "paper_baseline": PAPER_BASELINE,
                 "settings": self.settings,
                 "skipped": list(self.skipped),
+                "not_hosted": list(self.not_hosted),
+                "missing": list(self.missing),
             }
         )
 
@@ -321,6 +354,12 @@ class PaperComparison(Result):
                 f"than {THRESHOLD:.0%} of the baseline's value (sink ratio: and over "
                 f"{SINK_FLOOR:g}), ≈ otherwise; ours are means over seeds. Peak sink: the "
                 "highest sink ratio along each run's curve (far above the end: sinks that faded).",
+                *(
+                    [f"not hosted at this size: {', '.join(self.not_hosted)}"]
+                    if self.not_hosted
+                    else []
+                ),
+                *([f"not trained yet: {', '.join(self.missing)}"] if self.missing else []),
             ]
         )
 
@@ -332,7 +371,8 @@ def _peak_sink(run: Any) -> float:
 
 def _is_paper(row: Any, config: Any) -> bool:
     known = {r.name: r for r in PAPER_ROWS}
-    return row.name in known and known[row.name].variant(config) == row.variant
+    paper = known.get(row.name)
+    return paper is not None and not paper.unfit(config) and paper.variant(config) == row.variant
 
 
 def compare(table: Any) -> PaperComparison:
@@ -378,7 +418,14 @@ def compare(table: Any) -> PaperComparison:
             )
         )
     skipped = tuple(sorted(r.name for r in table.rows if r.name not in names))
-    return PaperComparison(tuple(rows), settings_line(table), skipped)
+    unfit = {r.name for r in PAPER_ROWS if r.unfit(table.config)}
+    return PaperComparison(
+        tuple(rows),
+        settings_line(table),
+        skipped,
+        not_hosted=tuple(r.name for r in PAPER_ROWS if r.name in unfit),
+        missing=tuple(r.name for r in PAPER_ROWS if r.name not in names | unfit),
+    )
 
 
 __all__ = [

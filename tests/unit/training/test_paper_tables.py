@@ -99,7 +99,20 @@ def test_head_shapes_scale_with_the_config():
     assert (by_name["d_head_16_heads_32"].d_head, by_name["d_head_16_heads_32"].n_heads) == (2, 4)
     assert (by_name["d_head_64_width"].d_head, by_name["d_head_64_width"].n_heads) == (8, None)
     with pytest.raises(SpikeSinkError, match="d_head"):
-        paper_variants(TrainConfig(d_model=60, d_head=12))
+        paper_variants(TrainConfig(d_model=60, d_head=12), ["d_head_16_heads_32"])
+
+
+def test_rows_a_small_d_head_cannot_host_are_left_out_by_name():
+    c = TrainConfig(d_model=64, d_head=4)  # 16 heads of 4: 1/8 and 1/4 would be 0.5 and 1
+    unfit = ["d_head_16_heads_32", "d_head_32_heads_32", "d_head_16_width", "d_head_32_width"]
+    assert [r.name for r in PAPER_ROWS if r.unfit(c)] == unfit
+    assert "even" in paper_row("d_head_32_width").unfit(c)  # d_head 1: rotary needs pairs
+    with pytest.warns(UserWarning, match="d_head_16_heads_32, d_head_32_heads_32"):
+        hosted = paper_variants(c)
+    assert [v.name for v in hosted] == [r.name for r in PAPER_ROWS if r.name not in unfit]
+    assert {v.name: v.d_head for v in hosted}["d_head_64_width"] == 2
+    with pytest.raises(SpikeSinkError, match="d_head = 1 "):
+        resolve_variants(["paper:d_head_32_width"], c)
 
 
 def test_resolve_names():
@@ -451,3 +464,15 @@ def test_rows_that_only_share_a_name_are_not_compared():
     other = AblationRow(Variant("sandwich", norm="sandwich"), t.rows[1].runs)
     c = compare(replace(t, rows=(*t.rows, other)))
     assert c.skipped == ("sandwich",) and "sandwich" not in [r.row.name for r in c.rows]
+
+
+def test_the_comparison_lists_rows_not_hosted_and_not_yet_trained():
+    c = compare(fake_table())  # TINY: d_head 8, so the 1/8 rows would need d_head 1
+    assert c.not_hosted == ("d_head_16_heads_32", "d_head_16_width")
+    trained = {"baseline", "gate_head", "weight_decay_0"}
+    assert set(c.missing) == {r.name for r in PAPER_ROWS} - trained - set(c.not_hosted)
+    assert list(c.missing) == [r.name for r in PAPER_ROWS if r.name in c.missing]  # paper order
+    d = json.loads(c.to_json())
+    assert d["not_hosted"] == list(c.not_hosted) and d["missing"] == list(c.missing)
+    assert "not hosted at this size: d_head_16_heads_32, d_head_16_width" in str(c)
+    assert "not trained yet: lr_7.5e-5" in str(c)
