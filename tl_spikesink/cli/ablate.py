@@ -63,6 +63,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="write the table beside the paper's Tables 3-8 (directions, agrees) as JSON",
     )
     p.add_argument(
+        "--markdown",
+        metavar="OUT",
+        help="write the table beside the paper's as Markdown (the README's table)",
+    )
+    p.add_argument(
         "--load",
         metavar="JSON",
         help="train nothing: read a table --json wrote, print it (and --html it)",
@@ -138,14 +143,19 @@ def _emit(table: Any, args: argparse.Namespace) -> None:
     if args.json:
         table.to_json(args.json)
         print(f"\nwrote {args.json}", file=sys.stderr)
-    if args.summary_json:
+    if args.summary_json or args.markdown:
         from tl_spikesink.training.tables import compare
+        from tl_spikesink.views.paper_table import to_markdown
 
         comparison = compare(table)
         print()
         print(comparison)
-        comparison.to_json(args.summary_json)
-        print(f"wrote {args.summary_json}", file=sys.stderr)
+        if args.summary_json:
+            comparison.to_json(args.summary_json)
+            print(f"wrote {args.summary_json}", file=sys.stderr)
+        if args.markdown:
+            Path(args.markdown).write_text(to_markdown(comparison))
+            print(f"wrote {args.markdown}", file=sys.stderr)
     if args.html:
         _write_report(table, args.html)
         print(f"wrote {args.html}", file=sys.stderr)

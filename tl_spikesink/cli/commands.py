@@ -182,7 +182,7 @@ def _as_rank(args: argparse.Namespace, rank: int | None) -> contextlib.AbstractC
     if not rank:
         return contextlib.nullcontext()
     args.no_progress = True
-    for output in ("json", "html", "summary_json"):
+    for output in ("json", "html", "summary_json", "markdown"):
         setattr(args, output, None)
     return contextlib.redirect_stdout(io.StringIO())
 
@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
     )
     try:
-        options.check_outputs(args, ("json", "html", "summary_json"))
+        options.check_outputs(args, ("json", "html", "summary_json", "markdown"))
         from tl_spikesink.distributed import torchrun_session
 
         with torchrun_session() as rank, _as_rank(args, rank):

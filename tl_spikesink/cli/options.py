@@ -119,13 +119,14 @@ def check_outputs(args: argparse.Namespace, names: tuple[str, ...] = ("json", "h
         path = getattr(args, name, None)
         if not path:
             continue
+        flag = name.replace("_", "-")
         folder = Path(path).expanduser().resolve().parent
         if not folder.is_dir():
-            raise SpikeSinkError(f"--{name} {path}: the folder {folder} does not exist; create it")
+            raise SpikeSinkError(f"--{flag} {path}: the folder {folder} does not exist; create it")
         if not os.access(folder, os.W_OK):
-            raise SpikeSinkError(f"--{name} {path}: the folder {folder} is not writable")
+            raise SpikeSinkError(f"--{flag} {path}: the folder {folder} is not writable")
         if Path(path).is_dir():
-            raise SpikeSinkError(f"--{name} {path} is a folder; give a file name")
+            raise SpikeSinkError(f"--{flag} {path} is a folder; give a file name")
 
 
 def load_model(args: argparse.Namespace) -> Any:

@@ -476,3 +476,24 @@ def test_the_comparison_lists_rows_not_hosted_and_not_yet_trained():
     assert d["not_hosted"] == list(c.not_hosted) and d["missing"] == list(c.missing)
     assert "not hosted at this size: d_head_16_heads_32, d_head_16_width" in str(c)
     assert "not trained yet: lr_7.5e-5" in str(c)
+
+
+def test_markdown_table_quotes_means_seeds_and_directions(tmp_path):
+    from tl_spikesink.cli import main
+    from tl_spikesink.views.paper_table import to_markdown
+
+    md = to_markdown(compare(fake_table()))
+    lines = md.splitlines()
+    assert lines[0].startswith("| table | row | held-out ppl | sink ratio (seeds 0 / 1) |")
+    # baseline: ppl (5 + 6) / 2, sink (0.40 + 0.50) / 2, Spike 110, BOS spike / med 110 / 4.
+    assert lines[2] == "| – | baseline | 5.5 | 0.450 (0.400 / 0.500) | 0.450 | 110 | 27.5 |  |  |"
+    assert lines[4] == (
+        "| 7 | gate, conditional, head | 5.5 | 0.040 (0.050 / 0.030) | 0.040 | 105 | 26.2 "
+        "| ↓ / ↓ agrees | ↓ / ≈ differs |"
+    )
+    assert "in 1 of 2 rows, the sink ratio in 2 of 2." in md
+    assert "Not hosted at this size: d_head_16_heads_32, d_head_16_width." in md
+    path, out = tmp_path / "table.json", tmp_path / "table.md"
+    fake_table().to_json(path)
+    main(["ablate", "--load", str(path), "--markdown", str(out)])
+    assert out.read_text() == md

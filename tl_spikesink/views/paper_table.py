@@ -1,0 +1,64 @@
+"""Our ablation table beside the paper's Tables 3–8, as the Markdown table a README or a paper
+quotes (``tl-spikesink ablate --load FILE --markdown OUT``).
+
+A pure view of a :class:`~tl_spikesink.training.tables.PaperComparison`: means over seeds, the
+sink ratio with each seed's, and the paper's direction beside ours.
+"""
+
+from __future__ import annotations
+
+from tl_spikesink.training.tables import ARROWS, QUANTITIES, Comparison, PaperComparison
+from tl_spikesink.training.tables import _mean
+
+_LABELS = {"sink_ratio": "sink ratio", "spike": "Spike"}
+
+
+def to_markdown(comparison: PaperComparison) -> str:
+    """The table, one row per trained paper row, and a line with the agreement counts."""
+    seeds = sorted({s for r in comparison.rows for s in r.seeds})
+    header = (
+        "| table | row | held-out ppl | sink ratio (seeds "
+        + " / ".join(map(str, seeds))
+        + ") | peak sink ratio | Spike | BOS spike/med | sink: paper / ours | Spike: paper / ours |"
+    )
+    lines = [header, "|" + "---|" * 9]
+    lines += [_row(r) for r in comparison.rows]
+    n = len(comparison.rows) - 1
+    share = comparison.agreement
+    counts = {q: round(share[q] * n) if n else 0 for q in QUANTITIES}
+    lines += [
+        "",
+        f"The Spike moves as the paper's does in {counts['spike']} of {n} rows, the sink ratio "
+        f"in {counts['sink_ratio']} of {n}.",
+    ]
+    if comparison.not_hosted:
+        lines.append(f"Not hosted at this size: {', '.join(comparison.not_hosted)}.")
+    if comparison.missing:
+        lines.append(f"Not trained yet: {', '.join(comparison.missing)}.")
+    return "\n".join(lines) + "\n"
+
+
+def _row(r: Comparison) -> str:
+    base = r.row.name == "baseline"
+    marks = [
+        ""
+        if base
+        else f"{ARROWS[r.paper[q]]} / {ARROWS[r.ours[q]]} "
+        + ("agrees" if r.agrees[q] else "differs")
+        for q in QUANTITIES
+    ]
+    seeds = " / ".join(f"{v:.3f}" for v in r.sink_ratio)
+    cells = [
+        "–" if base else str(r.row.table),
+        f"{r.row.label}; here {r.row.here}" if r.row.here else r.row.label,
+        f"{_mean(r.perplexity):.1f}",
+        f"{_mean(r.sink_ratio):.3f} ({seeds})",
+        f"{_mean(r.peak_sink_ratio):.3f}",
+        f"{_mean(r.spike):.0f}",
+        f"{_mean(r.first_token_spike_ratio):.1f}",
+        *marks,
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+__all__ = ["to_markdown"]
