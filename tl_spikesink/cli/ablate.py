@@ -78,6 +78,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="write an offline HTML report: the scan of the first variant's first seed, the "
         "table as bars and every emergence curve",
     )
+    p.add_argument("--finished-only", action="store_true",
+                   help="train nothing: tabulate the finished runs under --out (a table built "
+                   "over several sittings, read part-way)")  # fmt: skip
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="train N runs at once, one process and one thread each (default 1)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -130,6 +133,7 @@ def run(args: argparse.Namespace) -> None:
             out=out,
             progress=not args.no_progress,
             workers=args.workers,
+            finished_only=args.finished_only,
         )
         _emit(table, args)
     minutes = (time.perf_counter() - start) / 60

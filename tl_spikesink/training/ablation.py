@@ -254,6 +254,7 @@ def ablation_study(
     out: str | Path | None = None,
     progress: bool = True,
     workers: int = 1,
+    finished_only: bool = False,
 ) -> AblationTable:
     """Train every variant over `seeds` seeds and tabulate the final measurements.
 
@@ -276,6 +277,9 @@ def ablation_study(
             to the floating-point differences of thread counts. Workers are spawned and
             re-import the calling script, which therefore needs an
             ``if __name__ == "__main__":`` guard (notebooks and the CLI need nothing).
+        finished_only: train nothing: tabulate the finished runs found under `out`, each row
+            with the seeds it has; rows with none are left out. A table still being built over
+            several sittings can be read at any time.
 
     Returns:
         The :class:`AblationTable`; `print(table)` shows it.
@@ -295,6 +299,8 @@ def ablation_study(
         for v in chosen
         for s in seeds
     ]
+    if finished_only:
+        return _finished_table(chosen, jobs, config, task, out)
     bar = tqdm(total=len(jobs), desc="ablate", unit="run", disable=not progress)
     done: dict[tuple[str, int], TrainingRun] = {}
     if workers == 1:
@@ -348,6 +354,27 @@ def resolve_variants(variants: Sequence[str | Variant] | str, config: TrainConfi
     if not chosen or len(set(names)) != len(names):
         raise SpikeSinkError(f"variants must be non-empty with distinct names, got {names}")
     return chosen
+
+
+def _finished_table(
+    chosen: list[Variant], jobs: list[tuple], config: TrainConfig, task: Task, out: Any
+) -> AblationTable:
+    if out is None:
+        raise SpikeSinkError("finished_only reads runs back: give `out`, the folder they were saved in")
+    done = {
+        (v.name, c.seed): run for v, c, t, folder in jobs if (run := finished_run(v, c, t, folder))
+    }
+    rows = []
+    for v in chosen:
+        runs = tuple(run for (name, _), run in sorted(done.items()) if name == v.name)
+        if runs:
+            rows.append(AblationRow(v, runs))
+    if not rows:
+        raise SpikeSinkError(
+            f"no finished run under {out} has these variants, settings and task; check the "
+            "folder and that the settings are the ones the runs were trained with"
+        )
+    return AblationTable(tuple(rows), replace(config, seed=jobs[0][1].seed), task.to_dict())
 
 
 def finished_run(v: Variant, config: TrainConfig, task: Task, out: Path) -> TrainingRun | None:

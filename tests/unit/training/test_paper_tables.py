@@ -456,6 +456,28 @@ def test_finished_runs_are_read_back_not_retrained(tmp_path, monkeypatch):
                        task=TASK, out=tmp_path, progress=False)  # fmt: skip
 
 
+def test_finished_only_tabulates_what_is_saved_and_trains_nothing(tmp_path, monkeypatch):
+    ablation_study(["paper:baseline", "paper:dyt"], seeds=[3], config=TINY, task=TASK,
+                   out=tmp_path, progress=False)  # fmt: skip
+    import tl_spikesink.training.ablation as ablation
+
+    def no_training(*a, **k):
+        raise AssertionError("finished_only trained a run")
+
+    monkeypatch.setattr(ablation, "train", no_training)
+    names = ["paper:baseline", "paper:dyt", "paper:sandwich"]
+    t = ablation_study(names, seeds=[3, 4], config=TINY, task=TASK, out=tmp_path,
+                       progress=False, finished_only=True)  # fmt: skip
+    assert [r.name for r in t.rows] == ["baseline", "dyt"]  # sandwich: nothing saved
+    assert [run.config.seed for run in t.row("dyt").runs] == [3]  # seed 4 not trained yet
+    assert "sandwich" in compare(t).missing
+    with pytest.raises(SpikeSinkError, match="no finished run"):
+        ablation_study(names, seeds=[3], config=replace(TINY, lr=1e-3), task=TASK,
+                       out=tmp_path, progress=False, finished_only=True)  # fmt: skip
+    with pytest.raises(SpikeSinkError, match="give `out`"):
+        ablation_study(names, seeds=[3], config=TINY, task=TASK, finished_only=True)
+
+
 def test_rows_that_only_share_a_name_are_not_compared():
     t = fake_table()
     mixed = AblationRow(Variant("baseline"), t.rows[0].runs)  # the miniature's mixed contexts
