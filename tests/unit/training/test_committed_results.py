@@ -5,15 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tl_spikesink.training.ablation import load_table
 from tl_spikesink.training.tables import compare
 
 RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "results"
 
 
-def test_committed_summary_is_the_comparison_of_the_committed_table():
-    table = load_table(RESULTS / "ablation.json")
-    summary = json.loads((RESULTS / "ablation_summary.json").read_text())
+TABLES = ("ablation", "ablation_dh4")
+"""The committed tables: under the first baseline (``lr4e-2_wd0.3``, d_head 16) and under the
+recipe that passes both bars (``lr4e-2_wd0.5_dh4``); each NAME.json with NAME_summary.json."""
+
+
+@pytest.mark.parametrize("name", TABLES)
+def test_committed_summary_is_the_comparison_of_the_committed_table(name):
+    table = load_table(RESULTS / f"{name}.json")
+    summary = json.loads((RESULTS / f"{name}_summary.json").read_text())
     assert json.loads(compare(table).to_json()) == summary
     # Every run of the table is a paper row's own variant, full length, seeded as recorded.
     assert summary["skipped"] == []
@@ -33,16 +41,27 @@ def test_readme_quotes_the_committed_numbers():
     assert f"in {agreeing} of {n} rows" in readme
 
 
-def test_the_readme_table_command_parses_to_the_committed_settings():
+def test_readme_shows_the_second_table_as_the_command_writes_it():
+    from tl_spikesink.views.paper_table import to_markdown
+
+    readme = (RESULTS.parents[1] / "README.md").read_text()
+    markdown = to_markdown(compare(load_table(RESULTS / "ablation_dh4.json")))
+    for line in markdown.splitlines():
+        assert line in readme, line
+
+
+@pytest.mark.parametrize("name", TABLES)
+def test_the_readme_table_command_parses_to_the_committed_settings(name):
     import re
     import shlex
 
     from tl_spikesink.cli.commands import build_parser
 
     readme = (RESULTS.parents[1] / "README.md").read_text()
-    block = re.search(r"^tl-spikesink ablate --variants paper .*?(?=\n```)", readme, re.M | re.S)
-    args = build_parser().parse_args(shlex.split(block.group(0).replace("\\\n", " "))[1:])
-    table = load_table(RESULTS / "ablation.json")
+    blocks = re.findall(r"^tl-spikesink ablate --variants paper .*?(?=\n```)", readme, re.M | re.S)
+    parsed = [build_parser().parse_args(shlex.split(b.replace("\\\n", " "))[1:]) for b in blocks]
+    args = next(a for a in parsed if a.json == f"benchmarks/results/{name}.json")
+    table = load_table(RESULTS / f"{name}.json")
     c = table.config
     assert (args.layers, args.d_model, args.d_head, args.d_mlp) == (
         c.n_layers, c.d_model, c.d_head, c.d_mlp)  # fmt: skip
