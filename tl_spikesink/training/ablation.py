@@ -360,7 +360,9 @@ def _finished_table(
     chosen: list[Variant], jobs: list[tuple], config: TrainConfig, task: Task, out: Any
 ) -> AblationTable:
     if out is None:
-        raise SpikeSinkError("finished_only reads runs back: give `out`, the folder they were saved in")
+        raise SpikeSinkError(
+            "finished_only reads runs back: give `out`, the folder they were saved in"
+        )
     done = {
         (v.name, c.seed): run for v, c, t, folder in jobs if (run := finished_run(v, c, t, folder))
     }

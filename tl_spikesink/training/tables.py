@@ -274,7 +274,8 @@ class Comparison:
 QUANTITIES = ("sink_ratio", "spike")
 
 
-def _mean(values: tuple[float, ...]) -> float:
+def seed_mean(values: tuple[float, ...]) -> float:
+    """The mean over seeds of the values that are not NaN (NaN when none is)."""
     present = [v for v in values if not math.isnan(v)]
     return sum(present) / len(present) if present else math.nan
 
@@ -334,10 +335,10 @@ class PaperComparison(Result):
                     "all" if r.row.name == "baseline" else str(r.row.table),
                     r.row.label,
                     str(len(r.seeds)),
-                    f"{_mean(r.perplexity):.2f}",
-                    f"{_mean(r.sink_ratio):.3f}",
-                    f"{_mean(r.peak_sink_ratio):.3f}",
-                    f"{_mean(r.spike):.1f}",
+                    f"{seed_mean(r.perplexity):.2f}",
+                    f"{seed_mean(r.sink_ratio):.3f}",
+                    f"{seed_mean(r.peak_sink_ratio):.3f}",
+                    f"{seed_mean(r.spike):.1f}",
                     marks["sink_ratio"],
                     marks["spike"],
                 ]
@@ -393,8 +394,8 @@ def compare(table: Any) -> PaperComparison:
         )
     base = table.row("baseline")
     reference = {
-        "sink_ratio": _mean(base.stat("sink_ratio").values),
-        "spike": _mean(base.stat("max_abs").values),
+        "sink_ratio": seed_mean(base.stat("sink_ratio").values),
+        "spike": seed_mean(base.stat("max_abs").values),
     }
     rows = []
     for paper in PAPER_ROWS:
@@ -414,7 +415,7 @@ def compare(table: Any) -> PaperComparison:
                 spike=values["spike"],
                 first_token_spike_ratio=ours.stat("bos_spike_ratio").values,
                 peak_sink_ratio=tuple(_peak_sink(run) for run in ours.runs),
-                ours={q: direction(_mean(values[q]), reference[q], q) for q in QUANTITIES},
+                ours={q: direction(seed_mean(values[q]), reference[q], q) for q in QUANTITIES},
             )
         )
     skipped = tuple(sorted(r.name for r in table.rows if r.name not in names))
@@ -438,4 +439,5 @@ __all__ = [
     "direction",
     "paper_row",
     "paper_variants",
+    "seed_mean",
 ]

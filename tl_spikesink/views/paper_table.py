@@ -1,5 +1,6 @@
-"""Our ablation table beside the paper's Tables 3–8, as the Markdown table a README or a paper
-quotes (``tl-spikesink ablate --load FILE --markdown OUT``).
+"""Our ablation table beside the paper's Tables 3–8, as Markdown for a README or a paper.
+
+``tl-spikesink ablate --load FILE --markdown OUT`` writes it.
 
 A pure view of a :class:`~tl_spikesink.training.tables.PaperComparison`: means over seeds, the
 sink ratio with each seed's, and the paper's direction beside ours.
@@ -7,8 +8,13 @@ sink ratio with each seed's, and the paper's direction beside ours.
 
 from __future__ import annotations
 
-from tl_spikesink.training.tables import ARROWS, QUANTITIES, Comparison, PaperComparison
-from tl_spikesink.training.tables import _mean
+from tl_spikesink.training.tables import (
+    ARROWS,
+    QUANTITIES,
+    Comparison,
+    PaperComparison,
+    seed_mean,
+)
 
 _LABELS = {"sink_ratio": "sink ratio", "spike": "Spike"}
 
@@ -51,11 +57,11 @@ def _row(r: Comparison) -> str:
     cells = [
         "–" if base else str(r.row.table),
         f"{r.row.label}; here {r.row.here}" if r.row.here else r.row.label,
-        f"{_mean(r.perplexity):.1f}",
-        f"{_mean(r.sink_ratio):.3f} ({seeds})",
-        f"{_mean(r.peak_sink_ratio):.3f}",
-        f"{_mean(r.spike):.0f}",
-        f"{_mean(r.first_token_spike_ratio):.1f}",
+        f"{seed_mean(r.perplexity):.1f}",
+        f"{seed_mean(r.sink_ratio):.3f} ({seeds})",
+        f"{seed_mean(r.peak_sink_ratio):.3f}",
+        f"{seed_mean(r.spike):.0f}",
+        f"{seed_mean(r.first_token_spike_ratio):.1f}",
         *marks,
     ]
     return "| " + " | ".join(cells) + " |"

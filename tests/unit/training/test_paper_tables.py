@@ -53,7 +53,6 @@ TINY = TrainConfig(
 )
 
 
-
 def build(v: Variant, n_ctx: int = 16):
     cfg = model_config(
         v, n_layers=2, d_model=32, d_head=8, d_mlp=32, d_vocab=TASK.d_vocab, n_ctx=n_ctx, seed=0
