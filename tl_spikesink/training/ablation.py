@@ -363,12 +363,9 @@ def _finished_table(
         raise SpikeSinkError(
             "finished_only reads runs back: give `out`, the folder they were saved in"
         )
-    done = {
-        (v.name, c.seed): run for v, c, t, folder in jobs if (run := finished_run(v, c, t, folder))
-    }
     rows = []
-    for v in chosen:
-        runs = tuple(run for (name, _), run in sorted(done.items()) if name == v.name)
+    for v in chosen:  # jobs run through each variant's seeds in order
+        runs = tuple(run for job in jobs if job[0] is v and (run := finished_run(*job)))
         if runs:
             rows.append(AblationRow(v, runs))
     if not rows:
