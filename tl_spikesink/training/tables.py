@@ -325,8 +325,11 @@ class PaperComparison(Result):
                   "sink: paper/ours", "Spike: paper/ours"]  # fmt: skip
         body = []
         for r in self.rows:
+            base = r.row.name == "baseline"  # the reference: no direction of its own
             marks = {
-                q: f"{ARROWS[r.paper[q]]} {ARROWS[r.ours[q]]} "
+                q: ""
+                if base
+                else f"{ARROWS[r.paper[q]]} {ARROWS[r.ours[q]]} "
                 + ("agrees" if r.agrees[q] else "differs")
                 for q in QUANTITIES
             }

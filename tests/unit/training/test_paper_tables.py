@@ -404,6 +404,8 @@ def test_compare_directions_agreement_and_summary_format():
     assert row["first_token_spike_ratio"] == [25.0, 27.5]
     assert row["paper"] == {"sink_ratio": "down", "spike": "down"}
     assert "agrees" in str(c) and "differs" in str(c)
+    baseline_line = next(x for x in str(c).splitlines() if "baseline" in x and "all" in x)
+    assert "agrees" not in baseline_line  # the reference has no direction of its own
 
 
 def test_peak_sink_ratio_is_the_highest_point_of_each_curve():
