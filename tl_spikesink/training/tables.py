@@ -252,6 +252,19 @@ class Comparison:
         """Whether our direction is the paper's, per quantity."""
         return {q: self.ours[q] == self.paper[q] for q in QUANTITIES}
 
+    def marks(self, separator: str = " ") -> dict[str, str]:
+        """Per quantity, "↓ ↓ agrees": the paper's arrow, ours and the verdict.
+
+        Empty for the baseline, the reference both directions are measured from.
+        """
+        if self.row.name == "baseline":
+            return {q: "" for q in QUANTITIES}
+        return {
+            q: f"{ARROWS[self.paper[q]]}{separator}{ARROWS[self.ours[q]]} "
+            + ("agrees" if self.agrees[q] else "differs")
+            for q in QUANTITIES
+        }
+
     def to_dict(self) -> dict[str, Any]:
         """The row in the summary format (``ablate --summary-json``)."""
         return {
@@ -325,14 +338,7 @@ class PaperComparison(Result):
                   "sink: paper/ours", "Spike: paper/ours"]  # fmt: skip
         body = []
         for r in self.rows:
-            base = r.row.name == "baseline"  # the reference: no direction of its own
-            marks = {
-                q: ""
-                if base
-                else f"{ARROWS[r.paper[q]]} {ARROWS[r.ours[q]]} "
-                + ("agrees" if r.agrees[q] else "differs")
-                for q in QUANTITIES
-            }
+            marks = r.marks()
             body.append(
                 [
                     "all" if r.row.name == "baseline" else str(r.row.table),

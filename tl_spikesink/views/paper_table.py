@@ -9,7 +9,6 @@ sink ratio with each seed's, and the paper's direction beside ours.
 from __future__ import annotations
 
 from tl_spikesink.training.tables import (
-    ARROWS,
     QUANTITIES,
     Comparison,
     PaperComparison,
@@ -46,13 +45,7 @@ def to_markdown(comparison: PaperComparison) -> str:
 
 def _row(r: Comparison) -> str:
     base = r.row.name == "baseline"
-    marks = [
-        ""
-        if base
-        else f"{ARROWS[r.paper[q]]} / {ARROWS[r.ours[q]]} "
-        + ("agrees" if r.agrees[q] else "differs")
-        for q in QUANTITIES
-    ]
+    marks = [r.marks(" / ")[q] for q in QUANTITIES]
     seeds = " / ".join(f"{v:.3f}" for v in r.sink_ratio)
     cells = [
         "–" if base else str(r.row.table),
