@@ -51,6 +51,7 @@ PAPER_BASELINE = {"perplexity": 10.1, "sink_ratio": 0.460, "spike": 3818.0}
 """The paper's baseline row (every table repeats it)."""
 
 ARROWS = {"up": "↑", "down": "↓", "same": "≈"}
+SEEDS_MARK = "(k/n) after a verdict: k of the row's n seeds move, each on its own, as the mean."
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,18 @@ class Comparison:
     then faded show here and not in `sink_ratio` (the end of training)."""
     ours: dict[str, Direction]
     """Our change from our baseline, per quantity (means over seeds)."""
+    by_seed: dict[str, tuple[Direction, ...]] = field(default_factory=dict)
+    """Each seed's own change from the baseline's mean, per quantity: a mean can move while
+    its seeds split (one seed loses its sinks, the others keep them)."""
+
+    @property
+    def steady(self) -> dict[str, bool]:
+        """Per quantity, whether every seed moves as the mean does."""
+        return {q: all(d == self.ours[q] for d in self.by_seed.get(q, ())) for q in QUANTITIES}
+
+    def seeds_with_mean(self, quantity: str) -> int:
+        """How many seeds move in `quantity` as the mean does."""
+        return sum(d == self.ours[quantity] for d in self.by_seed.get(quantity, ()))
 
     @property
     def paper(self) -> dict[str, Direction]:
@@ -259,9 +272,11 @@ class Comparison:
         """
         if self.row.name == "baseline":
             return {q: "" for q in QUANTITIES}
+        n = len(self.by_seed.get(QUANTITIES[0], ()))
         return {
             q: f"{ARROWS[self.paper[q]]}{separator}{ARROWS[self.ours[q]]} "
             + ("agrees" if self.agrees[q] else "differs")
+            + (f" ({self.seeds_with_mean(q)}/{n})" if n > 1 else "")
             for q in QUANTITIES
         }
 
@@ -281,6 +296,8 @@ class Comparison:
             "paper": self.paper,
             "ours": self.ours,
             "agrees": self.agrees,
+            "by_seed": {q: list(v) for q, v in self.by_seed.items()},
+            "steady": self.steady,
         }
 
 
@@ -317,12 +334,38 @@ class PaperComparison(Result):
             return {q: math.nan for q in QUANTITIES}
         return {q: sum(r.agrees[q] for r in rows) / len(rows) for q in QUANTITIES}
 
+    @property
+    def agreement_every_seed(self) -> dict[str, float]:
+        """Share of the non-baseline rows that agree and whose every seed moves as the mean."""
+        rows = [r for r in self.rows if r.row.name != "baseline"]
+        if not rows:
+            return {q: math.nan for q in QUANTITIES}
+        return {q: sum(r.agrees[q] and r.steady[q] for r in rows) / len(rows) for q in QUANTITIES}
+
+    def agreeing_rows(self) -> dict[str, tuple[int, int, int]]:
+        """Per quantity: (rows that agree, of them in every seed, rows compared)."""
+        n = len(self.rows) - 1  # the baseline is the reference, not a comparison
+        if n < 1:
+            return {q: (0, 0, 0) for q in QUANTITIES}
+        all_, steady = self.agreement, self.agreement_every_seed
+        return {q: (round(all_[q] * n), round(steady[q] * n), n) for q in QUANTITIES}
+
+    @property
+    def several_seeds(self) -> bool:
+        """Whether any row has more than one seed (only then do seeds split)."""
+        return any(len(r.seeds) > 1 for r in self.rows)
+
+    def _every_seed(self) -> str:
+        share = self.agreement_every_seed
+        return f"sink ratio {share['sink_ratio']:.0%}, Spike {share['spike']:.0%}"
+
     def to_dict(self) -> dict[str, Any]:
         """The summary JSON: one dict per row (see :meth:`Comparison.to_dict`) and the rules."""
         return json_clean(
             {
                 "rows": [r.to_dict() for r in self.rows],
                 "agreement": self.agreement,
+                "agreement_every_seed": self.agreement_every_seed,
                 "threshold": THRESHOLD,
                 "sink_floor": SINK_FLOOR,
                 "paper_baseline": PAPER_BASELINE,
@@ -364,6 +407,11 @@ class PaperComparison(Result):
                 f"than {THRESHOLD:.0%} of the baseline's value (sink ratio: and over "
                 f"{SINK_FLOOR:g}), ≈ otherwise; ours are means over seeds. Peak sink: the "
                 "highest sink ratio along each run's curve (far above the end: sinks that faded).",
+                *(
+                    [f"{SEEDS_MARK} Agreeing in every seed: {self._every_seed()}."]
+                    if self.several_seeds
+                    else []
+                ),
                 *(
                     [f"not hosted at this size: {', '.join(self.not_hosted)}"]
                     if self.not_hosted
@@ -425,6 +473,9 @@ def compare(table: Any) -> PaperComparison:
                 first_token_spike_ratio=ours.stat("bos_spike_ratio").values,
                 peak_sink_ratio=tuple(_peak_sink(run) for run in ours.runs),
                 ours={q: direction(seed_mean(values[q]), reference[q], q) for q in QUANTITIES},
+                by_seed={
+                    q: tuple(direction(v, reference[q], q) for v in values[q]) for q in QUANTITIES
+                },
             )
         )
     skipped = tuple(sorted(r.name for r in table.rows if r.name not in names))

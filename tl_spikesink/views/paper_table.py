@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from tl_spikesink.training.tables import (
     QUANTITIES,
+    SEEDS_MARK,
     Comparison,
     PaperComparison,
     seed_mean,
@@ -28,13 +29,17 @@ def to_markdown(comparison: PaperComparison) -> str:
     )
     lines = [header, "|" + "---|" * 9]
     lines += [_row(r) for r in comparison.rows]
-    n = len(comparison.rows) - 1
-    share = comparison.agreement
-    counts = {q: round(share[q] * n) if n else 0 for q in QUANTITIES}
+    counts = comparison.agreeing_rows()
+    every = comparison.several_seeds
+
+    def share(q: str, noun: str = "") -> str:
+        agree, steady, n = counts[q]
+        return f"{agree} of {n}{noun}" + (f" ({steady} in every seed)" if every else "")
+
     lines += [
         "",
-        f"The Spike moves as the paper's does in {counts['spike']} of {n} rows, the sink ratio "
-        f"in {counts['sink_ratio']} of {n}.",
+        f"The Spike moves as the paper's does in {share('spike', ' rows')}, the sink ratio in "
+        f"{share('sink_ratio')}." + (f" {SEEDS_MARK}" if every else ""),
     ]
     if comparison.not_hosted:
         lines.append(f"Not hosted at this size: {', '.join(comparison.not_hosted)}.")

@@ -39,6 +39,15 @@ def test_readme_quotes_the_committed_numbers():
     n = len(summary["rows"]) - 1  # the baseline is no comparison
     agreeing = round(summary["agreement"]["spike"] * n)
     assert f"in {agreeing} of {n} rows" in readme
+    # Each row's verdicts, with how many of its seeds move as the mean does.
+    from tl_spikesink.views.paper_table import to_markdown
+
+    comparison = compare(load_table(RESULTS / "ablation.json"))
+    for r in comparison.rows[1:]:
+        marks = r.marks(" / ")
+        assert f"| {marks['sink_ratio']} | {marks['spike']} |" in readme, r.row.name
+    said = to_markdown(comparison).splitlines()
+    assert next(x for x in said if x.startswith("The Spike moves")) in readme
 
 
 def test_readme_shows_the_second_table_as_the_command_writes_it():

@@ -408,6 +408,31 @@ def test_compare_directions_agreement_and_summary_format():
     assert "agrees" not in baseline_line  # the reference has no direction of its own
 
 
+def test_seeds_that_split_are_counted_and_not_called_steady():
+    # Sandwich keeps its sinks in seed 0 and loses them in seed 1: the mean (0.23) is down by
+    # more than the bar from the baseline's 0.45, one seed of two moves with it.
+    t = fake_table()
+    runs = (fake_run("sandwich", 0, 0.45, 50.0, 5.0), fake_run("sandwich", 1, 0.01, 60.0, 5.0))
+    t = replace(t, rows=(*t.rows, AblationRow(paper_row("sandwich").variant(TINY), runs)))
+    c = compare(t)
+    row = next(r for r in c.rows if r.row.name == "sandwich")
+    assert row.by_seed == {"sink_ratio": ("same", "down"), "spike": ("down", "down")}
+    assert row.ours == {"sink_ratio": "down", "spike": "down"}
+    assert row.steady == {"sink_ratio": False, "spike": True}
+    assert row.marks() == {"sink_ratio": "≈ ↓ differs (1/2)", "spike": "↓ ↓ agrees (2/2)"}
+    # gate_head and weight_decay_0 agree in every seed on the sink ratio; sandwich differs.
+    assert c.agreement_every_seed == {"sink_ratio": 2 / 3, "spike": 2 / 3}
+    assert c.agreeing_rows() == {"sink_ratio": (2, 2, 3), "spike": (2, 2, 3)}
+    d = json.loads(c.to_json())
+    assert d["rows"][-2]["by_seed"] == {"sink_ratio": ["same", "down"], "spike": ["down", "down"]}
+    assert d["rows"][-2]["steady"] == {"sink_ratio": False, "spike": True}
+    assert "Agreeing in every seed: sink ratio 67%, Spike 67%." in str(c)
+    # One seed per row: no counts, nothing can split.
+    one = compare(replace(t, rows=tuple(replace(r, runs=r.runs[:1]) for r in t.rows)))
+    assert all("/" not in m for r in one.rows for m in r.marks().values())
+    assert "every seed" not in str(one)
+
+
 def test_peak_sink_ratio_is_the_highest_point_of_each_curve():
     t = fake_table()
     base = t.rows[0]
@@ -512,9 +537,9 @@ def test_markdown_table_quotes_means_seeds_and_directions(tmp_path):
     assert lines[2] == "| – | baseline | 5.5 | 0.450 (0.400 / 0.500) | 0.450 | 110 | 27.5 |  |  |"
     assert lines[4] == (
         "| 7 | gate, conditional, head | 5.5 | 0.040 (0.050 / 0.030) | 0.040 | 105 | 26.2 "
-        "| ↓ / ↓ agrees | ↓ / ≈ differs |"
+        "| ↓ / ↓ agrees (2/2) | ↓ / ≈ differs (2/2) |"
     )
-    assert "in 1 of 2 rows, the sink ratio in 2 of 2." in md
+    assert "in 1 of 2 rows (1 in every seed), the sink ratio in 2 of 2 (2 in every seed)." in md
     assert "Not hosted at this size: d_head_16_heads_32, d_head_16_width." in md
     path, out = tmp_path / "table.json", tmp_path / "table.md"
     fake_table().to_json(path)
