@@ -10,6 +10,11 @@ difference is the whole cost, this is the part that is ours to cut.
 
     python benchmarks/bench_probe_cost.py                 # SmolLM2, CPU, batch 1 and 8
     python benchmarks/bench_probe_cost.py --repeats 9 --kernels-off
+    python benchmarks/bench_probe_cost.py --alone         # wall time of each probe on its own
+
+``--alone`` answers the other question, what each probe adds to the wall time of a forward: it
+runs the bare forward, the whole scan and each of the scan's probes on its own (the spike probe
+also at ``hook_resid_post`` only), interleaved, and prints each best time over the bare one.
 """
 
 from __future__ import annotations
@@ -59,6 +64,49 @@ def _scan(ts, model, corpus, batch_size: int, cost: Counter):
     return _timed(cost, "result", scanned.result)(model, corpus)
 
 
+def _alone(ts, model, corpus, batch_sizes: list[int], repeats: int) -> None:
+    """Wall time of the scan and of each of its probes alone, over a bare forward's."""
+    from tl_spikesink.probes.engine import run
+    from tl_spikesink.probes.scan import ScanProbes
+
+    def forward(bs: int) -> None:
+        with torch.inference_mode():
+            for b in corpus.batches(bs):
+                model(b.tokens, attention_mask=b.mask.long(), return_type=None)
+
+    def probes(names: tuple[str, ...], sites: tuple[str, ...] | None = None):
+        def go(bs: int) -> None:
+            config = ts.ScanConfig(batch_size=bs)
+            if sites is not None:
+                config = ts.ScanConfig(batch_size=bs, spike_sites=sites)
+            scanned = ScanProbes(model, config)
+            run(model, corpus, [getattr(scanned, n) for n in names], batch_size=bs,
+                progress=False)  # fmt: skip
+
+        return go
+
+    modes = {
+        "TL bare": forward,
+        "scan (all probes)": probes(("spikes", "sinks", "kurtosis")),
+        "spike probe": probes(("spikes",)),
+        "spike probe, resid_post only": probes(("spikes",), ("resid_post",)),
+        "sink probe": probes(("sinks",)),
+        "kurtosis probe": probes(("kurtosis",)),
+    }
+    for bs in batch_sizes:
+        for fn in modes.values():
+            fn(bs)  # compile, warm the allocator
+        best = dict.fromkeys(modes, float("inf"))
+        for _ in range(repeats):
+            for name, fn in modes.items():
+                start = time.perf_counter()
+                fn(bs)
+                best[name] = min(best[name], time.perf_counter() - start)
+        print(f"\nbatch {bs}")
+        for name, seconds in best.items():
+            print(f"  {name:<32}{seconds:>8.3f} s  {seconds / best['TL bare']:.3f}x bare")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -68,6 +116,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument(
         "--kernels-off", action="store_true", help="the torch reductions, as on a GPU"
+    )
+    parser.add_argument(
+        "--alone", action="store_true", help="wall time of each probe alone, over a bare forward"
     )
     args = parser.parse_args()
 
@@ -85,6 +136,10 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, kernels {'off' if args.kernels_off else 'on'}; "
         f"best of {args.repeats} (each part on its own)"
     )
+    if args.alone:
+        with off:
+            _alone(ts, model, corpus, args.batch_sizes, args.repeats)
+        return
     with off:
         for bs in args.batch_sizes:
             batches = [(b.tokens, b.mask.long()) for b in corpus.batches(bs)]
