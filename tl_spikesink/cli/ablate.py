@@ -68,6 +68,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="write the table beside the paper's as Markdown (the README's table)",
     )
     p.add_argument(
+        "--plot",
+        metavar="OUT",
+        help="write the table beside the paper's as an offline interactive figure (HTML): "
+        "each row's change from the baseline, ours against the paper's",
+    )
+    p.add_argument(
         "--load",
         metavar="JSON",
         help="train nothing: read a table --json wrote, print it (and --html it)",
@@ -147,7 +153,7 @@ def _emit(table: Any, args: argparse.Namespace) -> None:
     if args.json:
         table.to_json(args.json)
         print(f"\nwrote {args.json}", file=sys.stderr)
-    if args.summary_json or args.markdown:
+    if args.summary_json or args.markdown or args.plot:
         from tl_spikesink.training.tables import compare
         from tl_spikesink.views.paper_table import to_markdown
 
@@ -160,6 +166,11 @@ def _emit(table: Any, args: argparse.Namespace) -> None:
         if args.markdown:
             Path(args.markdown).write_text(to_markdown(comparison))
             print(f"wrote {args.markdown}", file=sys.stderr)
+        if args.plot:
+            from tl_spikesink.cli.options import write_figure
+            from tl_spikesink.views.training import plot_comparison
+
+            write_figure(plot_comparison(comparison), args.plot)
     if args.html:
         _write_report(table, args.html)
         print(f"wrote {args.html}", file=sys.stderr)

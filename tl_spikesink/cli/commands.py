@@ -176,13 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OUTPUTS = ("json", "html", "summary_json", "markdown", "plot")
+"""Every file-writing option of any command: checked before work, silenced on ranks > 0."""
+
+
 def _as_rank(args: argparse.Namespace, rank: int | None) -> contextlib.AbstractContextManager:
     """Under torchrun every rank computes; ranks other than 0 print, write and show nothing."""
     args.distributed = rank is not None
     if not rank:
         return contextlib.nullcontext()
     args.no_progress = True
-    for output in ("json", "html", "summary_json", "markdown"):
+    for output in OUTPUTS:
         setattr(args, output, None)
     return contextlib.redirect_stdout(io.StringIO())
 
@@ -194,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
     )
     try:
-        options.check_outputs(args, ("json", "html", "summary_json", "markdown"))
+        options.check_outputs(args, OUTPUTS)
         from tl_spikesink.distributed import torchrun_session
 
         with torchrun_session() as rank, _as_rank(args, rank):

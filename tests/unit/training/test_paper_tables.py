@@ -545,3 +545,36 @@ def test_markdown_table_quotes_means_seeds_and_directions(tmp_path):
     fake_table().to_json(path)
     main(["ablate", "--load", str(path), "--markdown", str(out)])
     assert out.read_text() == md
+
+
+def test_comparison_figure_puts_each_row_at_its_two_changes(tmp_path):
+    from tl_spikesink.cli import main
+    from tl_spikesink.views.training import plot_comparison
+
+    c = compare(fake_table())
+    fig = plot_comparison(c)
+    by = {t.name: t for t in fig.data}
+    # gate_head: the paper's sink ratio 0.064 - 0.460; ours (0.05 + 0.03) / 2 - 0.45 (baseline).
+    agree = by["sink_ratio agrees"]
+    i = [h.split(" (")[0] for h in agree.hovertext].index("gate, conditional, head")
+    assert agree.x[i] == pytest.approx(0.064 - 0.460)
+    assert agree.y[i] == pytest.approx(0.04 - 0.45)
+    # Its Spike: 186 / 3818 in the paper, 105 / 110 here: ≈ where the paper's falls.
+    differ = by["spike differs"]
+    assert list(differ.hovertext) == ["gate, conditional, head (↓ ≈ differs (2/2))"]
+    assert differ.x[0] == pytest.approx(186 / 3818) and differ.y[0] == pytest.approx(105 / 110)
+    # Every seed is a dot at its row's paper coordinate.
+    seeds = by["spike seeds"]
+    assert len(seeds.x) == 4 and sorted(seeds.y) == pytest.approx(
+        sorted(v / 110 for v in (100.0, 110.0, 400.0, 500.0))
+    )
+    assert "sink_ratio agrees" in by and "spike agrees" in by
+    # The ≈ bands: the sink ratio's bar is 20 % of each baseline (0.092 paper, 0.09 ours).
+    shapes = fig.layout.shapes
+    assert [round(s.x1, 3) for s in shapes if s.type == "rect" and s.xref == "x"][:1] == [0.092]
+    assert fig.layout.yaxis2.type == "log" and fig.layout.xaxis2.type == "log"
+    path, out = tmp_path / "table.json", tmp_path / "cmp.html"
+    fake_table().to_json(path)
+    assert main(["ablate", "--load", str(path), "--plot", str(out)]) == 0
+    page = out.read_text()
+    assert "gate, conditional, head" in page and "<script src=\"http" not in page
