@@ -28,7 +28,7 @@ def to_markdown(comparison: PaperComparison) -> str:
         + ") | peak sink ratio | Spike | BOS spike/med | sink: paper / ours | Spike: paper / ours |"
     )
     lines = [header, "|" + "---|" * 9]
-    lines += [_row(r) for r in comparison.rows]
+    lines += [_row(r, tuple(seeds)) for r in comparison.rows]
     counts = comparison.agreeing_rows()
     every = comparison.several_seeds
 
@@ -48,10 +48,12 @@ def to_markdown(comparison: PaperComparison) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _row(r: Comparison) -> str:
+def _row(r: Comparison, every_seed: tuple[int, ...]) -> str:
     base = r.row.name == "baseline"
     marks = [r.marks(" / ")[q] for q in QUANTITIES]
     seeds = " / ".join(f"{v:.3f}" for v in r.sink_ratio)
+    if tuple(r.seeds) != every_seed:  # a table read part-way: say which seeds these are
+        seeds += f"; seed{'s' if len(r.seeds) > 1 else ''} " + ", ".join(map(str, r.seeds))
     cells = [
         "–" if base else str(r.row.table),
         f"{r.row.label}; here {r.row.here}" if r.row.here else r.row.label,

@@ -431,6 +431,12 @@ def test_seeds_that_split_are_counted_and_not_called_steady():
     one = compare(replace(t, rows=tuple(replace(r, runs=r.runs[:1]) for r in t.rows)))
     assert all("/" not in m for r in one.rows for m in r.marks().values())
     assert "every seed" not in str(one)
+    # Read part-way, a row with fewer seeds than the table says which it has.
+    from tl_spikesink.views.paper_table import to_markdown
+
+    part = replace(t, rows=(*t.rows[:-1], replace(t.rows[-1], runs=t.rows[-1].runs[1:])))
+    line = next(x for x in to_markdown(compare(part)).splitlines() if "Sandwich norm" in x)
+    assert "| 0.010 (0.010; seed 1) |" in line
 
 
 def test_peak_sink_ratio_is_the_highest_point_of_each_curve():
