@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -216,13 +217,16 @@ def paper_variants(config: Any, names: Any = None) -> list[Any]:
     return [row.variant(config) for row in PAPER_ROWS if row.name not in unfit]
 
 
-def direction(value: float, baseline: float, quantity: str) -> Direction:
-    """'up', 'down' or 'same': the change from `baseline` against :data:`THRESHOLD`."""
-    delta = value - baseline
+def same_bar(baseline: float, quantity: str) -> float:
+    """The largest change from `baseline` that counts as ≈ (THRESHOLD, and SINK_FLOOR)."""
     bar = THRESHOLD * abs(baseline)
-    if quantity == "sink_ratio":
-        bar = max(bar, SINK_FLOOR)
-    if math.isnan(delta) or abs(delta) <= bar:
+    return max(bar, SINK_FLOOR) if quantity == "sink_ratio" else bar
+
+
+def direction(value: float, baseline: float, quantity: str) -> Direction:
+    """'up', 'down' or 'same': the change from `baseline` against :func:`same_bar`."""
+    delta = value - baseline
+    if math.isnan(delta) or abs(delta) <= same_bar(baseline, quantity):
         return "same"
     return "up" if delta > 0 else "down"
 
@@ -327,37 +331,42 @@ class PaperComparison(Result):
     several sittings)."""
 
     @property
+    def compared(self) -> tuple[Comparison, ...]:
+        """Every row but the baseline, the reference the others are compared with."""
+        return tuple(r for r in self.rows if r.row.name != "baseline")
+
+    @property
     def agreement(self) -> dict[str, float]:
         """Share of the non-baseline rows whose direction agrees, per quantity."""
-        rows = [r for r in self.rows if r.row.name != "baseline"]
-        if not rows:
-            return {q: math.nan for q in QUANTITIES}
-        return {q: sum(r.agrees[q] for r in rows) / len(rows) for q in QUANTITIES}
+        return self._share(lambda r, q: r.agrees[q])
 
     @property
     def agreement_every_seed(self) -> dict[str, float]:
         """Share of the non-baseline rows that agree and whose every seed moves as the mean."""
-        rows = [r for r in self.rows if r.row.name != "baseline"]
+        return self._share(lambda r, q: r.agrees[q] and r.steady[q])
+
+    def _share(self, counts: Callable[[Comparison, str], bool]) -> dict[str, float]:
+        rows = self.compared
         if not rows:
             return {q: math.nan for q in QUANTITIES}
-        return {q: sum(r.agrees[q] and r.steady[q] for r in rows) / len(rows) for q in QUANTITIES}
+        return {q: sum(counts(r, q) for r in rows) / len(rows) for q in QUANTITIES}
 
     def agreeing_rows(self) -> dict[str, tuple[int, int, int]]:
         """Per quantity: (rows that agree, of them in every seed, rows compared)."""
-        n = len(self.rows) - 1  # the baseline is the reference, not a comparison
-        if n < 1:
-            return {q: (0, 0, 0) for q in QUANTITIES}
-        all_, steady = self.agreement, self.agreement_every_seed
-        return {q: (round(all_[q] * n), round(steady[q] * n), n) for q in QUANTITIES}
+        rows = self.compared
+        return {
+            q: (
+                sum(r.agrees[q] for r in rows),
+                sum(r.agrees[q] and r.steady[q] for r in rows),
+                len(rows),
+            )
+            for q in QUANTITIES
+        }
 
     @property
     def several_seeds(self) -> bool:
         """Whether any row has more than one seed (only then do seeds split)."""
         return any(len(r.seeds) > 1 for r in self.rows)
-
-    def _every_seed(self) -> str:
-        share = self.agreement_every_seed
-        return f"sink ratio {share['sink_ratio']:.0%}, Spike {share['spike']:.0%}"
 
     def to_dict(self) -> dict[str, Any]:
         """The summary JSON: one dict per row (see :meth:`Comparison.to_dict`) and the rules."""
@@ -395,7 +404,7 @@ class PaperComparison(Result):
                     marks["spike"],
                 ]
             )
-        share = self.agreement
+        share, every = self.agreement, self.agreement_every_seed
         return "\n".join(
             [
                 f"the paper's Tables 3-8 beside ours ({self.settings})",
@@ -408,7 +417,10 @@ class PaperComparison(Result):
                 f"{SINK_FLOOR:g}), ≈ otherwise; ours are means over seeds. Peak sink: the "
                 "highest sink ratio along each run's curve (far above the end: sinks that faded).",
                 *(
-                    [f"{SEEDS_MARK} Agreeing in every seed: {self._every_seed()}."]
+                    [
+                        f"{SEEDS_MARK} Agreeing in every seed: sink ratio "
+                        f"{every['sink_ratio']:.0%}, Spike {every['spike']:.0%}."
+                    ]
                     if self.several_seeds
                     else []
                 ),
@@ -499,5 +511,6 @@ __all__ = [
     "direction",
     "paper_row",
     "paper_variants",
+    "same_bar",
     "seed_mean",
 ]

@@ -15,13 +15,7 @@ from plotly.subplots import make_subplots
 
 from tl_spikesink.training.ablation import COLUMNS, HEADER, AblationTable
 from tl_spikesink.training.runs import TrainingRun
-from tl_spikesink.training.tables import (
-    PAPER_BASELINE,
-    SINK_FLOOR,
-    THRESHOLD,
-    PaperComparison,
-    seed_mean,
-)
+from tl_spikesink.training.tables import PAPER_BASELINE, PaperComparison, same_bar, seed_mean
 
 _TEMPLATE = "plotly_white"
 _PANELS = (
@@ -161,7 +155,7 @@ def plot_comparison(comparison: PaperComparison) -> go.Figure:
         "sink_ratio seeds" and the same for "spike".
     """
     base = next(r for r in comparison.rows if r.row.name == "baseline")
-    rows = [r for r in comparison.rows if r.row.name != "baseline"]
+    rows = comparison.compared
     fig = make_subplots(
         rows=1,
         cols=2,
@@ -232,12 +226,10 @@ def _change(quantity: str, value: float, baseline: float) -> float | None:
     return None if math.isnan(change) else change
 
 
-def _same_band(quantity: str, baseline: float) -> tuple[float, float]:
-    """The ≈ zone of :func:`~tl_spikesink.training.tables.direction`, in :func:`_change`'s units."""
-    if quantity == "sink_ratio":
-        bar = max(THRESHOLD * abs(baseline), SINK_FLOOR)
-        return -bar, bar
-    return 1 - THRESHOLD, 1 + THRESHOLD
+def _same_band(quantity: str, baseline: float) -> tuple[float | None, float | None]:
+    """The ≈ zone of the direction rule around `baseline`, in :func:`_change`'s units."""
+    bar = same_bar(baseline, quantity)
+    return _change(quantity, baseline - bar, baseline), _change(quantity, baseline + bar, baseline)
 
 
 def _mean(group: list[TrainingRun], k: int, field: str) -> float:
