@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -338,18 +337,12 @@ class PaperComparison(Result):
     @property
     def agreement(self) -> dict[str, float]:
         """Share of the non-baseline rows whose direction agrees, per quantity."""
-        return self._share(lambda r, q: r.agrees[q])
+        return {q: _ratio(agree, n) for q, (agree, _, n) in self.agreeing_rows().items()}
 
     @property
     def agreement_every_seed(self) -> dict[str, float]:
         """Share of the non-baseline rows that agree and whose every seed moves as the mean."""
-        return self._share(lambda r, q: r.agrees[q] and r.steady[q])
-
-    def _share(self, counts: Callable[[Comparison, str], bool]) -> dict[str, float]:
-        rows = self.compared
-        if not rows:
-            return {q: math.nan for q in QUANTITIES}
-        return {q: sum(counts(r, q) for r in rows) / len(rows) for q in QUANTITIES}
+        return {q: _ratio(steady, n) for q, (_, steady, n) in self.agreeing_rows().items()}
 
     def agreeing_rows(self) -> dict[str, tuple[int, int, int]]:
         """Per quantity: (rows that agree, of them in every seed, rows compared)."""
@@ -432,6 +425,10 @@ class PaperComparison(Result):
                 *([f"not trained yet: {', '.join(self.missing)}"] if self.missing else []),
             ]
         )
+
+
+def _ratio(part: int, whole: int) -> float:
+    return part / whole if whole else math.nan
 
 
 def _peak_sink(run: Any) -> float:
