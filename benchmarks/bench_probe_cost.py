@@ -74,12 +74,9 @@ def _alone(ts, model, corpus, batch_sizes: list[int], repeats: int) -> None:
             for b in corpus.batches(bs):
                 model(b.tokens, attention_mask=b.mask.long(), return_type=None)
 
-    def probes(names: tuple[str, ...], sites: tuple[str, ...] | None = None):
+    def probes(names: tuple[str, ...], **settings):
         def go(bs: int) -> None:
-            config = ts.ScanConfig(batch_size=bs)
-            if sites is not None:
-                config = ts.ScanConfig(batch_size=bs, spike_sites=sites)
-            scanned = ScanProbes(model, config)
+            scanned = ScanProbes(model, ts.ScanConfig(batch_size=bs, **settings))
             run(model, corpus, [getattr(scanned, n) for n in names], batch_size=bs,
                 progress=False)  # fmt: skip
 
@@ -89,7 +86,7 @@ def _alone(ts, model, corpus, batch_sizes: list[int], repeats: int) -> None:
         "TL bare": forward,
         "scan (all probes)": probes(("spikes", "sinks", "kurtosis")),
         "spike probe": probes(("spikes",)),
-        "spike probe, resid_post only": probes(("spikes",), ("resid_post",)),
+        "spike probe, resid_post only": probes(("spikes",), spike_sites=("resid_post",)),
         "sink probe": probes(("sinks",)),
         "kurtosis probe": probes(("kurtosis",)),
     }
