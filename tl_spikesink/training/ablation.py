@@ -255,6 +255,7 @@ def ablation_study(
     progress: bool = True,
     workers: int = 1,
     finished_only: bool = False,
+    reuse: AblationTable | str | Path | None = None,
 ) -> AblationTable:
     """Train every variant over `seeds` seeds and tabulate the final measurements.
 
@@ -277,9 +278,13 @@ def ablation_study(
             to the floating-point differences of thread counts. Workers are spawned and
             re-import the calling script, which therefore needs an
             ``if __name__ == "__main__":`` guard (notebooks and the CLI need nothing).
-        finished_only: train nothing: tabulate the finished runs found under `out`, each row
-            with the seeds it has; rows with none are left out. A table still being built over
-            several sittings can be read at any time.
+        finished_only: train nothing: tabulate the finished runs found under `out` (and in
+            `reuse`), each row with the seeds it has; rows with none are left out. A table
+            still being built over several sittings can be read at any time.
+        reuse: a table (or the JSON file :meth:`AblationTable.to_json` wrote) whose runs of the
+            same variant, settings, task and seed are taken as they are, not trained again.
+            Checkpoints are not committed, but a table's JSON is: with it a table can be
+            finished on another machine, or after its checkpoint folder is gone.
 
     Returns:
         The :class:`AblationTable`; `print(table)` shows it.
@@ -299,12 +304,24 @@ def ablation_study(
         for v in chosen
         for s in seeds
     ]
-    if finished_only:
-        return _finished_table(chosen, jobs, config, task, out)
-    bar = tqdm(total=len(jobs), desc="ablate", unit="run", disable=not progress)
+    if finished_only and out is None and reuse is None:
+        raise SpikeSinkError(
+            "finished_only reads runs back: give `out`, the folder they were saved in, or "
+            "`reuse`, a table that holds them"
+        )
+    reused = {} if reuse is None else _runs_by_key(reuse)
     done: dict[tuple[str, int], TrainingRun] = {}
+    todo = []
+    for job in jobs:
+        if (known := _known_run(*job, reused)) is not None:
+            done[job[0].name, job[1].seed] = known
+        else:
+            todo.append(job)
+    if finished_only:
+        return _finished_table(chosen, seeds, done, config, task, out)
+    bar = tqdm(total=len(todo), desc="ablate", unit="run", disable=not progress)
     if workers == 1:
-        for job in jobs:
+        for job in todo:
             bar.set_postfix_str(f"{job[0].name} seed {job[1].seed}")
             done[job[0].name, job[1].seed] = _train_job(*job, progress=progress)
             bar.update()
@@ -316,8 +333,8 @@ def ablation_study(
         # spawn, not fork: a forked child inherits the parent's torch thread pools and locks.
         context = multiprocessing.get_context("spawn")
         try:
-            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
-                futures = [pool.submit(_train_job, *job, progress=False, threads=1) for job in jobs]
+            with ProcessPoolExecutor(min(workers, max(len(todo), 1)), mp_context=context) as pool:
+                futures = [pool.submit(_train_job, *job, progress=False, threads=1) for job in todo]
                 for future in as_completed(futures):
                     run = future.result()
                     done[run.variant.name, run.config.seed] = run
@@ -357,23 +374,49 @@ def resolve_variants(variants: Sequence[str | Variant] | str, config: TrainConfi
 
 
 def _finished_table(
-    chosen: list[Variant], jobs: list[tuple], config: TrainConfig, task: Task, out: Any
+    chosen: list[Variant],
+    seeds: list[int],
+    done: dict[tuple[str, int], TrainingRun],
+    config: TrainConfig,
+    task: Task,
+    out: Any,
 ) -> AblationTable:
-    if out is None:
-        raise SpikeSinkError(
-            "finished_only reads runs back: give `out`, the folder they were saved in"
-        )
     rows = []
-    for v in chosen:  # jobs run through each variant's seeds in order
-        runs = tuple(run for job in jobs if job[0] is v and (run := finished_run(*job)))
-        if runs:
+    for v in chosen:
+        if runs := tuple(done[v.name, s] for s in seeds if (v.name, s) in done):
             rows.append(AblationRow(v, runs))
     if not rows:
         raise SpikeSinkError(
-            f"no finished run under {out} has these variants, settings and task; check the "
-            "folder and that the settings are the ones the runs were trained with"
+            f"no finished run under {out} (or in the reused table) has these variants, settings "
+            "and task; check the folder and that the settings are the ones the runs were "
+            "trained with"
         )
-    return AblationTable(tuple(rows), replace(config, seed=jobs[0][1].seed), task.to_dict())
+    return AblationTable(tuple(rows), replace(config, seed=seeds[0]), task.to_dict())
+
+
+def _runs_by_key(reuse: AblationTable | str | Path) -> dict[tuple[str, int], TrainingRun]:
+    table = reuse if isinstance(reuse, AblationTable) else load_table(reuse)
+    return {(run.variant.name, run.config.seed): run for run in table.runs}
+
+
+def _known_run(
+    v: Variant,
+    config: TrainConfig,
+    task: Task,
+    out: Path | None,
+    reused: dict[tuple[str, int], TrainingRun],
+) -> TrainingRun | None:
+    run = reused.get((v.name, config.seed))
+    if run is not None and _same_run(run, v, config, task):
+        return run
+    return None if out is None else finished_run(v, config, task, out)
+
+
+def _same_run(run: TrainingRun, v: Variant, config: TrainConfig, task: Task) -> bool:
+    import json
+
+    same_task = json.loads(json.dumps(task.to_dict())) == run.task
+    return run.variant == v and run.config == config and same_task
 
 
 def finished_run(v: Variant, config: TrainConfig, task: Task, out: Path) -> TrainingRun | None:
@@ -384,10 +427,7 @@ def finished_run(v: Variant, config: TrainConfig, task: Task, out: Path) -> Trai
         run = TrainingRun.from_dict(json.loads((out / "meta.json").read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    same_task = json.loads(json.dumps(task.to_dict())) == run.task
-    if run.variant != v or run.config != config or not same_task:
-        return None
-    return replace(run, checkpoint=str(out))
+    return replace(run, checkpoint=str(out)) if _same_run(run, v, config, task) else None
 
 
 def _train_job(
@@ -399,8 +439,6 @@ def _train_job(
     progress: bool,
     threads: int | None = None,
 ) -> TrainingRun:
-    if out is not None and (done := finished_run(v, config, task, out)) is not None:
-        return done
     if threads is not None:
         import torch
 

@@ -510,6 +510,50 @@ def test_finished_only_tabulates_what_is_saved_and_trains_nothing(tmp_path, monk
         ablation_study(names, seeds=[3], config=TINY, task=TASK, finished_only=True)
 
 
+def test_a_table_is_finished_from_its_json_without_its_checkpoints(tmp_path, monkeypatch):
+    import tl_spikesink.training.ablation as ablation
+
+    first = ablation_study(["paper:baseline"], seeds=[3], config=TINY, task=TASK,
+                           progress=False)  # fmt: skip
+    path = tmp_path / "table.json"
+    first.to_json(path)
+    trained = []
+    real_train = ablation.train
+
+    def counting_train(v, config, *a, **k):
+        trained.append((v.name, config.seed))
+        return real_train(v, config, *a, **k)
+
+    monkeypatch.setattr(ablation, "train", counting_train)
+    names = ["paper:baseline", "paper:dyt"]
+    t = ablation_study(names, seeds=[3, 4], config=TINY, task=TASK, progress=False,
+                       reuse=path)  # fmt: skip
+    assert sorted(trained) == [("baseline", 4), ("dyt", 3), ("dyt", 4)]
+    assert t.row("baseline").runs[0].to_dict() == load_table(path).runs[0].to_dict()
+    assert [run.config.seed for run in t.row("dyt").runs] == [3, 4]
+    # other settings: the reused run does not match, so it is trained
+    trained.clear()
+    ablation_study(["paper:baseline"], seeds=[3], config=replace(TINY, lr=1e-3), task=TASK,
+                   progress=False, reuse=first)  # fmt: skip
+    assert trained == [("baseline", 3)]
+    # read part-way from the table alone
+    trained.clear()
+    part = ablation_study(names, seeds=[3, 4], config=TINY, task=TASK, progress=False,
+                          reuse=first, finished_only=True)  # fmt: skip
+    assert trained == [] and [r.name for r in part.rows] == ["baseline"]
+
+
+def test_cli_reuse_rejects_a_file_that_is_not_a_table(tmp_path, capsys):
+    from tl_spikesink.cli import main
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    code = main(["ablate", "--variants", "paper:baseline", "--seeds", "1", "--reuse", str(bad),
+                 "--finished-only", "--no-progress"])  # fmt: skip
+    assert code == 2
+    assert "bad.json is not an ablation table" in capsys.readouterr().err
+
+
 def test_rows_that_only_share_a_name_are_not_compared():
     t = fake_table()
     mixed = AblationRow(Variant("baseline"), t.rows[0].runs)  # the miniature's mixed contexts
