@@ -87,9 +87,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finished-only", action="store_true",
                    help="train nothing: tabulate the finished runs under --out (a table built "
                    "over several sittings, read part-way)")  # fmt: skip
-    p.add_argument("--reuse", metavar="JSON",
-                   help="take the runs of a table --json wrote (same variant, settings, task and "
-                   "seed) instead of training them: finish a table from its committed JSON")  # fmt: skip
+    p.add_argument(
+        "--reuse",
+        metavar="JSON",
+        help="take the runs of a table --json wrote (same variant, settings, task and seed) "
+        "instead of training them: finish a table from its committed JSON",
+    )
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="train N runs at once, one process and one thread each (default 1)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -147,7 +150,7 @@ def run(args: argparse.Namespace) -> None:
         )
         _emit(table, args)
     minutes = (time.perf_counter() - start) / 60
-    print(f"\n{len(table.runs)} runs in {minutes:.1f} min (finished runs read back from --out or --reuse)")
+    print(f"\n{len(table.runs)} runs in {minutes:.1f} min (finished runs read back, not trained)")
 
 
 def _emit(table: Any, args: argparse.Namespace) -> None:
