@@ -320,7 +320,7 @@ def ablation_study(
     if finished_only:
         return _finished_table(chosen, seeds, done, config, task, out)
     bar = tqdm(total=len(todo), desc="ablate", unit="run", disable=not progress)
-    if workers == 1:
+    if workers == 1 or not todo:  # nothing to train: no pool to start
         for job in todo:
             bar.set_postfix_str(f"{job[0].name} seed {job[1].seed}")
             done[job[0].name, job[1].seed] = _train_job(*job, progress=progress)
@@ -333,7 +333,7 @@ def ablation_study(
         # spawn, not fork: a forked child inherits the parent's torch thread pools and locks.
         context = multiprocessing.get_context("spawn")
         try:
-            with ProcessPoolExecutor(min(workers, max(len(todo), 1)), mp_context=context) as pool:
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context) as pool:
                 futures = [pool.submit(_train_job, *job, progress=False, threads=1) for job in todo]
                 for future in as_completed(futures):
                     run = future.result()
