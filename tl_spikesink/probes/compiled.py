@@ -4,110 +4,191 @@ import numpy as np
 from numba import njit
 
 ABS = 0x7FFFFFFF
+ABS32 = np.int32(ABS)
 INF = 0x7F800000
 """float32 +inf as bits: a larger pattern is a NaN, which no float comparison keeps."""
 
 
 @njit(cache=True, nogil=True)
-def spike_entries(x, bits, pads, where, hist, thr_bits, top_k, capacity, shift):  # pragma: no cover
-    """See :func:`tl_spikesink.probes.kernels.spike_entries`; `bits` are `x`'s float32 bits."""
+def spike_into(
+    x, slot, thresholds, cfg, pads, where, hist, keys, values, meta, slots, overflow, fill
+):  # pragma: no cover
+    """See :func:`tl_spikesink.probes.kernels.spike_into`; `x` is float32 ``[..., d]``."""
     # Every comparison is on the bit pattern of |x|, ordered like |x| itself; the rules are
     # SpikeProbe._reduce's, and a NaN is never kept. Only the first loop reads every entry;
     # what follows reads the few rows that can hold a kept one.
-    n, d = bits.shape
-    local = np.zeros(hist.shape[0], np.int64)
+    d = x.shape[-1]
+    flat = x.reshape((x.size // d, d))
+    bits = flat.view(np.int32)
+    n = bits.shape[0]
+    top_k, capacity, shift = cfg[0], cfg[1], cfg[2]
+    thr_bits = thresholds[slot]
+    local = np.zeros(hist.shape[1], np.int64)
     tok_max = np.empty(n, np.int32)
     nan_rows = False
+    n_above = 0
     for i in range(n):
         if pads[i]:
             tok_max[i] = -1
             continue
-        # Two loops, not one: the maximum alone runs in SIMD lanes; the histogram's scatter
-        # cannot, and would hold the maximum back with it (2x slower together).
-        m = 0
+        # Two loops, not one: the maximum and the count above the threshold run in SIMD lanes
+        # (in int32: numba widens integer arithmetic to int64, which AVX2 has no max for); the
+        # histogram's scatter cannot, and would hold them back with it.
+        m, above = np.int32(0), np.int32(0)
         for j in range(d):
-            m = max(m, bits[i, j] & ABS)
+            b = np.int32(bits[i, j] & ABS32)
+            m = np.int32(max(m, b))
+            above += np.int32((b > thr_bits) & (b <= INF))
         for j in range(d):
             local[(bits[i, j] & ABS) >> shift] += 1
         tok_max[i] = m
-        nan_rows |= m > INF
-    hist += local
+        if m > INF:  # torch never searches a row whose maximum is NaN
+            nan_rows = True
+        else:
+            n_above += above
     k = min(top_k, n)
     kth = np.partition(tok_max, n - k)[n - k] if k > 0 else -1
+    e = fill[0]
     if kth > INF:  # torch's topk ranks NaN first, and a NaN cut selects no row
-        return np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros((0, 5), np.int32), 0
+        hist[slot] += local
+        return 0
+    if top_k <= n_above <= capacity:  # the usual case: every entry above the threshold
+        if e + n_above > len(keys):  # the caller grows the arena and calls again
+            fill[1] = e + n_above
+            return -1
+        hist[slot] += local
+        for i in range(n):
+            if thr_bits < tok_max[i] <= INF:
+                for j in range(d):
+                    b = bits[i, j] & ABS
+                    if thr_bits < b <= INF:
+                        _put(keys, values, meta, slots, e, b, flat[i, j], where, i, j, slot)
+                        e += 1
+        fill[0] = e
+        return n_above
+    # Otherwise every entry down to the m-th largest, ties included: only the entries that
+    # can be among those are gathered, once, and the kept ones written from there.
+    m = top_k if n_above < top_k else capacity
+    # Every kept entry is at least the k-th largest token maximum (k = m tokens hold an entry
+    # that large), or above the threshold when more than capacity are.
+    low = thr_bits + 1 if n_above > capacity else (kth if k == m else 0)
     cut = min(kth, thr_bits)
-    n_above = 0
-    for i in range(n):
-        if thr_bits < tok_max[i] <= INF:
-            for j in range(d):
-                n_above += thr_bits < (bits[i, j] & ABS) <= INF
-    if top_k <= n_above <= capacity:
-        floor = thr_bits + 1
-    else:
-        m = top_k if n_above < top_k else capacity
-        # The m-th largest entry is the last one kept. Only entries from the bin that holds it
-        # upward compete (the histogram says which); with NaN rows, or fewer than m entries
-        # above the lowest bin, every entry of every candidate row does, as in torch.
-        top, count = hist.shape[0] - 1, local[hist.shape[0] - 1]
-        while count < m and top > 0:
-            top -= 1
-            count += local[top]
-        edge, lowest = top << shift, top << shift
-        if nan_rows or top == 0:
-            edge, lowest = cut, -1
-        rows = np.nonzero((tok_max >= edge) & (tok_max > 0) & (tok_max <= INF))[0]
-        pool = (bits[rows] & ABS).ravel()  # no NaN: a row with one has a NaN maximum
-        pool = pool[pool >= lowest]
-        m = min(m, len(pool))
-        floor = np.partition(pool, len(pool) - m)[len(pool) - m] if m > 0 else INF + 1
-        floor = max(floor, 1)  # exact zeros tie by the million and say nothing
-    rows = np.nonzero((tok_max >= floor) & (tok_max >= cut) & (tok_max <= INF))[0]
+    pool, rows, cols = _candidates(bits, tok_max, local, m, low, cut, nan_rows, shift)
+    m = min(m, len(pool))
+    floor = np.partition(pool, len(pool) - m)[len(pool) - m] if m > 0 else INF + 1
+    floor = max(floor, 1)  # exact zeros tie by the million and say nothing
     n_keep = 0
-    for i in rows:
-        for j in range(d):
-            n_keep += floor <= (bits[i, j] & ABS) <= INF
-    keys = np.empty(n_keep, np.int32)
-    values = np.empty(n_keep, np.float32)
-    meta = np.empty((n_keep, 5), np.int32)  # text_index, start, position, channel, token_id
-    e = 0
-    for i in rows:
-        for j in range(d):
-            b = bits[i, j] & ABS
-            if floor <= b <= INF:
-                keys[e], values[e] = b, x[i, j]
-                meta[e, 0], meta[e, 1], meta[e, 2] = where[i, 0], where[i, 1], where[i, 2]
-                meta[e, 3], meta[e, 4] = j, where[i, 3]
-                e += 1
-    return keys.view(np.float32), values, meta, n_above
+    for c in range(len(pool)):
+        n_keep += pool[c] >= floor
+    if e + n_keep > len(keys):
+        fill[1] = e + n_keep
+        return -1
+    hist[slot] += local
+    for c in range(len(pool)):
+        if pool[c] >= floor:
+            i, j = rows[c], cols[c]
+            _put(keys, values, meta, slots, e, pool[c], flat[i, j], where, i, j, slot)
+            e += 1
+    fill[0] = e
+    overflow[slot] |= n_above > capacity
+    return n_above
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _put(keys, values, meta, slots, e, b, value, where, i, j, slot):  # pragma: no cover
+    keys[e], values[e], slots[e] = b, value, slot
+    # text_index, start, position, channel, token_id
+    meta[e, 0], meta[e, 1], meta[e, 2] = where[i, 0], where[i, 1], where[i, 2]
+    meta[e, 3], meta[e, 4] = j, where[i, 3]
+
+
+@njit(cache=True, nogil=True)
+def _candidates(bits, tok_max, local, m, low, cut, nan_rows, shift):  # pragma: no cover
+    """(bits, row, column) of the entries that can be among the m largest, row-major.
+
+    Those at least `low` and in the histogram's bins that hold the m largest. With NaN rows,
+    or fewer than m entries above the lowest bin, every entry of every row whose maximum is at
+    least `cut` competes, as in torch.
+    """
+    n, d = bits.shape
+    top, count = local.shape[0] - 1, local[local.shape[0] - 1]
+    while count < m and top > 0:
+        top -= 1
+        count += local[top]
+    lowest = max(top << shift, low)
+    if nan_rows or top == 0:
+        lowest, count = -1, n * d
+    first = cut if lowest < 0 else lowest
+    pool = np.empty(count, np.int32)
+    rows, cols = np.empty(count, np.int32), np.empty(count, np.int32)
+    p = 0
+    for i in range(n):
+        if tok_max[i] >= first and tok_max[i] > 0 and tok_max[i] <= INF:
+            for j in range(d):
+                b = bits[i, j] & ABS
+                if b >= lowest:
+                    pool[p], rows[p], cols[p] = b, i, j
+                    p += 1
+    return pool[:p], rows[:p], cols[:p]
 
 
 # Reassociating the sums lets them run in SIMD lanes (the row's order of additions is not
 # kept; torch does not keep it either). NaN and inf keep their IEEE meaning.
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
-def token_kurtosis(x):  # pragma: no cover
-    """See :func:`tl_spikesink.probes.kernels.token_kurtosis`."""
-    n, d = x.shape
-    k = np.zeros(n, np.float32)
-    peak = np.empty(n, np.int32)
-    bits = x.view(np.int32)
-    for i in range(n):
-        total, top = 0.0, 0
+def token_kurtosis(x, layer, k, peak, seen):  # pragma: no cover
+    """See :func:`tl_spikesink.probes.kernels.token_kurtosis_into`; `peak` is int32 bits."""
+    d = x.shape[-1]
+    flat = x.reshape((x.size // d, d))
+    bits = flat.view(np.int32)
+    for i in range(flat.shape[0]):
+        total, top = 0.0, np.int32(0)
         for j in range(d):
-            total += x[i, j]
-        # max |x| on the bit patterns: a float max does not vectorize (NaN rules), an int one
+            total += flat[i, j]
+        # max |x| on the bit patterns, in int32 (numba widens integer arithmetic to int64,
+        # which AVX2 has no max for): a float max does not vectorize (NaN rules), an int one
         # does, 10x faster. A NaN's pattern is above +inf's, so it wins, as in torch.
         for j in range(d):
-            top = max(top, bits[i, j] & ABS)
+            top = np.int32(max(top, np.int32(bits[i, j] & ABS32)))
         mean = total / d
         var, m4 = 0.0, 0.0
         for j in range(d):
-            c = x[i, j] - mean
+            c = flat[i, j] - mean
             var += c * c
-            sq = x[i, j] * x[i, j]
+            sq = flat[i, j] * flat[i, j]
             m4 += sq * sq
         var /= d - 1
-        if var > 0:
-            k[i] = max(m4 / d / (var * var) - 3.0, 0.0)
-        peak[i] = top
-    return k, peak.view(np.float32)
+        k[layer, i] = max(m4 / d / (var * var) - 3.0, 0.0) if var > 0 else 0.0
+        peak[layer, i] = top
+    seen[layer] = True
+
+
+# The same reassociation as token_kurtosis: the sums run in SIMD lanes, in another order than
+# torch's matrix products (float32 rounding apart, the same numbers).
+@njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+def sink_sums(
+    p, layer, query_w, key_w, received, ratio, mass, key_pos, a_first, seen
+):  # pragma: no cover
+    """See :func:`tl_spikesink.probes.kernels.sink_sums`."""
+    b, h, q, k = p.shape
+    w = ratio.shape[-1]
+    for bi in range(b):
+        for hi in range(h):
+            got, early = received[layer, bi, hi], ratio[layer, bi, hi]
+            got[:] = 0.0
+            early[:] = 0.0
+            for qi in range(q):
+                row = p[bi, hi, qi]
+                wq, wr = query_w[bi, 0, qi], query_w[bi, 1, qi]
+                total, weighted = np.float32(0.0), np.float32(0.0)
+                for ki in range(k):
+                    v = row[ki]
+                    total += v
+                    weighted += v * key_w[ki]
+                    got[ki] += wq * v
+                if wr != 0.0:
+                    for ki in range(w):
+                        early[ki] += wr * row[ki]
+                mass[layer, bi, hi, qi] = total
+                key_pos[layer, bi, hi, qi] = weighted
+                a_first[layer, bi, hi, qi] = row[0]
+    seen[layer] = True

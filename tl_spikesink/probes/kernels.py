@@ -69,10 +69,86 @@ def warm_up() -> bool:
     x = torch.zeros(2, 4)
     if not available(x):
         return False
-    hist = np.zeros(N_BINS, np.int64)
-    spike_entries(x, np.zeros(2, bool), np.zeros((2, 4), np.int32), hist, 1.0, 1, 1, BIN_SHIFT)
-    token_kurtosis(x)
+    # Each array rank a scan passes is its own compiled version: 2-d here, 3-d in the probes.
+    for act in (x, x[None]):
+        pads, where = np.zeros(2, bool), np.zeros((2, 4), np.int32)
+        spike_entries(act, pads, where, np.zeros(N_BINS, np.int64), 1.0, 1, 1, BIN_SHIFT)
+        token_kurtosis(act)
+    sums = [np.zeros((1, 1, 1, 2), np.float32) for _ in range(5)]
+    query_w, key_w = np.zeros((1, 2, 2), np.float32), np.zeros(2, np.float32)
+    sink_sums(torch.zeros(1, 1, 2, 2), 0, (query_w, key_w, *sums, np.zeros(1, bool)))
     return True
+
+
+class Arena:
+    """Where the spike kernel writes the entries it keeps, hook after hook, for one forward pass.
+
+    A hook's own tensors and Python objects cost more than its arithmetic at batch size 1
+    (docs/speed.md): the kernel writes into these arrays instead, and the probe takes them all
+    at the end of the pass. It grows (by doubling) when a hook would overflow it.
+    """
+
+    def __init__(self, n_slots: int, size: int = 1024):
+        self.overflow = np.zeros(n_slots, bool)
+        self.fill = np.zeros(2, np.int64)  # [entries written, entries needed on overflow]
+        self._allocate(size)
+
+    def _allocate(self, size: int) -> None:
+        n = int(self.fill[0])
+        old = getattr(self, "args", None)
+        keys, values = np.empty(size, np.int32), np.empty(size, np.float32)
+        meta, slots = np.empty((size, 5), np.int32), np.empty(size, np.int32)
+        if old is not None:
+            for new, was in zip((keys, values, meta, slots), old, strict=False):
+                new[:n] = was[:n]
+        # What the kernel takes after the probe's own arguments, in its order.
+        self.args = (keys, values, meta, slots, self.overflow, self.fill)
+
+    def grow(self) -> None:
+        """Make room for what the last call needed."""
+        self._allocate(max(2 * len(self.args[0]), int(self.fill[1])))
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+        """Copies of (|x|, x, metadata, slot, overflow per slot) written so far; then empty."""
+        n = int(self.fill[0])
+        keys, values, meta, slots = (a[:n].copy() for a in self.args[:4])
+        overflow = self.overflow.copy()
+        self.fill[0], self.overflow[:] = 0, False
+        return (
+            torch.from_numpy(keys.view(np.float32)),
+            torch.from_numpy(values),
+            torch.from_numpy(meta),
+            slots,
+            overflow,
+        )
+
+
+def spike_into(act: torch.Tensor, slot: int, probe: tuple, arena: Arena) -> int:
+    """Reduce one activation into `arena` and the histogram; the number of entries above its cut.
+
+    Args:
+        act: the activation, ``[..., d]`` (read as float32, rows flattened).
+        slot: which (site, layer) it is: its row of the histogram and of `probe`'s thresholds.
+        probe: ``(thresholds, settings, pads, where, hist)``: int32 float32-bit threshold per
+            slot; int64 ``[top_k, capacity, shift]``; bool per row, True at pads (never counted,
+            never kept); int32 ``[row, 4]``: each row's text index, start, position and token
+            id; int64 ``[slot, bins]`` histogram of ``|x|``'s float32 bits ``>> shift``, added
+            to in place.
+        arena: where the kept entries go.
+
+    Entries above the slot's threshold are kept, unless fewer than ``top_k`` or more than
+    ``capacity`` are above it: then the ``top_k`` (``capacity``) largest, ties included (more
+    than ``capacity`` sets the slot's overflow flag). Each kept entry's metadata is its text
+    index, start, position, channel and token id.
+    """
+    x = act.detach()
+    x = x.numpy() if x.dtype is torch.float32 and x.is_contiguous() else _rows(x)
+    kernel = _kernels().spike_into
+    n_above = kernel(x, slot, *probe, *arena.args)
+    while n_above < 0:
+        arena.grow()
+        n_above = kernel(x, slot, *probe, *arena.args)
+    return n_above
 
 
 def spike_entries(
@@ -85,29 +161,38 @@ def spike_entries(
     capacity: int,
     shift: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Histogram and kept entries of one activation, by the spike probe's torch rules.
+    """:func:`spike_into` for one activation on its own, with one threshold.
+
+    Returns (|x|, x, metadata) of its kept entries, row-major, and the number of entries above
+    `threshold`; `hist` (int64 ``[bins]``) is added to.
+    """
+    arena = Arena(1, size=16)
+    settings = np.array([top_k, capacity, shift], np.int64)
+    thresholds = np.array([float_bits(threshold)], np.int32)
+    n_above = spike_into(x, 0, (thresholds, settings, pads, where, hist[None]), arena)
+    keys, values, meta, _, _ = arena.take()
+    return keys, values, meta, n_above
+
+
+def sink_sums(pattern: torch.Tensor, layer: int, probe: tuple) -> None:
+    """One layer's attention sums, written into the sink probe's per-pass arrays at `layer`.
 
     Args:
-        x: the activation, ``[..., d]`` (read as float32, rows flattened).
-        pads: bool per row, True at pads (never counted, never kept).
-        where: int32 ``[row, 4]``: each row's text index, start, position and token id.
-        hist: int64 histogram of ``|x|``'s float32 bits ``>> shift``, added to in place.
-        threshold: entries above it are kept, unless fewer than `top_k` or more than
-            `capacity` are above it: then the `top_k` (`capacity`) largest, ties included.
-        top_k: the fewest entries kept.
-        capacity: the most entries kept above `threshold` (ties aside).
-        shift: the histogram's bin of a bit pattern is the pattern ``>> shift``.
+        pattern: ``[batch, head, query, key]`` (read as float32), right-padded (no NaN rows).
+        layer: its row of the arrays in `probe`.
+        probe: ``(query_w, key_w, received, ratio, mass, key_pos, a_first, seen)``: float32
+            ``[batch, 2, query]`` weights (every real query; Eq. 27's first T), float32
+            ``[key]`` key positions, then the sums ``[layer, batch, head, ...]``: attention each
+            key gets under each weighting (``ratio`` as wide as the keys the ratio reads), and
+            each query's total, position-weighted total and attention to the first key. ``seen``
+            (bool per layer) marks the layer done.
 
-    Returns:
-        (|x|, x, metadata) of the kept entries, row-major; the metadata columns are text
-        index, start, position, channel and token id. Then the number of entries above
-        `threshold`.
+    One pass over the pattern instead of torch's four products (the sums are float32, in
+    another order: the same to float32 rounding).
     """
-    flat = _rows(x)
-    keys, values, meta, n_above = _kernels().spike_entries(
-        flat, flat.view(np.int32), pads, where, hist, _bits(threshold), top_k, capacity, shift
-    )
-    return torch.from_numpy(keys), torch.from_numpy(values), torch.from_numpy(meta), int(n_above)
+    x = pattern.detach()
+    x = x.numpy() if x.dtype is torch.float32 and x.is_contiguous() else _rows(x).reshape(x.shape)
+    _kernels().sink_sums(x, layer, *probe)
 
 
 def token_kurtosis(
@@ -118,8 +203,21 @@ def token_kurtosis(
     The moments are summed in float64, one row at a time: the same numbers as the torch
     version to float32 rounding, in one pass over the activation instead of eight.
     """
-    k, peak = _kernels().token_kurtosis(_rows(x))
-    return torch.from_numpy(k), torch.from_numpy(peak)
+    rows = x.numel() // x.shape[-1]
+    k, peak = torch.empty(1, rows), torch.empty(1, rows)
+    token_kurtosis_into(x, 0, (k.numpy(), peak.numpy().view(np.int32), np.zeros(1, bool)))
+    return k[0], peak[0]
+
+
+def token_kurtosis_into(x: torch.Tensor, layer: int, probe: tuple) -> None:
+    """:func:`token_kurtosis` of one layer, written at row `layer` of the kurtosis probe's arrays.
+
+    `probe` is ``(k, peak, seen)``: float32 ``[layer, row]``, the same as int32 bits, and a bool
+    per layer that marks it done.
+    """
+    x = x.detach()
+    x = x.numpy() if x.dtype is torch.float32 and x.is_contiguous() else _rows(x)
+    _kernels().token_kurtosis(x, layer, *probe)
 
 
 def _rows(x: torch.Tensor) -> np.ndarray:
@@ -131,7 +229,6 @@ def _rows(x: torch.Tensor) -> np.ndarray:
     return x.detach().numpy().reshape(-1, x.shape[-1])
 
 
-@cache
-def _bits(threshold: float) -> int:
+def float_bits(threshold: float) -> int:
     """`threshold` as float32 bits, the form the spike kernel compares."""
     return int(np.float32(threshold).view(np.int32))

@@ -33,6 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 
@@ -197,7 +198,10 @@ class KurtosisProbe(Probe):
         self.stats = KurtosisStats.empty(n_layers, abs_threshold, capacity)
         self.k: list[torch.Tensor | None] = [None] * n_layers
         self.peak: list[torch.Tensor | None] = [None] * n_layers
-        self.stage = Stage(Buffers(), "resid_post", n_layers, self._reduce)
+        self.buffers = Buffers()
+        self.stage = Stage(self.buffers, "resid_post", n_layers, self._reduce)
+        self.fused: tuple | None = None
+        """The compiled kernel's per-pass arrays, or None where the torch path runs."""
 
     def hooks(self) -> list[tuple[str, HookFn]]:
         """(hook_name, fn) pairs for `model.hooks`."""
@@ -210,11 +214,19 @@ class KurtosisProbe(Probe):
         self.k = [None] * self.n_layers
         self.peak = [None] * self.n_layers
         self.stage.clear()
+        self.fused = None
+        if kernels.available(step.mask):
+            # The kernel writes each layer's row of these; end_batch reads them whole.
+            shape, cpu = (self.n_layers, step.mask.numel()), torch.device("cpu")
+            self.k_all = self.buffers("k", shape, torch.float32, cpu)
+            self.peak_all = self.buffers("peak", shape, torch.float32, cpu)
+            self.seen = np.zeros(self.n_layers, bool)
+            self.fused = (self.k_all.numpy(), self.peak_all.numpy().view(np.int32), self.seen)
 
     def _hook(self, layer: int) -> HookFn:
         def hook(act: Float[torch.Tensor, "batch pos d_model"], hook: Any) -> None:
-            if kernels.available(act):  # one compiled pass, while the activation is in cache
-                self.k[layer], self.peak[layer] = kernels.token_kurtosis(act)
+            if self.fused is not None:  # one compiled pass, while the activation is in cache
+                kernels.token_kurtosis_into(act, layer, self.fused)
             else:
                 self.stage.add(layer, act.detach())
 
@@ -230,11 +242,16 @@ class KurtosisProbe(Probe):
     def end_batch(self, step: Step, logits: torch.Tensor | None) -> None:
         """Add the batch's real tokens to the sums; keep the candidates' per-layer values."""
         self.stage.flush()
-        if any(k is None for k in self.k):
-            return  # a pass that stopped early (stop_at_layer) saw no complete token
         mask = step.mask
-        k = torch.stack(self.k).view(-1, *mask.shape)  # type: ignore[arg-type]
-        peak = torch.stack(self.peak).amax(0).view(mask.shape)  # type: ignore[arg-type]
+        if self.fused is not None:
+            if not self.seen.all():
+                return  # a pass that stopped early (stop_at_layer) saw no complete token
+            k, peak = self.k_all.view(-1, *mask.shape), self.peak_all.amax(0).view(mask.shape)
+        elif any(k is None for k in self.k):
+            return
+        else:
+            k = torch.stack(self.k).view(-1, *mask.shape)  # type: ignore[arg-type]
+            peak = torch.stack(self.peak).amax(0).view(mask.shape)  # type: ignore[arg-type]
         total = torch.where(mask, k, torch.zeros_like(k)).double().sum((1, 2)).cpu()
         keep = (mask & (peak > self.stats.abs_threshold)).cpu()
         row, pos = keep.nonzero(as_tuple=True)

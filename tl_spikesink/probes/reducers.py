@@ -205,14 +205,59 @@ class TopEntries:
         return int(self.keys.numel())
 
 
-def total_order(keys: np.ndarray, meta: np.ndarray) -> np.ndarray:
-    """Indices that sort by key descending, then by the metadata columns left to right.
+def select_groups(
+    keys: Float[torch.Tensor, " n"],
+    values: Float[torch.Tensor, " n"],
+    meta: Int[torch.Tensor, "n m"],
+    groups: np.ndarray,
+    like: list[TopEntries],
+) -> list[TopEntries]:
+    """:meth:`TopEntries.select` of every group at once, with the settings of `like[group]`.
 
-    A total order makes merges independent of batch order. One sort on the key, then a lexsort
-    of the tied entries alone: the same order as one lexsort of everything on every column,
-    at a third of the cost (ties are a minority, mostly the first token's identical rows).
+    One sort of every entry (by group, then :func:`total_order`'s order) instead of one per
+    group: the same entries in the same order, at a fraction of the cost where there are many
+    small groups (the spike probe's 3 sites x layers).
     """
-    order = np.argsort(-keys, kind="stable")
+    keys, values, meta = (t.detach().cpu().numpy() for t in (keys, values, meta))
+    valid = keys >= 0
+    if not valid.all():
+        keys, values, meta, groups = keys[valid], values[valid], meta[valid], groups[valid]
+    n = len(like)
+    # One int64 per entry, (group, descending key), sorts in one pass; a key's float32 bits are
+    # ordered like the key (it is >= 0; -0.0 is 0.0). Ties go to the metadata as in total_order.
+    bits = keys.astype(np.float32, copy=False).view(np.int32) & 0x7FFFFFFF
+    order = total_order(groups.astype(np.int64) << 32 | (0x7FFFFFFF - bits), meta, ascending=True)
+    threshold = np.array([e.threshold for e in like], np.float64)
+    counts = np.bincount(groups, minlength=n)
+    above = np.bincount(groups, weights=keys > threshold[groups], minlength=n).astype(np.int64)
+    starts = np.cumsum(counts) - counts
+    out = []
+    for g, e in enumerate(like):
+        m = max(e.k, min(e.capacity, int(above[g])))
+        take = order[starts[g] : starts[g] + min(m, int(counts[g]))]
+        out.append(
+            TopEntries(
+                torch.from_numpy(keys[take]),
+                torch.from_numpy(values[take]),
+                torch.from_numpy(meta[take]),
+                e.k,
+                e.threshold,
+                e.capacity,
+                bool(above[g] > e.capacity),
+            )
+        )
+    return out
+
+
+def total_order(keys: np.ndarray, meta: np.ndarray, ascending: bool = False) -> np.ndarray:
+    """Indices that sort by key, descending unless `ascending`, then by the metadata columns.
+
+    The columns count left to right. A total order makes merges independent of batch order.
+    One sort on the key, then a lexsort of the tied entries alone: the same order as one lexsort
+    of everything on every column, at a third of the cost (ties are a minority, mostly the
+    first token's identical rows).
+    """
+    order = np.argsort(keys if ascending else -keys, kind="stable")
     ranked = keys[order]
     tie = (ranked[1:] == ranked[:-1]) | (np.isnan(ranked[1:]) & np.isnan(ranked[:-1]))
     if not tie.any():

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
+import tl_spikesink.probes.kernels as kernels
 from tl_spikesink.anatomy import hook_name
 from tl_spikesink.probes.engine import Probe, Step
 from tl_spikesink.probes.reducers import Buffers, TokenShares, TopEntries, check_same
@@ -278,6 +279,8 @@ class SinkProbe(Probe):
         )
         self.top_k, self.capacity = top_k, max_candidates
         self.buffers = Buffers()
+        self.fused: tuple | None = None
+        """The compiled kernel's per-pass arguments, or None where the torch path runs."""
 
     def hooks(self) -> list[tuple[str, Callable]]:
         """(hook_name, fn) pairs for `model.hooks`."""
@@ -315,6 +318,31 @@ class SinkProbe(Probe):
         if self.left_padded:  # right padding reads the first token at column 0, no gather
             b = len(batch.lengths)
             self.first_index = self.first_col[:, None, None, None].expand(b, self.n_heads, width, 1)
+        self.fused = None
+        if not self.left_padded and kernels.available(mask):
+            self._start_fused(len(batch.lengths), width)
+
+    def _start_fused(self, b: int, width: int) -> None:
+        # The kernel writes each layer's sums into these, at its row; _reduce_layers reads them
+        # as the torch path's stacked per-layer sums.
+        shape, buf = (self.n_layers, b, self.n_heads), self.buffers
+        self.sums = tuple(
+            buf(name, (*shape, n), torch.float32, torch.device("cpu"))
+            for name, n in (
+                ("received", width),
+                ("ratio", self.ratio_width),
+                ("mass", width),
+                ("key_pos", width),
+                ("a_first", width),
+            )
+        )
+        self.seen_layers = torch.zeros(self.n_layers, dtype=torch.bool)
+        self.fused = (
+            self.query_weights[:, 0].contiguous().numpy(),
+            self.key_weights.contiguous().numpy(),
+            *(t.numpy() for t in self.sums),
+            self.seen_layers.numpy(),
+        )
 
     def _start_ratio(self, lengths: torch.Tensor, rel: torch.Tensor) -> None:
         # Eq. 27: each sequence's first T queries, as weights over the padded query columns, and
@@ -336,7 +364,10 @@ class SinkProbe(Probe):
 
     def _hook(self, layer: int) -> Callable:
         def hook(pattern: Float[torch.Tensor, "batch head query_pos key_pos"], hook: Any) -> None:
-            self._reduce(layer, pattern.detach())
+            if self.fused is None:
+                self._reduce(layer, pattern.detach())
+            else:
+                kernels.sink_sums(pattern, layer, self.fused)
 
         return hook
 
@@ -366,13 +397,22 @@ class SinkProbe(Probe):
 
     def _reduce_layers(self) -> None:
         """Fold every layer the last forward pass showed into the running sums, all at once."""
-        if not self.seen:
+        if self.fused is not None:
+            layers = self.seen_layers.nonzero()[:, 0]
+            if not len(layers):
+                return
+            every = len(layers) == self.n_layers
+            received, ratio, mass, key_pos, a_first = (t if every else t[layers] for t in self.sums)
+            self.seen_layers[:] = False
+        elif not self.seen:
             return
-        layers = torch.tensor(sorted(self.seen))
-        received, ratio, mass, key_pos, a_first = (
-            torch.stack(parts) for parts in zip(*(self.seen[int(i)] for i in layers), strict=True)
-        )
-        self.seen = {}
+        else:
+            layers = torch.tensor(sorted(self.seen))
+            received, ratio, mass, key_pos, a_first = (
+                torch.stack(parts)
+                for parts in zip(*(self.seen[int(i)] for i in layers), strict=True)
+            )
+            self.seen = {}
         n, b, h, k = received.shape
         if self.left_padded:  # otherwise relative key positions are the columns already
             received = received.gather(-1, self.align[None, :, None, :].expand(n, b, h, k))

@@ -29,6 +29,7 @@ from functools import cached_property
 from itertools import accumulate
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 
@@ -46,6 +47,7 @@ from tl_spikesink.probes.reducers import (
     bin_edges,
     check_same,
     histogram_quantile,
+    select_groups,
 )
 from tl_spikesink.results import Result
 from tl_spikesink.tokens import TokenRef, is_delimiter
@@ -347,15 +349,25 @@ class SpikeProbe(Probe):
             ]
             for s in sites
         }
-        # Per (site, layer): (keys, values, meta, truncated) of batches not yet selected.
-        self.pending: dict[Site, list[list[tuple]]] = {
-            s: [[] for _ in range(n_layers)] for s in sites
-        }
-        self.n_pending = {s: [0] * n_layers for s in sites}
+        # Each (site, layer) is a slot, site-major: its row of the histogram and of `pending`.
+        self.n_slots = len(sites) * n_layers
+        # Per batch: (keys, values, meta, slot per entry) not yet selected, and per slot
+        # whether a batch overflowed `max_candidates`.
+        self.pending: list[tuple] = []
+        self.n_pending = 0
+        self.overflow = np.zeros(self.n_slots, bool)
         self.found: list[tuple] = []
         self.buffers = Buffers()
         # Keyed by (site index, layer).
-        self.stage = Stage(self.buffers, "stage", len(sites) * n_layers, self._reduce)
+        self.stage = Stage(self.buffers, "stage", self.n_slots, self._reduce)
+        self.arena = kernels.Arena(self.n_slots)
+        self.fused: tuple | None = None
+        """The compiled kernel's per-batch arguments, or None where the torch path runs."""
+        thresholds = [self._threshold(s) for s in sites for _ in range(n_layers)]
+        self.kernel_settings = (
+            np.array([kernels.float_bits(t) for t in thresholds], np.int32),
+            np.array([top_k, max_candidates, BIN_SHIFT], np.int64),
+        )
 
     def _threshold(self, site: Site) -> float:
         # Block outputs are kept down to half the spike threshold: a step-up block may write only
@@ -400,29 +412,25 @@ class SpikeProbe(Probe):
             self.hist = torch.zeros(
                 len(self.sites), self.n_layers, N_BINS, dtype=torch.long, device=step.mask.device
             )
+        self.fused = None
         if kernels.available(self.hist):
-            self.hist_np, self.pads_np = self.hist.numpy(), self.pads.flatten().numpy()
-            self.where_np = self.where.numpy()
+            self.fused = (
+                *self.kernel_settings,
+                self.pads.flatten().numpy(),
+                self.where.numpy(),
+                self.hist.view(self.n_slots, N_BINS).numpy(),
+            )
 
     def _hook(self, site_index: int, layer: int) -> Callable:
-        site = self.sites[site_index]
-        threshold = self._threshold(site)
+        slot = site_index * self.n_layers + layer
 
+        # As little Python as it takes: at batch 1 a hook's objects are out of cache, and each
+        # one costs more than the kernel's pass over the activation (docs/speed.md).
         def hook(act: Float[torch.Tensor, "batch pos d_model"], hook: Any) -> None:
-            if not kernels.available(act):
+            if self.fused is None:
                 self.stage.add((site_index, layer), act.detach())
-                return
-            *entries, n_above = kernels.spike_entries(
-                act,
-                self.pads_np,
-                self.where_np,
-                self.hist_np[site_index, layer],
-                threshold,
-                self.top_k,
-                self.capacity,
-                BIN_SHIFT,
-            )
-            self._queue(site, layer, *entries, n_above > self.capacity)
+            else:
+                kernels.spike_into(act, slot, self.fused, self.arena)
 
         return hook
 
@@ -546,6 +554,8 @@ class SpikeProbe(Probe):
     def end_batch(self, step: Step, logits: torch.Tensor | None) -> None:
         """Reduce what is still staged, locate the pass's entries, queue them for selection."""
         self.stage.flush()
+        if self.arena.fill[0]:
+            self._add(*self.arena.take())
         if not self.found:
             return
         found, self.found = self.found, []
@@ -561,59 +571,56 @@ class SpikeProbe(Probe):
         # int32: half the bytes of what the scan keeps per entry (every column fits: text
         # indices, offsets, positions, channels and token ids are far below 2^31).
         meta = torch.cat([self.where[token], channel[:, None].int()], dim=1)[:, [0, 1, 2, 4, 3]]
-        sizes = torch.bincount(group_of, minlength=len(groups)).tolist()
-        overflow = [n > self.capacity for f in found for n in f[6]]
-        parts = zip(
-            groups, keys.split(sizes), values.split(sizes), meta.split(sizes), overflow, strict=True
-        )
-        for (i, layer), k, v, mt, over in parts:
-            # Copies, not views: a view would keep the whole pass's entries alive until every
-            # (site, layer) had folded them, and the scan's memory would grow with the corpus.
-            self._queue(self.sites[i], layer, k.clone(), v.clone(), mt.clone(), over)
+        slot_of = torch.tensor([i * self.n_layers + layer for i, layer in groups])
+        overflow = np.zeros(self.n_slots, bool)
+        overflow[slot_of.numpy()] = [n > self.capacity for f in found for n in f[6]]
+        self._add(keys, values, meta, slot_of[group_of].int().numpy(), overflow)
 
-    def _queue(
+    def _add(
         self,
-        site: Site,
-        layer: int,
         keys: torch.Tensor,
         values: torch.Tensor,
         meta: torch.Tensor,
-        overflow: bool,
+        slots: np.ndarray,
+        overflow: np.ndarray,
     ) -> None:
-        pending = self.pending[site][layer]
-        pending.append((keys, values, meta, overflow))
-        self.n_pending[site][layer] += len(keys)
+        """Queue one pass's entries (of every slot) for selection."""
+        self.pending.append((keys, values, meta, slots))
+        self.n_pending += len(keys)
+        self.overflow |= overflow
         # Selecting sorts; one selection over many batches keeps the per-batch cost low, and
-        # folding at `capacity` entries bounds what waits at what the result itself holds.
-        if self.n_pending[site][layer] > self.capacity or len(pending) > 32:
-            self._fold(site, layer)
+        # folding at `capacity` entries a slot bounds what waits at what the result itself holds.
+        if self.n_pending > self.n_slots * self.capacity or len(self.pending) > 32:
+            self._fold()
 
-    def _fold(self, site: Site, layer: int) -> None:
-        pending = self.pending[site][layer]
-        if not pending:
+    def _fold(self) -> None:
+        """Select every slot's entries from what it kept and what waits."""
+        if not self.pending:
             return
-        old = self.entries[site][layer]
-        keys, values, meta, truncated = zip(*pending, strict=True)
-        new = TopEntries.select(
-            torch.cat([old.keys, *keys]),
-            torch.cat([old.values, *values]),
-            torch.cat([old.meta, *meta]),
-            old.k,
-            old.threshold,
-            old.capacity,
+        old = [e for site in self.sites for e in self.entries[site]]
+        keys, values, meta, slots = zip(*self.pending, strict=True)
+        kept = np.repeat(np.arange(self.n_slots, dtype=np.int32), [len(e) for e in old])
+        new = select_groups(
+            torch.cat([e.keys for e in old] + list(keys)),
+            torch.cat([e.values for e in old] + list(values)),
+            torch.cat([e.meta for e in old] + list(meta)),
+            np.concatenate([kept, *slots]),
+            old,
         )
-        self.entries[site][layer] = replace(
-            new, truncated=new.truncated or old.truncated or any(truncated)
-        )
-        self.pending[site][layer], self.n_pending[site][layer] = [], 0
+        for slot, (was, now) in enumerate(zip(old, new, strict=True)):
+            truncated = now.truncated or was.truncated or bool(self.overflow[slot])
+            self.entries[self.sites[slot // self.n_layers]][slot % self.n_layers] = replace(
+                now, truncated=truncated
+            )
+        self.pending, self.n_pending = [], 0
+        self.overflow[:] = False
 
     def result(self, token_strings: dict[int, str]) -> SpikeStats:
         """Freeze what was seen into :class:`SpikeStats`."""
-        if self.found or self.stage.keys:  # hooks fired outside the engine, no end_batch after
+        # Hooks fired outside the engine, with no end_batch after.
+        if self.found or self.stage.keys or self.arena.fill[0]:
             self.end_batch(None, None)  # type: ignore[arg-type]
-        for site in self.sites:
-            for layer in range(self.n_layers):
-                self._fold(site, layer)
+        self._fold()
         hist = (
             self.hist.cpu()
             if self.hist is not None

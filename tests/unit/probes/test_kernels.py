@@ -1,4 +1,5 @@
-"""The compiled CPU kernels give the torch reductions' numbers: the spike probe's bit for bit."""
+"""The compiled CPU kernels give the torch reductions' numbers: the spike probe's bit for bit,
+the kurtosis and sink sums to float32 rounding."""
 
 import os
 import subprocess
@@ -49,6 +50,15 @@ def test_fused_scan_equals_torch_scan(planted, settings):
     assert torch.allclose(fused.kurtosis.total, plain.kurtosis.total, rtol=1e-5)
     assert torch.equal(fused.kurtosis.refs, plain.kurtosis.refs)
     assert torch.allclose(fused.kurtosis.values, plain.kurtosis.values, rtol=1e-5, atol=1e-6)
+    # The sink sums: float32 in another order than torch's products.
+    for name in ("alpha_sum", "mass_sum", "distance_sum", "distance_nosink_sum"):
+        a, b = getattr(fused.sinks, name), getattr(plain.sinks, name)
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), name
+    assert torch.equal(fused.sinks.alpha_count, plain.sinks.alpha_count)
+    assert torch.equal(fused.sinks.distance_nosink_count, plain.sinks.distance_nosink_count)
+    assert torch.equal(fused.sinks.sink_head_count, plain.sinks.sink_head_count)
+    assert fused.sinks.sink_head_count.sum() > 0
+    assert torch.equal(fused.sinks.candidates.meta, plain.sinks.candidates.meta)
 
 
 def _reference(x, pads, threshold, top_k, capacity):

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from planted import sentences
 
 import tl_spikesink as ts
-from tl_spikesink.probes.reducers import TopEntries, total_order
+from tl_spikesink.probes.reducers import TopEntries, select_groups, total_order
 
 TEXTS = sentences(12, seed=5, min_words=3, max_words=40)
 
@@ -84,6 +84,29 @@ def test_total_order_is_one_lexsort_of_every_column(keys, meta):
     # Rows equal in key and every column may come in either order; nothing else may differ.
     assert np.array_equal(key[got], key[want], equal_nan=True)
     assert np.array_equal(m[got], m[want])
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    keys=st.lists(st.sampled_from([-1.0, 0.0, 1.0, 2.5, 7.0, 300.0]), max_size=80),
+    data=st.data(),
+    n_groups=st.integers(1, 5),
+    k=st.integers(1, 4),
+    capacity=st.integers(4, 9),
+)
+def test_select_groups_is_select_of_each_group(keys, data, n_groups, k, capacity):
+    n = len(keys)
+    groups = np.array(data.draw(st.lists(st.integers(0, n_groups - 1), min_size=n, max_size=n)))
+    key = torch.tensor(keys)
+    # Unique metadata per group, in shuffled order, as the probes' (text, position, channel).
+    meta = torch.from_numpy(np.random.default_rng(n).permutation(n)[:, None].repeat(2, 1))
+    like = [TopEntries.empty(2, k, [2.0, 5.0, 100.0][g % 3], capacity) for g in range(n_groups)]
+    got = select_groups(key, -key, meta, groups.astype(np.int32), like)
+    for g, e in enumerate(like):
+        mine = torch.from_numpy(groups == g)
+        want = TopEntries.select(key[mine], -key[mine], meta[mine], k, e.threshold, capacity)
+        assert torch.equal(got[g].keys, want.keys) and torch.equal(got[g].values, want.values)
+        assert torch.equal(got[g].meta, want.meta) and got[g].truncated == want.truncated
 
 
 def test_merge_refuses_to_count_a_corpus_twice(planted):
