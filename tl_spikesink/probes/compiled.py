@@ -165,17 +165,18 @@ def token_kurtosis(x, layer, k, peak, seen):  # pragma: no cover
 # The same reassociation as token_kurtosis: the sums run in SIMD lanes, in another order than
 # torch's matrix products (float32 rounding apart, the same numbers).
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
-def sink_sums(
-    p, layer, query_w, key_w, received, ratio, mass, key_pos, a_first, seen
-):  # pragma: no cover
+def sink_sums(p, layer, batch, sums):  # pragma: no cover
     """See :func:`tl_spikesink.probes.kernels.sink_sums`."""
+    query_w, key_w, seen_by, eligible, ratio_t, ratio_keys, rel_pos, eps = batch
+    alpha_sum, mass_sum, votes, sink_count, dist_sum, nosink_sum, nosink_count = sums
     b, h, q, k = p.shape
-    w = ratio.shape[-1]
+    w = ratio_keys.shape[1]
+    got, early = np.empty(k, np.float32), np.empty(w, np.float32)
     for bi in range(b):
         for hi in range(h):
-            got, early = received[layer, bi, hi], ratio[layer, bi, hi]
             got[:] = 0.0
             early[:] = 0.0
+            dist, nosink, n_nosink = 0.0, 0.0, 0
             for qi in range(q):
                 row = p[bi, hi, qi]
                 wq, wr = query_w[bi, 0, qi], query_w[bi, 1, qi]
@@ -188,7 +189,33 @@ def sink_sums(
                 if wr != 0.0:
                     for ki in range(w):
                         early[ki] += wr * row[ki]
-                mass[layer, bi, hi, qi] = total
-                key_pos[layer, bi, hi, qi] = weighted
-                a_first[layer, bi, hi, qi] = row[0]
-    seen[layer] = True
+                # Σ_j A_ij (i − j) over real queries, and the same without the first key,
+                # renormalised (the distances with and without the sink).
+                if wq != 0.0:
+                    at = rel_pos[bi, qi]
+                    d = at * total - weighted
+                    dist += d
+                    rest = total - row[0]
+                    if at >= 1.0 and rest > 1e-6:
+                        nosink += (d - row[0] * at) / rest
+                        n_nosink += 1
+            dist_sum[layer, hi] += dist
+            nosink_sum[layer, hi] += nosink
+            nosink_count[layer, hi] += n_nosink
+            # What each key received, from the queries that can see it.
+            for ki in range(k):
+                if seen_by[bi, ki] > 0:
+                    alpha_sum[layer, hi, ki] += got[ki]
+                    mass_sum[layer, hi] += got[ki]
+                    alpha = got[ki] / np.float32(max(seen_by[bi, ki], 1.0))
+                    if alpha > eps and eligible[bi, ki]:
+                        votes[bi, ki] += 1
+            # Eq. 27: the head sinks in this sequence when a key k < T // 2 takes more than
+            # eps of the first T queries' attention on average.
+            if ratio_t[bi] > 0:
+                best = np.float32(-1.0)
+                for ki in range(w):
+                    if ratio_keys[bi, ki]:
+                        best = max(best, early[ki] / np.float32(ratio_t[bi]))
+                if best > eps:
+                    sink_count[layer, hi] += 1

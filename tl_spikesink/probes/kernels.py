@@ -74,9 +74,12 @@ def warm_up() -> bool:
         pads, where = np.zeros(2, bool), np.zeros((2, 4), np.int32)
         spike_entries(act, pads, where, np.zeros(N_BINS, np.int64), 1.0, 1, 1, BIN_SHIFT)
         token_kurtosis(act)
-    sums = [np.zeros((1, 1, 1, 2), np.float32) for _ in range(5)]
-    query_w, key_w = np.zeros((1, 2, 2), np.float32), np.zeros(2, np.float32)
-    sink_sums(torch.zeros(1, 1, 2, 2), 0, (query_w, key_w, *sums, np.zeros(1, bool)))
+    f32, f64, flag = np.float32, np.float64, np.zeros((1, 2), bool)
+    batch = (np.zeros((1, 2, 2), f32), np.zeros(2, f32), np.zeros((1, 2), f64), flag,
+             np.zeros(1, f32), flag, np.zeros((1, 2), f32), 0.5)  # fmt: skip
+    per_head = [np.zeros((1, 1)) for _ in range(5)]
+    sums = (np.zeros((1, 1, 2)), per_head[0], np.zeros((1, 2), f32), *per_head[1:])
+    sink_sums(torch.zeros(1, 1, 2, 2), 0, (batch, sums))
     return True
 
 
@@ -175,20 +178,23 @@ def spike_entries(
 
 
 def sink_sums(pattern: torch.Tensor, layer: int, probe: tuple) -> None:
-    """One layer's attention sums, written into the sink probe's per-pass arrays at `layer`.
+    """Add one layer's attention statistics to the sink probe's running sums.
 
     Args:
         pattern: ``[batch, head, query, key]`` (read as float32), right-padded (no NaN rows).
-        layer: its row of the arrays in `probe`.
-        probe: ``(query_w, key_w, received, ratio, mass, key_pos, a_first, seen)``: float32
-            ``[batch, 2, query]`` weights (every real query; Eq. 27's first T), float32
-            ``[key]`` key positions, then the sums ``[layer, batch, head, ...]``: attention each
-            key gets under each weighting (``ratio`` as wide as the keys the ratio reads), and
-            each query's total, position-weighted total and attention to the first key. ``seen``
-            (bool per layer) marks the layer done.
+        layer: its row of the sums.
+        probe: ``(batch, sums)``. ``batch`` is the pass's ``(query_w, key_w, seen_by,
+            eligible, ratio_t, ratio_keys, rel_pos, epsilon)``: float32 ``[batch, 2, query]``
+            query weights (every real query; Eq. 27's first T), float32 key positions, float64
+            ``[batch, key]`` how many queries see each key, bool ``[batch, key]`` keys that may
+            vote, float32 ``[batch]`` T of each sequence the ratio reads (0: too short), bool
+            ``[batch, key]`` keys k < T // 2, float32 ``[batch, query]`` positions, and the
+            sink threshold. ``sums`` is the probe's ``(alpha_sum, mass_sum, votes,
+            sink_head_count, distance_sum, distance_nosink_sum, distance_nosink_count)``,
+            added to in place.
 
-    One pass over the pattern instead of torch's four products (the sums are float32, in
-    another order: the same to float32 rounding).
+    One pass over the pattern, and nothing left for the end of the pass, where the torch path
+    takes four products and a dozen reductions (the same sums to float32 rounding).
     """
     x = pattern.detach()
     x = x.numpy() if x.dtype is torch.float32 and x.is_contiguous() else _rows(x).reshape(x.shape)

@@ -320,28 +320,33 @@ class SinkProbe(Probe):
             self.first_index = self.first_col[:, None, None, None].expand(b, self.n_heads, width, 1)
         self.fused = None
         if not self.left_padded and kernels.available(mask):
-            self._start_fused(len(batch.lengths), width)
+            self._start_fused()
 
-    def _start_fused(self, b: int, width: int) -> None:
-        # The kernel writes each layer's sums into these, at its row; _reduce_layers reads them
-        # as the torch path's stacked per-layer sums.
-        shape, buf = (self.n_layers, b, self.n_heads), self.buffers
-        self.sums = tuple(
-            buf(name, (*shape, n), torch.float32, torch.device("cpu"))
-            for name, n in (
-                ("received", width),
-                ("ratio", self.ratio_width),
-                ("mass", width),
-                ("key_pos", width),
-                ("a_first", width),
-            )
+    def _start_fused(self) -> None:
+        # What the kernel reads of this batch, and the running sums it adds to in place.
+        w = self.ratio_width
+        ratio_t = torch.where(self.ratio_rows, self.ratio_t, 0).float()
+        batch = (
+            self.query_weights[:, 0].contiguous(),
+            self.key_weights.contiguous(),
+            self.seen_by,
+            self.eligible,
+            ratio_t,
+            self.ratio_keys[:, :w].contiguous(),
+            self.rel_pos,
         )
-        self.seen_layers = torch.zeros(self.n_layers, dtype=torch.bool)
+        sums = (
+            self.alpha_sum,
+            self.mass_sum,
+            self.votes,
+            self.sink_head_count,
+            self.distance_sum,
+            self.distance_nosink_sum,
+            self.distance_nosink_count,
+        )
         self.fused = (
-            self.query_weights[:, 0].contiguous().numpy(),
-            self.key_weights.contiguous().numpy(),
-            *(t.numpy() for t in self.sums),
-            self.seen_layers.numpy(),
+            (*(t.numpy() for t in batch), float(self.epsilon)),
+            tuple(t.numpy() for t in sums),
         )
 
     def _start_ratio(self, lengths: torch.Tensor, rel: torch.Tensor) -> None:
@@ -397,22 +402,13 @@ class SinkProbe(Probe):
 
     def _reduce_layers(self) -> None:
         """Fold every layer the last forward pass showed into the running sums, all at once."""
-        if self.fused is not None:
-            layers = self.seen_layers.nonzero()[:, 0]
-            if not len(layers):
-                return
-            every = len(layers) == self.n_layers
-            received, ratio, mass, key_pos, a_first = (t if every else t[layers] for t in self.sums)
-            self.seen_layers[:] = False
-        elif not self.seen:
+        if self.fused is not None or not self.seen:  # the kernel has added its layers already
             return
-        else:
-            layers = torch.tensor(sorted(self.seen))
-            received, ratio, mass, key_pos, a_first = (
-                torch.stack(parts)
-                for parts in zip(*(self.seen[int(i)] for i in layers), strict=True)
-            )
-            self.seen = {}
+        layers = torch.tensor(sorted(self.seen))
+        received, ratio, mass, key_pos, a_first = (
+            torch.stack(parts) for parts in zip(*(self.seen[int(i)] for i in layers), strict=True)
+        )
+        self.seen = {}
         n, b, h, k = received.shape
         if self.left_padded:  # otherwise relative key positions are the columns already
             received = received.gather(-1, self.align[None, :, None, :].expand(n, b, h, k))
