@@ -354,7 +354,7 @@ class SpikeProbe(Probe):
         # Per batch: (keys, values, meta, slot per entry) not yet selected, and per slot
         # whether a batch overflowed `max_candidates`.
         self.pending: list[tuple] = []
-        self.n_pending = 0
+        self.n_pending = np.zeros(self.n_slots, np.int64)
         self.overflow = np.zeros(self.n_slots, bool)
         self.found: list[tuple] = []
         self.buffers = Buffers()
@@ -586,11 +586,12 @@ class SpikeProbe(Probe):
     ) -> None:
         """Queue one pass's entries (of every slot) for selection."""
         self.pending.append((keys, values, meta, slots))
-        self.n_pending += len(keys)
+        self.n_pending += np.bincount(slots, minlength=self.n_slots)
         self.overflow |= overflow
         # Selecting sorts; one selection over many batches keeps the per-batch cost low, and
-        # folding at `capacity` entries a slot bounds what waits at what the result itself holds.
-        if self.n_pending > self.n_slots * self.capacity or len(self.pending) > 32:
+        # folding once a slot has `capacity` entries waiting bounds what waits at what the
+        # result itself holds.
+        if self.n_pending.max() > self.capacity or len(self.pending) > 32:
             self._fold()
 
     def _fold(self) -> None:
@@ -612,7 +613,8 @@ class SpikeProbe(Probe):
             self.entries[self.sites[slot // self.n_layers]][slot % self.n_layers] = replace(
                 now, truncated=truncated
             )
-        self.pending, self.n_pending = [], 0
+        self.pending = []
+        self.n_pending[:] = 0
         self.overflow[:] = False
 
     def result(self, token_strings: dict[int, str]) -> SpikeStats:
