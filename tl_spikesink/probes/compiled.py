@@ -167,7 +167,7 @@ def token_kurtosis(x, layer, k, peak, seen):  # pragma: no cover
 @njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
 def sink_sums(p, layer, batch, sums):  # pragma: no cover
     """See :func:`tl_spikesink.probes.kernels.sink_sums`."""
-    query_w, key_w, seen_by, eligible, ratio_t, ratio_keys, rel_pos, eps = batch
+    query_w, key_w, seen_by, eligible, ratio_t, ratio_keys, rel_pos, eps, causal = batch
     alpha_sum, mass_sum, votes, sink_count, dist_sum, nosink_sum, nosink_count = sums
     b, h, q, k = p.shape
     w = ratio_keys.shape[1]
@@ -181,13 +181,16 @@ def sink_sums(p, layer, batch, sums):  # pragma: no cover
                 row = p[bi, hi, qi]
                 wq, wr = query_w[bi, 0, qi], query_w[bi, 1, qi]
                 total, weighted = np.float32(0.0), np.float32(0.0)
-                for ki in range(k):
+                # A causal pattern is exactly 0 past the query (softmax of -inf): half the
+                # pattern need not be read.
+                end = min(qi + 1, k) if causal else k
+                for ki in range(end):
                     v = row[ki]
                     total += v
                     weighted += v * key_w[ki]
                     got[ki] += wq * v
                 if wr != 0.0:
-                    for ki in range(w):
+                    for ki in range(min(w, end)):
                         early[ki] += wr * row[ki]
                 # Σ_j A_ij (i − j) over real queries, and the same without the first key,
                 # renormalised (the distances with and without the sink).

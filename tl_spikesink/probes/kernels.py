@@ -76,7 +76,7 @@ def warm_up() -> bool:
         token_kurtosis(act)
     f32, f64, flag = np.float32, np.float64, np.zeros((1, 2), bool)
     batch = (np.zeros((1, 2, 2), f32), np.zeros(2, f32), np.zeros((1, 2), f64), flag,
-             np.zeros(1, f32), flag, np.zeros((1, 2), f32), 0.5)  # fmt: skip
+             np.zeros(1, f32), flag, np.zeros((1, 2), f32), 0.5, True)  # fmt: skip
     per_head = [np.zeros((1, 1)) for _ in range(5)]
     sums = (np.zeros((1, 1, 2)), per_head[0], np.zeros((1, 2), f32), *per_head[1:])
     sink_sums(torch.zeros(1, 1, 2, 2), 0, (batch, sums))
@@ -184,12 +184,13 @@ def sink_sums(pattern: torch.Tensor, layer: int, probe: tuple) -> None:
         pattern: ``[batch, head, query, key]`` (read as float32), right-padded (no NaN rows).
         layer: its row of the sums.
         probe: ``(batch, sums)``. ``batch`` is the pass's ``(query_w, key_w, seen_by,
-            eligible, ratio_t, ratio_keys, rel_pos, epsilon)``: float32 ``[batch, 2, query]``
+            eligible, ratio_t, ratio_keys, rel_pos, epsilon, causal)``: float32 ``[batch, 2, query]``
             query weights (every real query; Eq. 27's first T), float32 key positions, float64
             ``[batch, key]`` how many queries see each key, bool ``[batch, key]`` keys that may
             vote, float32 ``[batch]`` T of each sequence the ratio reads (0: too short), bool
-            ``[batch, key]`` keys k < T // 2, float32 ``[batch, query]`` positions, and the
-            sink threshold. ``sums`` is the probe's ``(alpha_sum, mass_sum, votes,
+            ``[batch, key]`` keys k < T // 2, float32 ``[batch, query]`` positions, the
+            sink threshold, and whether the pattern is causal (its entries past the query,
+            exactly 0, are not read). ``sums`` is the probe's ``(alpha_sum, mass_sum, votes,
             sink_head_count, distance_sum, distance_nosink_sum, distance_nosink_count)``,
             added to in place.
 

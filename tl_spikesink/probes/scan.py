@@ -158,6 +158,7 @@ class ScanProbes:
             config.max_candidates,
             probe_len=config.sink_probe_len,
             min_len=config.sink_min_len,
+            causal=anatomy.causal,
         )
         self.kurtosis = KurtosisProbe(anatomy.n_layers, config.abs_threshold, config.max_candidates)
 

@@ -257,8 +257,11 @@ class SinkProbe(Probe):
         max_candidates: int,
         probe_len: int = 64,
         min_len: int = 8,
+        causal: bool = False,
     ):
         self.n_layers, self.n_heads = n_layers, n_heads
+        self.causal = causal
+        """The model's attention is causal: the kernel skips the pattern past each query."""
         self.probe_len, self.min_len = probe_len, min_len
         self.sink_head_count = torch.zeros(n_layers, n_heads, dtype=torch.float64)
         self.n_ratio_sequences = 0
@@ -345,7 +348,7 @@ class SinkProbe(Probe):
             self.distance_nosink_count,
         )
         self.fused = (
-            (*(t.numpy() for t in batch), float(self.epsilon)),
+            (*(t.numpy() for t in batch), float(self.epsilon), self.causal),
             tuple(t.numpy() for t in sums),
         )
 

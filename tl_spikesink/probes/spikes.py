@@ -589,33 +589,62 @@ class SpikeProbe(Probe):
         self.n_pending += np.bincount(slots, minlength=self.n_slots)
         self.overflow |= overflow
         # Selecting sorts; one selection over many batches keeps the per-batch cost low, and
-        # folding once a slot has `capacity` entries waiting bounds what waits at what the
-        # result itself holds.
-        if self.n_pending.max() > self.capacity or len(self.pending) > 32:
+        # folding a slot once it has 4 x `capacity` entries waiting bounds what waits, whatever
+        # the corpus length, at a few times what the result itself holds.
+        busy = self.n_pending > 4 * self.capacity
+        if busy.any():
+            self._fold(busy)
+        elif len(self.pending) > 32:
             self._fold()
 
-    def _fold(self) -> None:
-        """Select every slot's entries from what it kept and what waits."""
+    def _fold(self, which: np.ndarray | None = None) -> None:
+        """Select the entries of the slots in `which` (bool per slot; default every slot).
+
+        Each from what it kept and what waits; the other slots' entries wait on.
+        """
         if not self.pending:
             return
-        old = [e for site in self.sites for e in self.entries[site]]
-        keys, values, meta, slots = zip(*self.pending, strict=True)
-        kept = np.repeat(np.arange(self.n_slots, dtype=np.int32), [len(e) for e in old])
+        keys, values, meta = (torch.cat(c) for c in list(zip(*self.pending, strict=True))[:3])
+        slots = np.concatenate([p[3] for p in self.pending])
+        self.pending = []
+        which = np.ones(self.n_slots, bool) if which is None else which
+        waits = ~which[slots]
+        if waits.any():
+            rest, take = torch.from_numpy(waits), torch.from_numpy(~waits)
+            self.pending = [(keys[rest], values[rest], meta[rest], slots[waits])]
+            keys, values, meta, slots = keys[take], values[take], meta[take], slots[~waits]
+        folded = np.flatnonzero(which)
+        old = [self.entries[self.sites[s // self.n_layers]][s % self.n_layers] for s in folded]
+        group = np.full(self.n_slots, -1, np.int32)
+        group[folded] = np.arange(len(folded))
+        # A slot that holds `capacity` entries keeps none below its smallest: only entries at
+        # least that large (ties decide by position) need sorting. Any above the threshold
+        # that are dropped here would have been dropped there, and the slot is truncated.
+        full = [len(e) >= e.capacity for e in old]
+        if any(full):
+            floor = torch.tensor([float(e.keys[-1]) if f else -1.0 for e, f in zip(old, full)])
+            threshold = torch.tensor([e.threshold for e in old], dtype=torch.float64)
+            g = torch.from_numpy(group[slots]).long()
+            keep = keys >= floor[g]
+            above = (keys.double() > threshold[g])[~keep].numpy()
+            lost = np.bincount(slots[~keep.numpy()], weights=above, minlength=self.n_slots)
+            self.overflow |= lost > 0
+            keys, values, meta, slots = keys[keep], values[keep], meta[keep], slots[keep.numpy()]
+        kept = np.repeat(np.arange(len(folded), dtype=np.int32), [len(e) for e in old])
         new = select_groups(
-            torch.cat([e.keys for e in old] + list(keys)),
-            torch.cat([e.values for e in old] + list(values)),
-            torch.cat([e.meta for e in old] + list(meta)),
-            np.concatenate([kept, *slots]),
+            torch.cat([e.keys for e in old] + [keys]),
+            torch.cat([e.values for e in old] + [values]),
+            torch.cat([e.meta for e in old] + [meta]),
+            np.concatenate([kept, group[slots]]),
             old,
         )
-        for slot, (was, now) in enumerate(zip(old, new, strict=True)):
+        for slot, was, now in zip(folded, old, new, strict=True):
             truncated = now.truncated or was.truncated or bool(self.overflow[slot])
             self.entries[self.sites[slot // self.n_layers]][slot % self.n_layers] = replace(
                 now, truncated=truncated
             )
-        self.pending = []
-        self.n_pending[:] = 0
-        self.overflow[:] = False
+        self.n_pending[folded] = 0
+        self.overflow[folded] = False
 
     def result(self, token_strings: dict[int, str]) -> SpikeStats:
         """Freeze what was seen into :class:`SpikeStats`."""

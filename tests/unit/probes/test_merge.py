@@ -138,3 +138,16 @@ def test_scan_does_not_depend_on_how_much_is_staged(planted, monkeypatch, stage_
     assert torch.allclose(got.kurtosis.total, whole.kurtosis.total)
     assert torch.equal(got.kurtosis.refs, whole.kurtosis.refs)
     assert torch.allclose(got.kurtosis.values, whole.kurtosis.values)
+
+
+def test_scan_does_not_depend_on_when_slots_are_selected(planted):
+    # With room for 8 entries, slots are selected while the scan runs, at other points for
+    # each batch size; what they keep must not change.
+    settings = {"top_k": 4, "max_candidates": 8, "abs_threshold": 0.5, "progress": False}
+    one = ts.scan(planted, TEXTS, batch_size=1, **settings)
+    whole = ts.scan(planted, TEXTS, batch_size=len(TEXTS), **settings)
+    assert_same_scan(one, whole)
+    for site in one.spikes.sites:
+        for a, b in zip(one.spikes.entries[site], whole.spikes.entries[site], strict=True):
+            assert torch.equal(a.keys, b.keys) and a.truncated == b.truncated
+    assert sum(e.truncated for es in one.spikes.entries.values() for e in es) > 3
