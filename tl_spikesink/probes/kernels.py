@@ -184,15 +184,15 @@ def sink_sums(pattern: torch.Tensor, layer: int, probe: tuple) -> None:
         pattern: ``[batch, head, query, key]`` (read as float32), right-padded (no NaN rows).
         layer: its row of the sums.
         probe: ``(batch, sums)``. ``batch`` is the pass's ``(query_w, key_w, seen_by,
-            eligible, ratio_t, ratio_keys, rel_pos, epsilon, causal)``: float32 ``[batch, 2, query]``
-            query weights (every real query; Eq. 27's first T), float32 key positions, float64
-            ``[batch, key]`` how many queries see each key, bool ``[batch, key]`` keys that may
-            vote, float32 ``[batch]`` T of each sequence the ratio reads (0: too short), bool
-            ``[batch, key]`` keys k < T // 2, float32 ``[batch, query]`` positions, the
-            sink threshold, and whether the pattern is causal (its entries past the query,
-            exactly 0, are not read). ``sums`` is the probe's ``(alpha_sum, mass_sum, votes,
-            sink_head_count, distance_sum, distance_nosink_sum, distance_nosink_count)``,
-            added to in place.
+            eligible, ratio_t, ratio_keys, rel_pos, epsilon, causal)``: float32
+            ``[batch, 2, query]`` query weights (every real query; Eq. 27's first T), float32
+            key positions, float64 ``[batch, key]`` how many queries see each key, bool
+            ``[batch, key]`` keys that may vote, float32 ``[batch]`` T of each sequence the
+            ratio reads (0: too short), bool ``[batch, key]`` keys k < T // 2, float32
+            ``[batch, query]`` positions, the sink threshold, and whether the pattern is causal
+            (its entries past the query, exactly 0, are not read). ``sums`` is the probe's
+            ``(alpha_sum, mass_sum, votes, sink_head_count, distance_sum, distance_nosink_sum,
+            distance_nosink_count)``, added to in place.
 
     One pass over the pattern, and nothing left for the end of the pass, where the torch path
     takes four products and a dozen reductions (the same sums to float32 rounding).

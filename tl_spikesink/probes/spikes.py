@@ -620,9 +620,8 @@ class SpikeProbe(Probe):
         # A slot that holds `capacity` entries keeps none below its smallest: only entries at
         # least that large (ties decide by position) need sorting. Any above the threshold
         # that are dropped here would have been dropped there, and the slot is truncated.
-        full = [len(e) >= e.capacity for e in old]
-        if any(full):
-            floor = torch.tensor([float(e.keys[-1]) if f else -1.0 for e, f in zip(old, full)])
+        if any(len(e) >= e.capacity for e in old):
+            floor = torch.tensor([float(e.keys[-1]) if len(e) >= e.capacity else -1.0 for e in old])
             threshold = torch.tensor([e.threshold for e in old], dtype=torch.float64)
             g = torch.from_numpy(group[slots]).long()
             keep = keys >= floor[g]
