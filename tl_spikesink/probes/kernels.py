@@ -4,14 +4,18 @@ The spike probe's reduction of an activation is a bit pattern, a row maximum, a 
 search of the few rows that can hold an entry. In torch those are separate calls, each reading
 the whole activation (and the histogram's ``bincount`` a second, shifted copy of it); on a CPU
 that costs more than the arithmetic, and the copies compete with the model's weights for the
-cache (docs/speed.md). :func:`spike_entries` does all of it in one compiled pass over the
+cache (docs/speed.md). :func:`spike_into` does all of it in one compiled pass over the
 activation, straight from the hook, while the activation is still in cache;
-:func:`token_kurtosis` does the same for the kurtosis probe's moments.
+:func:`token_kurtosis_into` does the same for the kurtosis probe's moments, and
+:func:`sink_sums` for the sink probe's sums over each attention pattern. Each writes into
+arrays its probe made once per pass (at batch size 1, a hook's own objects cost more than its
+arithmetic).
 
 Numba compiles them (:mod:`~tl_spikesink.probes.compiled`) on a process's first scan (seconds,
 then cached on disk). Without numba, on a GPU, with ``TL_SPIKESINK_KERNELS=0`` or inside
 :func:`switched_off`, the probes run their torch reductions instead: the same histograms and
-entries bit for bit, the kurtosis to float32 rounding (``tests/unit/probes/test_kernels.py``).
+entries bit for bit, the kurtosis and the sink sums to float32 rounding
+(``tests/unit/probes/test_kernels.py``).
 """
 
 from __future__ import annotations
