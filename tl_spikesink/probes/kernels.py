@@ -148,8 +148,7 @@ def spike_into(act: torch.Tensor, slot: int, probe: tuple, arena: Arena) -> int:
     than ``capacity`` sets the slot's overflow flag). Each kept entry's metadata is its text
     index, start, position, channel and token id.
     """
-    x = act.detach()
-    x = x.numpy() if x.dtype is torch.float32 and x.is_contiguous() else _rows(x)
+    x = _array(act)
     kernel = _kernels().spike_into
     n_above = kernel(x, slot, *probe, *arena.args)
     while n_above < 0:
@@ -201,9 +200,7 @@ def sink_sums(pattern: torch.Tensor, layer: int, probe: tuple) -> None:
     One pass over the pattern, and nothing left for the end of the pass, where the torch path
     takes four products and a dozen reductions (the same sums to float32 rounding).
     """
-    x = pattern.detach()
-    x = x.numpy() if x.dtype is torch.float32 and x.is_contiguous() else _rows(x).reshape(x.shape)
-    _kernels().sink_sums(x, layer, *probe)
+    _kernels().sink_sums(_array(pattern), layer, *probe)
 
 
 def token_kurtosis(
@@ -226,18 +223,19 @@ def token_kurtosis_into(x: torch.Tensor, layer: int, probe: tuple) -> None:
     `probe` is ``(k, peak, seen)``: float32 ``[layer, row]``, the same as int32 bits, and a bool
     per layer that marks it done.
     """
+    _kernels().token_kurtosis(_array(x), layer, *probe)
+
+
+def _array(x: torch.Tensor) -> np.ndarray:
+    """`x` as the kernels read it: float32, C-contiguous, in its own shape.
+
+    It shares `x`'s memory where it can (a hook's activation already is all of that); the
+    kernels flatten the rows themselves.
+    """
     x = x.detach()
-    x = x.numpy() if x.dtype is torch.float32 and x.is_contiguous() else _rows(x)
-    _kernels().token_kurtosis(x, layer, *probe)
-
-
-def _rows(x: torch.Tensor) -> np.ndarray:
-    """`x` as the kernels read it: float32 ``[rows, d]``, C-contiguous, sharing memory if it can."""
-    if x.dtype != torch.float32 or not x.is_contiguous():
+    if x.dtype is not torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
-    # numpy's reshape of a contiguous array is a view, and cheaper than torch's view (a hook
-    # runs this ~100 times a forward, with its objects out of cache).
-    return x.detach().numpy().reshape(-1, x.shape[-1])
+    return x.numpy()
 
 
 def float_bits(threshold: float) -> int:
