@@ -25,45 +25,48 @@ def spike_into(
     thr_bits = thresholds[slot]
     local = np.zeros(hist.shape[1], np.int64)
     tok_max = np.empty(n, np.int32)
+    # Each entry above the threshold, as i * d + j, noted while its row is in cache; `flags`
+    # is one row's (above: 1), padded to whole 8-byte words, read a word at a time.
+    above = np.empty(max(1024, 2 * d), np.int64)
+    flags = np.zeros(-(-d // 8) * 8, np.uint8)
     nan_rows = False
     n_above = 0
     for i in range(n):
         if pads[i]:
             tok_max[i] = -1
             continue
-        # Two loops, not one: the maximum and the count above the threshold run in SIMD lanes
-        # (in int32: numba widens integer arithmetic to int64, which AVX2 has no max for); the
-        # histogram's scatter cannot, and would hold them back with it.
-        m, above = np.int32(0), np.int32(0)
+        # Separate loops: the maximum runs in SIMD lanes (in int32: numba widens integer
+        # arithmetic to int64, which AVX2 has no max for); the histogram's scatter cannot, and
+        # would hold it back.
+        m = np.int32(0)
         for j in range(d):
-            b = np.int32(bits[i, j] & ABS32)
-            m = np.int32(max(m, b))
-            above += np.int32((b > thr_bits) & (b <= INF))
+            m = np.int32(max(m, np.int32(bits[i, j] & ABS32)))
         for j in range(d):
             local[(bits[i, j] & ABS) >> shift] += 1
         tok_max[i] = m
         if m > INF:  # torch never searches a row whose maximum is NaN
             nan_rows = True
-        else:
-            n_above += above
+        elif m > thr_bits:  # only such a row has entries above the threshold; most do not
+            if n_above + len(flags) > len(above):
+                grown = np.empty(2 * len(above) + len(flags), np.int64)
+                grown[:n_above] = above[:n_above]
+                above = grown
+            n_above = _note_above(bits, i, thr_bits, flags, above, n_above)
     k = min(top_k, n)
     kth = np.partition(tok_max, n - k)[n - k] if k > 0 else -1
     e = fill[0]
     if kth > INF:  # torch's topk ranks NaN first, and a NaN cut selects no row
-        hist[slot] += local
+        _add_row(hist, slot, local)
         return 0
     if top_k <= n_above <= capacity:  # the usual case: every entry above the threshold
         if e + n_above > len(keys):  # the caller grows the arena and calls again
             fill[1] = e + n_above
             return -1
-        hist[slot] += local
-        for i in range(n):
-            if thr_bits < tok_max[i] <= INF:
-                for j in range(d):
-                    b = bits[i, j] & ABS
-                    if thr_bits < b <= INF:
-                        _put(keys, values, meta, slots, e, b, flat[i, j], where, i, j, slot)
-                        e += 1
+        _add_row(hist, slot, local)
+        for a in range(n_above):
+            i, j = above[a] // d, above[a] % d
+            _put(keys, values, meta, slots, e, bits[i, j] & ABS, flat[i, j], where, i, j, slot)
+            e += 1
         fill[0] = e
         return n_above
     # Otherwise every entry down to the m-th largest, ties included: only the entries that
@@ -73,7 +76,7 @@ def spike_into(
     # that large), or above the threshold when more than capacity are.
     low = thr_bits + 1 if n_above > capacity else (kth if k == m else 0)
     cut = min(kth, thr_bits)
-    pool, rows, cols = _candidates(bits, tok_max, local, m, low, cut, nan_rows, shift)
+    pool, at = _candidates(bits, tok_max, local, m, low, cut, nan_rows, shift, flags)
     m = min(m, len(pool))
     floor = np.partition(pool, len(pool) - m)[len(pool) - m] if m > 0 else INF + 1
     floor = max(floor, 1)  # exact zeros tie by the million and say nothing
@@ -83,15 +86,42 @@ def spike_into(
     if e + n_keep > len(keys):
         fill[1] = e + n_keep
         return -1
-    hist[slot] += local
+    _add_row(hist, slot, local)
     for c in range(len(pool)):
         if pool[c] >= floor:
-            i, j = rows[c], cols[c]
+            i, j = at[c] // d, at[c] % d
             _put(keys, values, meta, slots, e, pool[c], flat[i, j], where, i, j, slot)
             e += 1
     fill[0] = e
     overflow[slot] |= n_above > capacity
     return n_above
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _add_row(hist, slot, local):  # pragma: no cover
+    row = hist[slot]  # `hist[slot] += local` makes a temporary: twice the time
+    for b in range(len(local)):
+        row[b] += local[b]
+
+
+@njit(cache=True, nogil=True, inline="never")
+def _note_above(bits, i, thr_bits, flags, above, n):  # pragma: no cover
+    """Append row i's entries above the threshold to `above` from its n-th on; the new count.
+
+    The flags run in SIMD lanes, and the positions are written without a branch, a word of 8
+    flags at a time, skipping words of zeros: a branch per entry costs four times as much.
+    Never inlined: in the caller's loop, LLVM leaves the row maximum's loop unvectorized.
+    """
+    d = bits.shape[1]
+    for j in range(d):
+        flags[j] = np.uint8((bits[i, j] & ABS32) > thr_bits)
+    words = flags.view(np.uint64)
+    for w in range(len(words)):
+        if words[w] != 0:
+            for j in range(8 * w, 8 * w + 8):
+                above[n] = i * d + j
+                n += flags[j]
+    return n
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -103,8 +133,8 @@ def _put(keys, values, meta, slots, e, b, value, where, i, j, slot):  # pragma: 
 
 
 @njit(cache=True, nogil=True)
-def _candidates(bits, tok_max, local, m, low, cut, nan_rows, shift):  # pragma: no cover
-    """(bits, row, column) of the entries that can be among the m largest, row-major.
+def _candidates(bits, tok_max, local, m, low, cut, nan_rows, shift, flags):  # pragma: no cover
+    """(bits, i * d + j) of the entries that can be among the m largest, row-major.
 
     Those at least `low` and in the histogram's bins that hold the m largest. With NaN rows,
     or fewer than m entries above the lowest bin, every entry of every row whose maximum is at
@@ -119,17 +149,15 @@ def _candidates(bits, tok_max, local, m, low, cut, nan_rows, shift):  # pragma: 
     if nan_rows or top == 0:
         lowest, count = -1, n * d
     first = cut if lowest < 0 else lowest
-    pool = np.empty(count, np.int32)
-    rows, cols = np.empty(count, np.int32), np.empty(count, np.int32)
+    at = np.empty(count + len(flags), np.int64)
     p = 0
     for i in range(n):
         if tok_max[i] >= first and tok_max[i] > 0 and tok_max[i] <= INF:
-            for j in range(d):
-                b = bits[i, j] & ABS
-                if b >= lowest:
-                    pool[p], rows[p], cols[p] = b, i, j
-                    p += 1
-    return pool[:p], rows[:p], cols[:p]
+            p = _note_above(bits, i, np.int32(lowest - 1), flags, at, p)
+    pool = np.empty(p, np.int32)
+    for c in range(p):
+        pool[c] = bits[at[c] // d, at[c] % d] & ABS
+    return pool, at[:p]
 
 
 # Reassociating the sums lets them run in SIMD lanes (the row's order of additions is not
@@ -141,22 +169,26 @@ def token_kurtosis(x, layer, k, peak, seen):  # pragma: no cover
     flat = x.reshape((x.size // d, d))
     bits = flat.view(np.int32)
     for i in range(flat.shape[0]):
-        total, top = 0.0, np.int32(0)
+        # One pass: the sums of (x - x0) and its square give the variance about the mean, with
+        # x0 the row's first entry, so nothing cancels unless x0 is far from the mean, and
+        # then the variance is as large; in float64 on float32 inputs (the shifted-data
+        # algorithm: half the time of two passes, one for the mean and one about it).
+        shift = np.float64(flat[i, 0])
+        s1, s2, m4 = 0.0, 0.0, 0.0
         for j in range(d):
-            total += flat[i, j]
+            v = np.float64(flat[i, j])
+            c = v - shift
+            s1 += c
+            s2 += c * c
+            sq = v * v
+            m4 += sq * sq
         # max |x| on the bit patterns, in int32 (numba widens integer arithmetic to int64,
         # which AVX2 has no max for): a float max does not vectorize (NaN rules), an int one
         # does, 10x faster. A NaN's pattern is above +inf's, so it wins, as in torch.
+        top = np.int32(0)
         for j in range(d):
             top = np.int32(max(top, np.int32(bits[i, j] & ABS32)))
-        mean = total / d
-        var, m4 = 0.0, 0.0
-        for j in range(d):
-            c = flat[i, j] - mean
-            var += c * c
-            sq = flat[i, j] * flat[i, j]
-            m4 += sq * sq
-        var /= d - 1
+        var = (s2 - s1 * s1 / d) / (d - 1)
         k[layer, i] = max(m4 / d / (var * var) - 3.0, 0.0) if var > 0 else 0.0
         peak[layer, i] = top
     seen[layer] = True

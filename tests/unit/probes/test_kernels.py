@@ -134,6 +134,21 @@ def test_kurtosis_kernel_equals_torch():
     assert torch.equal(peak, x.abs().amax(-1))
 
 
+def test_kurtosis_kernel_variance_does_not_cancel():
+    # One pass of sums (shifted by each row's first entry) must keep the variance where
+    # E[x^2] - E[x]^2 would cancel: a large common offset with a tiny spread, and a row whose
+    # first entry is its spike.
+    g = torch.Generator().manual_seed(1)
+    x = 30000.0 + torch.randn(6, 576, generator=g) * 0.01
+    x[1, 0] = 5000.0
+    x[2] = torch.randn(576, generator=g)
+    x[2, 0] = -3000.0
+    k, _ = kernels.token_kurtosis(x)
+    want = token_kurtosis(x.double()).float()
+    assert torch.allclose(k, want, rtol=1e-4)
+    assert k[1] > 100 and k[2] > 100
+
+
 def test_kernels_can_be_switched_off():
     # The variable is read once per process: ask a fresh one.
     code = "import torch; from tl_spikesink.probes import kernels; "
