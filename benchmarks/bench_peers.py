@@ -96,8 +96,9 @@ def _peer_stats(hidden, attentions, mask):
         (a[:, :, :, 0] * mask[:, None, :]).sum(-1)
 
 
-def _run(mode, ctx, batches):
+def _run(mode, ctx):
     model, hf, corpus, bs = ctx["tl"], ctx["hf"], ctx["corpus"], ctx["batch_size"]
+    batches = ctx["batches"]["tl" if mode.startswith("tl_") else "hf"]
     if mode in ("scan", "bridge_scan", "scan_resid_only", "scan_torch"):
         host = ctx["bridge"] if mode == "bridge_scan" else model
         sites = {"spike_sites": ("resid_post",)} if mode == "scan_resid_only" else {}
@@ -161,6 +162,12 @@ def main():
         batches = [
             (b.tokens.to(args.device), b.mask.long().to(args.device)) for b in corpus.batches(bs)
         ]
+        # TransformerLens as the scan calls it: an unpadded batch without its all-ones mask
+        # (which a HookedTransformer would combine with the causal mask in every layer).
+        ctx_batches = {
+            "tl": [(t, m if not bool(m.all()) else None) for t, m in batches],
+            "hf": batches,
+        }
         ctx = {
             "ts": ts,
             "tl": model,
@@ -168,14 +175,15 @@ def main():
             "corpus": corpus,
             "batch_size": bs,
             "bridge": bridge,
+            "batches": ctx_batches,
         }
         for mode in args.modes:  # warm-up
-            _run(mode, ctx, batches)
+            _run(mode, ctx)
         for _ in range(args.repeats):
             for mode in args.modes:
                 sync()
                 start = time.perf_counter()
-                _run(mode, ctx, batches)
+                _run(mode, ctx)
                 sync()
                 took = time.perf_counter() - start
                 best[mode, bs] = min(best.get((mode, bs), float("inf")), took)

@@ -59,7 +59,8 @@ def _run(mode, ts, model, corpus, batches, args):
         return
     with torch.inference_mode():
         for b in batches:
-            tokens, mask = b.tokens.to(dev), b.mask.long().to(dev)
+            # As the scan's engine calls it: an unpadded batch without its all-ones mask.
+            tokens, mask = b.tokens.to(dev), None if b.mask.all() else b.mask.long().to(dev)
             if mode == "forward":
                 model(tokens, attention_mask=mask)
             elif mode == "forward_no_logits":

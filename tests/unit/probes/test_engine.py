@@ -118,3 +118,33 @@ def test_hooks_come_off_when_a_probe_raises(planted, corpus, passes):
     with pytest.raises(RuntimeError, match="interrupted"):
         run(planted, corpus, passes=plan, progress=False)
     assert_untouched(planted, before)
+
+
+def test_a_batch_without_pads_goes_in_without_its_mask(planted, corpus, monkeypatch):
+    from tl_spikesink.probes import engine
+    from tl_spikesink.probes.scan import scan
+
+    masks = []
+    forward = planted.forward
+
+    def spy(tokens, attention_mask=None, **kwargs):
+        masks.append(attention_mask)
+        return forward(tokens, attention_mask=attention_mask, **kwargs)
+
+    monkeypatch.setattr(planted, "forward", spy)
+    dropped = scan(planted, corpus, batch_size=3, progress=False)
+    padded = [not bool(b.mask.all()) for b in corpus.batches(3)]
+    assert len(masks) == len(padded) and any(padded) and not all(padded)
+    assert [m is None for m in masks] == [not p for p in padded]
+    # The same numbers as with the mask: TransformerLens only combines it with the causal one.
+    monkeypatch.setattr(engine, "_may_drop_mask", lambda model: False)
+    kept = scan(planted, corpus, batch_size=3, progress=False)
+    assert kept.to_dict() == dropped.to_dict()
+
+
+def test_the_mask_stays_where_the_model_would_make_one_up(planted, monkeypatch):
+    from tl_spikesink.probes.engine import _may_drop_mask
+
+    assert _may_drop_mask(planted)
+    monkeypatch.setattr(planted.tokenizer, "padding_side", "left")  # it infers pads from ids
+    assert not _may_drop_mask(planted)
