@@ -254,3 +254,60 @@ def sink_sums(p, layer, batch, sums):  # pragma: no cover
                         best = max(best, early[ki] / np.float32(ratio_t[bi]))
                 if best > eps:
                     sink_count[layer, hi] += 1
+
+
+@njit(cache=True, nogil=True)
+def group_order(groups, bits, meta):  # pragma: no cover
+    """See :func:`tl_spikesink.probes.kernels.group_order`."""
+    n = len(bits)
+    key, idx = np.empty(n, np.uint64), np.arange(n)
+    top = np.uint64(0)
+    for i in range(n):
+        key[i] = (np.uint64(groups[i]) << np.uint64(31)) | np.uint64(0x7FFFFFFF - bits[i])
+        top = max(top, key[i])
+    # A stable radix sort, 11 bits a pass, of (key, index) pairs: a few passes over the
+    # entries instead of a comparison sort's log n.
+    key2, idx2 = np.empty(n, np.uint64), np.empty(n, np.int64)
+    count = np.empty(2049, np.int64)
+    shift = np.uint64(0)
+    while shift == 0 or (top >> shift) > 0:
+        count[:] = 0
+        for i in range(n):
+            count[((key[i] >> shift) & np.uint64(2047)) + 1] += 1
+        for b in range(2048):
+            count[b + 1] += count[b]
+        for i in range(n):
+            b = (key[i] >> shift) & np.uint64(2047)
+            key2[count[b]], idx2[count[b]] = key[i], idx[i]
+            count[b] += 1
+        key, key2, idx, idx2 = key2, key, idx2, idx
+        shift += np.uint64(11)
+    # Equal keys (mostly the first token's identical rows in every text) go by their metadata,
+    # column by column: short runs by insertion, long ones by a stable sort per column.
+    start = 0
+    while start < n:
+        end = start + 1
+        while end < n and key[end] == key[start]:
+            end += 1
+        if end - start > 32:
+            run = idx[start:end].copy()
+            for c in range(meta.shape[1] - 1, -1, -1):
+                run = run[np.argsort(meta[run, c], kind="mergesort")]
+            idx[start:end] = run
+        elif end - start > 1:
+            for a in range(start + 1, end):
+                x, b = idx[a], a - 1
+                while b >= start and _meta_before(meta, x, idx[b]):
+                    idx[b + 1] = idx[b]
+                    b -= 1
+                idx[b + 1] = x
+        start = end
+    return idx
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _meta_before(meta, a, b):  # pragma: no cover
+    for c in range(meta.shape[1]):
+        if meta[a, c] != meta[b, c]:
+            return meta[a, c] < meta[b, c]
+    return False

@@ -84,6 +84,8 @@ def warm_up() -> bool:
     per_head = [np.zeros((1, 1)) for _ in range(5)]
     sums = (np.zeros((1, 1, 2)), per_head[0], np.zeros((1, 2), f32), *per_head[1:])
     sink_sums(torch.zeros(1, 1, 2, 2), 0, (batch, sums))
+    int32 = np.zeros(2, np.int32)
+    group_order(int32, int32, np.zeros((2, 5), np.int32))
     return True
 
 
@@ -224,6 +226,19 @@ def token_kurtosis_into(x: torch.Tensor, layer: int, probe: tuple) -> None:
     per layer that marks it done.
     """
     _kernels().token_kurtosis(_array(x), layer, *probe)
+
+
+def group_order(groups: np.ndarray, bits: np.ndarray, meta: np.ndarray) -> np.ndarray | None:
+    """Indices that sort entries by group, then key descending, then metadata; None without numba.
+
+    `groups` is each entry's group (int), `bits` its key's float32 bit pattern (>= 0), `meta`
+    its int metadata rows, compared column by column. The same order as
+    :func:`~tl_spikesink.probes.reducers.total_order` of the (group, key) pairs, in a radix
+    sort: a fifth of the time for the scan's final selection.
+    """
+    if _off or _kernels() is None:
+        return None
+    return _kernels().group_order(groups, bits, np.ascontiguousarray(meta))
 
 
 def _array(x: torch.Tensor) -> np.ndarray:

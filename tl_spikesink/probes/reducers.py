@@ -223,30 +223,38 @@ def select_groups(
     if not valid.all():
         keys, values, meta, groups = keys[valid], values[valid], meta[valid], groups[valid]
     n = len(like)
-    # One int64 per entry, (group, descending key), sorts in one pass; a key's float32 bits are
-    # ordered like the key (it is >= 0; -0.0 is 0.0). Ties go to the metadata as in total_order.
+    # One sort by (group, descending key): a key's float32 bits are ordered like the key (it
+    # is >= 0; -0.0 is 0.0). Ties go to the metadata as in total_order.
+    from tl_spikesink.probes import kernels  # it imports this module
+
     bits = keys.astype(np.float32, copy=False).view(np.int32) & 0x7FFFFFFF
-    order = total_order(groups.astype(np.int64) << 32 | (0x7FFFFFFF - bits), meta, ascending=True)
+    order = kernels.group_order(groups, bits, meta)
+    if order is None:
+        paired = groups.astype(np.int64) << 32 | (0x7FFFFFFF - bits)
+        order = total_order(paired, meta, ascending=True)
     threshold = np.array([e.threshold for e in like], np.float64)
     counts = np.bincount(groups, minlength=n)
     above = np.bincount(groups, weights=keys > threshold[groups], minlength=n).astype(np.int64)
     starts = np.cumsum(counts) - counts
-    out = []
-    for g, e in enumerate(like):
-        m = max(e.k, min(e.capacity, int(above[g])))
-        take = order[starts[g] : starts[g] + min(m, int(counts[g]))]
-        out.append(
-            TopEntries(
-                torch.from_numpy(keys[take]),
-                torch.from_numpy(values[take]),
-                torch.from_numpy(meta[take]),
-                e.k,
-                e.threshold,
-                e.capacity,
-                bool(above[g] > e.capacity),
-            )
+    k = np.array([e.k for e in like])
+    m = np.minimum(np.maximum(k, np.minimum([e.capacity for e in like], above)), counts)
+    # Gather what every group keeps at once; each group's result is a copy of its slice (a
+    # view would keep every group's entries alive for as long as any one of them).
+    ends = np.cumsum(m)
+    take = order[np.repeat(starts - ends + m, m) + np.arange(ends[-1] if n else 0)]
+    keys, values, meta = keys[take], values[take], meta[take]
+    return [
+        TopEntries(
+            torch.from_numpy(keys[end - size : end].copy()),
+            torch.from_numpy(values[end - size : end].copy()),
+            torch.from_numpy(meta[end - size : end].copy()),
+            e.k,
+            e.threshold,
+            e.capacity,
+            bool(above[g] > e.capacity),
         )
-    return out
+        for g, (e, size, end) in enumerate(zip(like, m, ends, strict=True))
+    ]
 
 
 def total_order(keys: np.ndarray, meta: np.ndarray, ascending: bool = False) -> np.ndarray:

@@ -109,6 +109,27 @@ def test_select_groups_is_select_of_each_group(keys, data, n_groups, k, capacity
         assert torch.equal(got[g].meta, want.meta) and got[g].truncated == want.truncated
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_group_order_is_total_order_of_group_and_key(seed):
+    # The compiled radix sort against the numpy path: groups ascending, keys descending, ties
+    # (long runs too, which it sorts another way than short ones) by every metadata column.
+    kernels = pytest.importorskip("tl_spikesink.probes.kernels")
+    rng = np.random.default_rng(seed)
+    n = 3000
+    groups = rng.integers(0, 90, n).astype(np.int32)
+    groups[:200] = 7  # one long run of equal keys in one group
+    bits = (np.float32(2.0) ** rng.integers(-3, 4, n)).astype(np.float32).view(np.int32)
+    meta = rng.integers(0, 3, (n, 5)).astype(np.int32)
+    got = kernels.group_order(groups, bits, meta)
+    if got is None:
+        pytest.skip("numba is not installed")
+    want = total_order(groups.astype(np.int64) << 32 | (0x7FFFFFFF - bits), meta, ascending=True)
+    # Rows equal in group, key and every column may come in either order; nothing else may.
+    assert np.array_equal(groups[got], groups[want]) and np.array_equal(bits[got], bits[want])
+    assert np.array_equal(meta[got], meta[want])
+    assert sorted(got) == list(range(n))
+
+
 def test_merge_refuses_to_count_a_corpus_twice(planted):
     a = ts.scan(planted, TEXTS[:3], progress=False)
     with pytest.raises(ts.SpikeSinkError, match="twice"):
