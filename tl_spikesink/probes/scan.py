@@ -10,6 +10,7 @@ from __future__ import annotations
 import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import cache
 from typing import Any
 
 import torch
@@ -246,6 +247,18 @@ def _token_strings(model: Any, ids: set[int]) -> dict[int, str]:
 
 def environment(model: Any) -> dict[str, str]:
     """Versions and device recorded with every result, so a number can be traced to its run."""
+    return {
+        **_versions(),
+        "device": str(device_of(model)),
+        "dtype": str(next(model.parameters()).dtype)
+        if any(True for _ in model.parameters())
+        else "",
+    }
+
+
+@cache
+def _versions() -> dict[str, str]:
+    # Read once per process: finding an installed package's metadata takes milliseconds.
     from importlib.metadata import version
 
     from tl_spikesink import __version__
@@ -255,10 +268,6 @@ def environment(model: Any) -> dict[str, str]:
         "transformer_lens": version("transformer-lens"),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "device": str(device_of(model)),
-        "dtype": str(next(model.parameters()).dtype)
-        if any(True for _ in model.parameters())
-        else "",
     }
 
 
