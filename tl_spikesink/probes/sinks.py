@@ -281,6 +281,11 @@ class SinkProbe(Probe):
             len(_META), top_k, sink_token_share - 1e-9, max_candidates
         )
         self.top_k, self.capacity = top_k, max_candidates
+        # Each batch's (share, metadata) of eligible tokens, not yet selected: one selection
+        # over many batches costs a fraction of one per batch (at batch size 1, most of what
+        # end_batch did).
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.n_pending = 0
         self.buffers = Buffers()
         self.fused: tuple | None = None
         """The compiled kernel's per-pass arguments, or None where the torch path runs."""
@@ -469,12 +474,25 @@ class SinkProbe(Probe):
             ],
             dim=-1,
         ).reshape(-1, len(_META))
-        keys = torch.where(self.eligible.cpu(), share, -1.0).flatten()
+        eligible = self.eligible.cpu().flatten()
+        self.pending.append((share.flatten()[eligible], meta[eligible]))
+        self.n_pending += int(eligible.sum())
+        if self.n_pending > 4 * self.capacity:  # bounds what waits, whatever the corpus length
+            self._fold()
+
+    def _fold(self) -> None:
+        """Select the candidates from those kept and those waiting (the same as batch by batch)."""
+        if not self.pending:
+            return
+        keys = torch.cat([self.candidates.keys, *(k for k, _ in self.pending)])
+        meta = torch.cat([self.candidates.meta, *(m for _, m in self.pending)])
+        self.pending, self.n_pending = [], 0
         new = TopEntries.select(
             keys, keys.clone(), meta, self.top_k, self.candidates.threshold, self.capacity
         )
-        self.candidates = self.candidates.merge(new)
+        self.candidates = replace(new, truncated=new.truncated or self.candidates.truncated)
 
     def result(self) -> SinkStats:
         """Freeze what was seen into :class:`SinkStats` (its fields are this probe's sums)."""
+        self._fold()
         return self.freeze(SinkStats, sink_head_count=self.sink_head_count.clone())
