@@ -11,9 +11,14 @@ INF = 0x7F800000
 
 @njit(cache=True, nogil=True)
 def spike_into(
-    x, slot, thresholds, cfg, pads, where, hist, keys, values, meta, slots, overflow, fill
+    x, slot, thresholds, cfg, pads, where, hist, keys, values, meta, slots, overflow, fill,
+    kurt_k, kurt_peak, kurt_seen, kurt_layer,
 ):  # pragma: no cover
-    """See :func:`tl_spikesink.probes.kernels.spike_into`; `x` is float32 ``[..., d]``."""
+    """See :func:`tl_spikesink.probes.kernels.spike_into`; `x` is float32 ``[..., d]``.
+
+    With ``kurt_layer >= 0``, also :func:`token_kurtosis` of every real row into that row of
+    `kurt_k` and `kurt_peak` (pads: 0), while the row is in cache.
+    """
     # Every comparison is on the bit pattern of |x|, ordered like |x| itself; the rules are
     # SpikeProbe._reduce's, and a NaN is never kept. Only the first loop reads every entry;
     # what follows reads the few rows that can hold a kept one.
@@ -34,6 +39,8 @@ def spike_into(
     for i in range(n):
         if pads[i]:
             tok_max[i] = -1
+            if kurt_layer >= 0:
+                kurt_k[kurt_layer, i], kurt_peak[kurt_layer, i] = 0.0, 0
             continue
         # Separate loops: the maximum runs in SIMD lanes (in int32: numba widens integer
         # arithmetic to int64, which AVX2 has no max for); the histogram's scatter cannot, and
@@ -44,6 +51,8 @@ def spike_into(
         for j in range(d):
             local[(bits[i, j] & ABS) >> shift] += 1
         tok_max[i] = m
+        if kurt_layer >= 0:
+            kurt_k[kurt_layer, i], kurt_peak[kurt_layer, i] = _row_kurtosis(flat, i), m
         if m > INF:  # torch never searches a row whose maximum is NaN
             nan_rows = True
         elif m > thr_bits:  # only such a row has entries above the threshold; most do not
@@ -52,6 +61,8 @@ def spike_into(
                 grown[:n_above] = above[:n_above]
                 above = grown
             n_above = _note_above(bits, i, thr_bits, flags, above, n_above)
+    if kurt_layer >= 0:
+        kurt_seen[kurt_layer] = True
     k = min(top_k, n)
     kth = np.partition(tok_max, n - k)[n - k] if k > 0 else -1
     e = fill[0]
@@ -162,41 +173,51 @@ def _candidates(bits, tok_max, local, m, low, cut, nan_rows, shift, flags):  # p
 
 # Reassociating the sums lets them run in SIMD lanes (the row's order of additions is not
 # kept; torch does not keep it either). NaN and inf keep their IEEE meaning.
-@njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+FAST = {"reassoc", "contract", "nsz", "arcp"}
+
+
+@njit(cache=True, nogil=True)
 def token_kurtosis(x, layer, k, peak, seen):  # pragma: no cover
     """See :func:`tl_spikesink.probes.kernels.token_kurtosis_into`; `peak` is int32 bits."""
     d = x.shape[-1]
     flat = x.reshape((x.size // d, d))
     bits = flat.view(np.int32)
     for i in range(flat.shape[0]):
-        # One pass: the sums of (x - x0) and its square give the variance about the mean, with
-        # x0 the row's first entry, so nothing cancels unless x0 is far from the mean, and
-        # then the variance is as large; in float64 on float32 inputs (the shifted-data
-        # algorithm: half the time of two passes, one for the mean and one about it).
-        shift = np.float64(flat[i, 0])
-        s1, s2, m4 = 0.0, 0.0, 0.0
-        for j in range(d):
-            v = np.float64(flat[i, j])
-            c = v - shift
-            s1 += c
-            s2 += c * c
-            sq = v * v
-            m4 += sq * sq
+        k[layer, i] = _row_kurtosis(flat, i)
         # max |x| on the bit patterns, in int32 (numba widens integer arithmetic to int64,
         # which AVX2 has no max for): a float max does not vectorize (NaN rules), an int one
         # does, 10x faster. A NaN's pattern is above +inf's, so it wins, as in torch.
         top = np.int32(0)
         for j in range(d):
             top = np.int32(max(top, np.int32(bits[i, j] & ABS32)))
-        var = (s2 - s1 * s1 / d) / (d - 1)
-        k[layer, i] = max(m4 / d / (var * var) - 3.0, 0.0) if var > 0 else 0.0
         peak[layer, i] = top
     seen[layer] = True
 
 
+@njit(cache=True, nogil=True, inline="never", fastmath=FAST)
+def _row_kurtosis(flat, i):  # pragma: no cover
+    """Row i's excess kurtosis, as :func:`tl_spikesink.probes.kurtosis.token_kurtosis`."""
+    d = flat.shape[1]
+    # One pass: the sums of (x - x0) and its square give the variance about the mean, with x0
+    # the row's first entry, so nothing cancels unless x0 is far from the mean, and then the
+    # variance is as large; in float64 on float32 inputs (the shifted-data algorithm: half
+    # the time of two passes, one for the mean and one about it).
+    shift = np.float64(flat[i, 0])
+    s1, s2, m4 = 0.0, 0.0, 0.0
+    for j in range(d):
+        v = np.float64(flat[i, j])
+        c = v - shift
+        s1 += c
+        s2 += c * c
+        sq = v * v
+        m4 += sq * sq
+    var = (s2 - s1 * s1 / d) / (d - 1)
+    return max(m4 / d / (var * var) - 3.0, 0.0) if var > 0 else 0.0
+
+
 # The same reassociation as token_kurtosis: the sums run in SIMD lanes, in another order than
 # torch's matrix products (float32 rounding apart, the same numbers).
-@njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+@njit(cache=True, nogil=True, fastmath=FAST)
 def sink_sums(p, layer, batch, sums):  # pragma: no cover
     """See :func:`tl_spikesink.probes.kernels.sink_sums`."""
     query_w, key_w, seen_by, eligible, ratio_t, ratio_keys, rel_pos, eps, causal = batch

@@ -132,7 +132,12 @@ class Arena:
         )
 
 
-def spike_into(act: torch.Tensor, slot: int, probe: tuple, arena: Arena) -> int:
+_NO_KURTOSIS = (np.zeros((1, 1), np.float32), np.zeros((1, 1), np.int32), np.zeros(1, bool), -1)
+
+
+def spike_into(
+    act: torch.Tensor, slot: int, probe: tuple, arena: Arena, kurtosis: tuple = _NO_KURTOSIS
+) -> int:
     """Reduce one activation into `arena` and the histogram; the number of entries above its cut.
 
     Args:
@@ -144,6 +149,8 @@ def spike_into(act: torch.Tensor, slot: int, probe: tuple, arena: Arena) -> int:
             id; int64 ``[slot, bins]`` histogram of ``|x|``'s float32 bits ``>> shift``, added
             to in place.
         arena: where the kept entries go.
+        kurtosis: ``(k, peak, seen, layer)``: also :func:`token_kurtosis_into` at `layer` (the
+            kurtosis probe's arrays; pads get 0), in the same pass; layer -1: not.
 
     Entries above the slot's threshold are kept, unless fewer than ``top_k`` or more than
     ``capacity`` are above it: then the ``top_k`` (``capacity``) largest, ties included (more
@@ -152,10 +159,10 @@ def spike_into(act: torch.Tensor, slot: int, probe: tuple, arena: Arena) -> int:
     """
     x = _array(act)
     kernel = _kernels().spike_into
-    n_above = kernel(x, slot, *probe, *arena.args)
+    n_above = kernel(x, slot, *probe, *arena.args, *kurtosis)
     while n_above < 0:
         arena.grow()
-        n_above = kernel(x, slot, *probe, *arena.args)
+        n_above = kernel(x, slot, *probe, *arena.args, *kurtosis)
     return n_above
 
 

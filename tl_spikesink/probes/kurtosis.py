@@ -202,9 +202,13 @@ class KurtosisProbe(Probe):
         self.stage = Stage(self.buffers, "resid_post", n_layers, self._reduce)
         self.fused: tuple | None = None
         """The compiled kernel's per-pass arrays, or None where the torch path runs."""
+        self.hosted = False
+        """Another probe's hooks call :meth:`read` (a SpikeProbe's, in its own kernel)."""
 
     def hooks(self) -> list[tuple[str, HookFn]]:
-        """(hook_name, fn) pairs for `model.hooks`."""
+        """(hook_name, fn) pairs for `model.hooks` (none when hosted)."""
+        if self.hosted:
+            return []
         return [
             (hook_name("resid_post", layer), self._hook(layer)) for layer in range(self.n_layers)
         ]
@@ -225,12 +229,16 @@ class KurtosisProbe(Probe):
 
     def _hook(self, layer: int) -> HookFn:
         def hook(act: Float[torch.Tensor, "batch pos d_model"], hook: Any) -> None:
-            if self.fused is not None:  # one compiled pass, while the activation is in cache
-                kernels.token_kurtosis_into(act, layer, self.fused)
-            else:
-                self.stage.add(layer, act.detach())
+            self.read(act, layer)
 
         return hook
+
+    def read(self, act: Float[torch.Tensor, "batch pos d_model"], layer: int) -> None:
+        """Take `layer`'s residual stream for this batch."""
+        if self.fused is not None:  # one compiled pass, while the activation is in cache
+            kernels.token_kurtosis_into(act, layer, self.fused)
+        else:
+            self.stage.add(layer, act.detach())
 
     def _reduce(self, layers: list[int], x: Float[torch.Tensor, "n token d_model"]) -> None:
         k = token_kurtosis(x)

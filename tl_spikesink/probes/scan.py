@@ -141,6 +141,7 @@ class ScanProbes:
         require_hooks(model, ("pattern",), layers, "the sink scan")
         torch.manual_seed(config.seed)
         self.anatomy, self.config = anatomy, config
+        self.kurtosis = KurtosisProbe(anatomy.n_layers, config.abs_threshold, config.max_candidates)
         self.spikes = SpikeProbe(
             anatomy.n_layers,
             config.spike_sites,
@@ -148,6 +149,7 @@ class ScanProbes:
             config.rel_threshold,
             config.top_k,
             config.max_candidates,
+            kurtosis=self.kurtosis,
         )
         self.sinks = SinkProbe(
             anatomy.n_layers,
@@ -161,7 +163,6 @@ class ScanProbes:
             min_len=config.sink_min_len,
             causal=anatomy.causal,
         )
-        self.kurtosis = KurtosisProbe(anatomy.n_layers, config.abs_threshold, config.max_candidates)
 
     @property
     def probes(self) -> tuple[Probe, ...]:

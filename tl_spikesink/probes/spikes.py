@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from itertools import accumulate
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -51,6 +51,9 @@ from tl_spikesink.probes.reducers import (
 )
 from tl_spikesink.results import Result
 from tl_spikesink.tokens import TokenRef, is_delimiter
+
+if TYPE_CHECKING:
+    from tl_spikesink.probes.kurtosis import KurtosisProbe
 
 _META = ("text_index", "start", "position", "channel", "token_id")
 _STEP_SHARE = 0.5
@@ -337,8 +340,17 @@ class SpikeProbe(Probe):
         rel_threshold: float,
         top_k: int,
         max_candidates: int,
+        kurtosis: KurtosisProbe | None = None,
     ):
+        """`kurtosis`: a kurtosis probe of the same pass whose reading this probe's
+        `hook_resid_post` hooks do, in the same pass over each activation (one hook a layer
+        instead of two: at batch size 1 a hook's call costs as much as its arithmetic); it
+        then installs no hooks of its own. Ignored where `sites` has no ``resid_post``.
+        """
         self.sites, self.n_layers = sites, n_layers
+        self.kurtosis = kurtosis if "resid_post" in sites else None
+        if self.kurtosis is not None:
+            self.kurtosis.hosted = True
         self.abs_threshold, self.rel_threshold = abs_threshold, rel_threshold
         self.top_k, self.capacity = top_k, max_candidates
         self.hist: torch.Tensor | None = None
@@ -423,14 +435,19 @@ class SpikeProbe(Probe):
 
     def _hook(self, site_index: int, layer: int) -> Callable:
         slot = site_index * self.n_layers + layer
+        kurtosis = self.kurtosis if self.sites[site_index] == "resid_post" else None
 
         # As little Python as it takes: at batch 1 a hook's objects are out of cache, and each
         # one costs more than the kernel's pass over the activation (docs/speed.md).
         def hook(act: Float[torch.Tensor, "batch pos d_model"], hook: Any) -> None:
             if self.fused is None:
                 self.stage.add((site_index, layer), act.detach())
-            else:
+                if kurtosis is not None:
+                    kurtosis.read(act, layer)
+            elif kurtosis is None:
                 kernels.spike_into(act, slot, self.fused, self.arena)
+            else:
+                kernels.spike_into(act, slot, self.fused, self.arena, (*kurtosis.fused, layer))
 
         return hook
 

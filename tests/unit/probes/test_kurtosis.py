@@ -1,5 +1,6 @@
 """Excess kurtosis per layer (OSP's formula) on a planted model whose ordinary tokens are Gaussian."""
 
+import contextlib
 import dataclasses
 import json
 
@@ -109,6 +110,29 @@ def test_merge_of_two_halves_equals_the_whole(gaussian, scanned):
     assert merged.kurtosis.n_tokens == scanned.kurtosis.n_tokens
     assert torch.equal(merged.kurtosis.refs, scanned.kurtosis.refs)  # text indices moved on
     torch.testing.assert_close(merged.kurtosis.total, scanned.kurtosis.total, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kernels_on", [True, False])
+def test_read_in_the_spike_probes_hooks_or_in_its_own(gaussian, scanned, kernels_on):
+    # A scan's spike probe reads the kurtosis in its resid_post hooks; a kurtosis probe on its
+    # own hooks in by itself. Both give the same numbers.
+    from tl_spikesink.probes import kernels
+    from tl_spikesink.probes.scan import ScanProbes
+
+    hosted = ScanProbes(gaussian, ts.ScanConfig())
+    assert hosted.kurtosis.hosted and hosted.kurtosis.hooks() == []
+    off = contextlib.nullcontext() if kernels_on else kernels.switched_off()
+    corpus = ts.tokenize(gaussian, TEXTS)
+    alone = KurtosisProbe(3, 100.0, 4096)
+    with off:
+        run(gaussian, corpus, [alone], batch_size=3, progress=False)
+        both = ts.scan(gaussian, corpus, batch_size=3, progress=False).kurtosis
+    own = alone.result()
+    assert len(alone.hooks()) == 3
+    for r in (own, both):
+        torch.testing.assert_close(r.total, scanned.kurtosis.total, rtol=1e-6, atol=0)
+        assert torch.equal(r.refs, scanned.kurtosis.refs)
+        torch.testing.assert_close(r.values, scanned.kurtosis.values, rtol=1e-5, atol=0)
 
 
 def test_merge_refuses_different_settings(gaussian):
