@@ -342,8 +342,10 @@ class SpikeProbe(Probe):
         max_candidates: int,
         kurtosis: KurtosisProbe | None = None,
     ):
-        """`kurtosis`: a kurtosis probe of the same pass whose reading this probe's
-        `hook_resid_post` hooks do, in the same pass over each activation (one hook a layer
+        """Reduce `sites` of every layer; with `kurtosis`, read that probe's layers too.
+
+        `kurtosis` is a kurtosis probe of the same pass, read in this probe's
+        `hook_resid_post` hooks in the same pass over each activation (one hook a layer
         instead of two: at batch size 1 a hook's call costs as much as its arithmetic); it
         then installs no hooks of its own. Ignored where `sites` has no ``resid_post``.
         """
