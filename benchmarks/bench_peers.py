@@ -22,9 +22,12 @@ process. Rows:
   booted from the HF eager model (compatibility mode). Its bare forward computes the logits
   even with ``return_type=None``; its scan stops after the last block it reads.
 
-Each row at batch 1 and at batch 8 (padded, with the mask), the modes interleaved round by round
+Each row at batch 1 and at batch 8 (padded, with the mask; TransformerLens gets no mask for a
+batch without pads, as the scan's engine calls it), the modes interleaved round by round
 so drift in the machine's load hits them alike; the best of ``--repeats`` rounds is printed with
-its ratio to the HF peer and to ``tl_bare``, and the load average before and after.
+its ratio to the HF peer and to ``tl_bare``, and the load average before and after. The
+``paired`` column is the median over rounds of each run's time over the bare TL forward's in
+the same round: steadier than a ratio of bests where the machine's speed drifts.
 
     python benchmarks/bench_peers.py                    # SmolLM2, CPU, 1,024 tokens
     python benchmarks/bench_peers.py --repeats 7 --json peers.json
@@ -40,6 +43,7 @@ import contextlib
 import io
 import json
 import os
+import statistics
 import time
 
 import torch
@@ -126,6 +130,14 @@ def _run(mode, ctx):
                 del cache
 
 
+def _paired(rounds: dict[tuple[str, int], list[float]], mode: str, bs: int) -> float:
+    """Median over rounds of `mode`'s time over the TL bare forward's in the same round."""
+    base = rounds.get(("tl_bare", bs))
+    if not base:
+        return float("nan")
+    return statistics.median(t / b for t, b in zip(rounds[mode, bs], base, strict=True))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -158,6 +170,7 @@ def main():
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     load_before = os.getloadavg()
     best: dict[tuple[str, int], float] = {}
+    rounds: dict[tuple[str, int], list[float]] = {}
     for bs in BATCH_SIZES:
         batches = [
             (b.tokens.to(args.device), b.mask.long().to(args.device)) for b in corpus.batches(bs)
@@ -187,6 +200,7 @@ def main():
                 sync()
                 took = time.perf_counter() - start
                 best[mode, bs] = min(best.get((mode, bs), float("inf")), took)
+                rounds.setdefault((mode, bs), []).append(took)
     load_after = os.getloadavg()
 
     print(
@@ -195,16 +209,23 @@ def main():
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
         f"load {load_before[0]:.2f} before / {load_after[0]:.2f} after"
     )
-    head = "".join(f"{f'batch {bs}':>10}{'x peer':>8}{'x TL':>7}" for bs in BATCH_SIZES)
+    head = "".join(
+        f"{f'batch {bs}':>10}{'x peer':>8}{'x TL':>7}{'paired':>8}" for bs in BATCH_SIZES
+    )
     print(f"{'run':<15}{head}")
+    paired = {key: _paired(rounds, *key) for key in rounds}
     for mode in args.modes:
         cells = ""
         for bs in BATCH_SIZES:
             t = best[mode, bs]
             peer, tl = best.get(("hf_peer", bs)), best.get(("tl_bare", bs))
             cells += f"{t:>9.3f}s{t / peer if peer else float('nan'):>8.2f}"
-            cells += f"{t / tl if tl else float('nan'):>7.2f}"
+            cells += f"{t / tl if tl else float('nan'):>7.2f}{paired[mode, bs]:>8.3f}"
         print(f"{mode:<15}{cells}")
+    print(
+        "x peer, x TL: best over best; paired: the median over rounds of the run's time over "
+        "the TL bare forward's in the same round (a machine whose speed drifts moves both)"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -213,6 +234,8 @@ def main():
                     "n_tokens": corpus.n_tokens,
                     "load": [load_before[0], load_after[0]],
                     "seconds": {f"{m}@{bs}": t for (m, bs), t in best.items()},
+                    "rounds": {f"{m}@{bs}": t for (m, bs), t in rounds.items()},
+                    "paired_x_tl": {f"{m}@{bs}": r for (m, bs), r in paired.items()},
                 },
                 f,
                 indent=1,
