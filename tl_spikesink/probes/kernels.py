@@ -254,7 +254,8 @@ def _array(x: torch.Tensor) -> np.ndarray:
     It shares `x`'s memory where it can (a hook's activation already is all of that); the
     kernels flatten the rows themselves.
     """
-    x = x.detach()
+    if x.requires_grad:  # never inside the engine's inference mode; detach makes a tensor
+        x = x.detach()
     if x.dtype is not torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
     return x.numpy()
