@@ -78,12 +78,18 @@ def warm_up() -> bool:
         pads, where = np.zeros(2, bool), np.zeros((2, 4), np.int32)
         spike_entries(act, pads, where, np.zeros(N_BINS, np.int64), 1.0, 1, 1, BIN_SHIFT)
         token_kurtosis(act)
-    f32, f64, flag = np.float32, np.float64, np.zeros((1, 2), bool)
-    batch = (np.zeros((1, 2, 2), f32), np.zeros(2, f32), np.zeros((1, 2), f64), flag,
-             np.zeros(1, f32), flag, np.zeros((1, 2), f32), 0.5, True)  # fmt: skip
-    per_head = [np.zeros((1, 1)) for _ in range(5)]
-    sums = (np.zeros((1, 1, 2)), per_head[0], np.zeros((1, 2), f32), *per_head[1:])
-    sink_sums(torch.zeros(1, 1, 2, 2), 0, (batch, sums))
+    # The sink kernel's arguments as its probe makes them, for one sequence of two tokens.
+    from tl_spikesink.corpus import Batch
+    from tl_spikesink.probes.engine import Step
+    from tl_spikesink.probes.sinks import SinkProbe
+
+    tokens, zero = torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    sinks = SinkProbe(1, 1, 0.5, 0.3, 1, 1, 4, min_len=1, causal=True)
+    batch = Batch(tokens, mask, text_index=zero, start=zero, first=zero, lengths=zero + 2)
+    with torch.inference_mode():
+        sinks.start_batch(Step(0, batch, tokens, mask, has_pads=False))
+        sink_sums(torch.zeros(1, 1, 2, 2), 0, sinks.fused)
     int32 = np.zeros(2, np.int32)
     group_order(int32, int32, np.zeros((2, 5), np.int32))
     return True
