@@ -1,7 +1,9 @@
 """The numba kernels behind :mod:`tl_spikesink.probes.kernels` (imported only where numba is)."""
 
 import numpy as np
-from numba import njit
+from numba import carray, cfunc, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 ABS = 0x7FFFFFFF
 ABS32 = np.int32(ABS)
@@ -14,7 +16,7 @@ def spike_into(
     x, slot, thresholds, cfg, pads, where, hist, keys, values, meta, slots, overflow, fill,
     kurt_k, kurt_peak, kurt_seen, kurt_layer,
 ):  # pragma: no cover
-    """See :func:`tl_spikesink.probes.kernels.spike_into`; `x` is float32 ``[..., d]``.
+    """See :class:`tl_spikesink.probes.kernels.SpikeKernel`; `x` is float32 ``[..., d]``.
 
     With ``kurt_layer >= 0``, also :func:`token_kurtosis` of every real row into that row of
     `kurt_k` and `kurt_peak` (pads: 0), while the row is in cache.
@@ -219,7 +221,7 @@ def _row_kurtosis(flat, i):  # pragma: no cover
 # torch's matrix products (float32 rounding apart, the same numbers).
 @njit(cache=True, nogil=True, fastmath=FAST)
 def sink_sums(p, layer, batch, sums):  # pragma: no cover
-    """See :func:`tl_spikesink.probes.kernels.sink_sums`."""
+    """See :class:`tl_spikesink.probes.kernels.SinkKernel`."""
     query_w, key_w, seen_by, eligible, ratio_t, ratio_keys, rel_pos, eps, causal = batch
     alpha_sum, mass_sum, votes, sink_count, dist_sum, nosink_sum, nosink_count = sums
     b, h, q, k = p.shape
@@ -332,3 +334,113 @@ def _meta_before(meta, a, b):  # pragma: no cover
         if meta[a, c] != meta[b, c]:
             return meta[a, c] < meta[b, c]
     return False
+
+
+# The C entry points the probes' hooks call (kernels.Frame): an activation's address and shape,
+# and a table of the other arrays' addresses and sizes, one row each in the order below.
+SPIKE_FRAME = (
+    (np.int32, 1), (np.int64, 1), (np.bool_, 1), (np.int32, 2), (np.int64, 2),  # the probe's
+    (np.int32, 1), (np.float32, 1), (np.int32, 2), (np.int32, 1), (np.bool_, 1),  # the arena's
+    (np.int64, 1), (np.float32, 2), (np.int32, 2), (np.bool_, 1),  # ... and the kurtosis'
+)  # fmt: skip
+SINK_FRAME = (
+    (np.float32, 3), (np.float32, 1), (np.float64, 2), (np.bool_, 2), (np.float32, 1),
+    (np.bool_, 2), (np.float32, 2), (np.float64, 1),  # the batch's; [epsilon, causal]
+    (np.float64, 3), (np.float64, 2), (np.float32, 2), (np.float64, 2), (np.float64, 2),
+    (np.float64, 2), (np.float64, 2),  # the running sums
+)  # fmt: skip
+
+
+@intrinsic
+def _pointer(typingctx, address):  # pragma: no cover
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(types.int64), codegen
+
+
+@njit(cache=True, inline="always")
+def _row1(table, i, dtype):  # pragma: no cover
+    return carray(_pointer(table[i, 0]), (table[i, 1],), dtype)
+
+
+@njit(cache=True, inline="always")
+def _row2(table, i, dtype):  # pragma: no cover
+    return carray(_pointer(table[i, 0]), (table[i, 1], table[i, 2]), dtype)
+
+
+@njit(cache=True, inline="always")
+def _row3(table, i, dtype):  # pragma: no cover
+    return carray(_pointer(table[i, 0]), (table[i, 1], table[i, 2], table[i, 3]), dtype)
+
+
+MISFIT = -2
+"""What an entry point returns, touching nothing, when its arrays are too small for the call."""
+
+
+@cfunc(
+    types.int64(types.voidptr, types.int64, types.int64, types.int64, types.int64, types.voidptr),
+    cache=True,
+    nogil=True,
+)
+def spike_call(x, rows, d, slot, kurt_layer, frame):  # pragma: no cover
+    """:func:`spike_into` of the float32 ``[rows, d]`` at `x`, with the arrays of SPIKE_FRAME."""
+    t = carray(frame, (len(SPIKE_FRAME), 4), np.int64)
+    thresholds, pads = _row1(t, 0, np.int32), _row1(t, 2, np.bool_)
+    where, hist = _row2(t, 3, np.int32), _row2(t, 4, np.int64)
+    k, peak, seen = _row2(t, 11, np.float32), _row2(t, 12, np.int32), _row1(t, 13, np.bool_)
+    # Nothing past here checks an index: an array that does not fit is refused, not overrun.
+    fits = 0 <= slot < min(len(thresholds), hist.shape[0]) and min(len(pads), len(where)) >= rows
+    if kurt_layer >= 0:
+        fits &= kurt_layer < min(k.shape[0], peak.shape[0], len(seen))
+        fits &= min(k.shape[1], peak.shape[1]) >= rows
+    if not fits:
+        return MISFIT
+    return spike_into(
+        carray(x, (rows, d), np.float32), slot, thresholds, _row1(t, 1, np.int64), pads, where,
+        hist, _row1(t, 5, np.int32), _row1(t, 6, np.float32), _row2(t, 7, np.int32),
+        _row1(t, 8, np.int32), _row1(t, 9, np.bool_), _row1(t, 10, np.int64), k, peak, seen,
+        kurt_layer,
+    )  # fmt: skip
+
+
+@cfunc(
+    types.int64(
+        types.voidptr, types.int64, types.int64, types.int64, types.int64, types.int64,
+        types.voidptr,
+    ),
+    cache=True,
+    nogil=True,
+)  # fmt: skip
+def sink_call(p, b, h, q, k, layer, frame):  # pragma: no cover
+    """:func:`sink_sums` of the float32 ``[b, h, q, k]`` pattern at `p`, with SINK_FRAME's arrays.
+
+    Returns 0, or MISFIT.
+    """
+    t = carray(frame, (len(SINK_FRAME), 4), np.int64)
+    scalars = _row1(t, 7, np.float64)
+    batch = (
+        _row3(t, 0, np.float32), _row1(t, 1, np.float32), _row2(t, 2, np.float64),
+        _row2(t, 3, np.bool_), _row1(t, 4, np.float32), _row2(t, 5, np.bool_),
+        _row2(t, 6, np.float32), scalars[0], scalars[1] != 0.0,
+    )  # fmt: skip
+    sums = (
+        _row3(t, 8, np.float64), _row2(t, 9, np.float64), _row2(t, 10, np.float32),
+        _row2(t, 11, np.float64), _row2(t, 12, np.float64), _row2(t, 13, np.float64),
+        _row2(t, 14, np.float64),
+    )  # fmt: skip
+    # Every [batch, key] and [batch, query] array covers the pattern, every [layer, head] the
+    # layer and heads; Eq. 27's keys never reach past the pattern's.
+    query_w, key_w, seen_by, eligible, ratio_t, ratio_keys, rel_pos = batch[:7]
+    fits = query_w.shape[0] >= b and query_w.shape[1] == 2 and query_w.shape[2] >= q
+    fits &= len(key_w) >= k and len(ratio_t) >= b and ratio_keys.shape[0] >= b
+    fits &= ratio_keys.shape[1] <= k and rel_pos.shape[0] >= b and rel_pos.shape[1] >= q
+    for shape in (seen_by.shape, eligible.shape, sums[2].shape):
+        fits &= shape[0] >= b and shape[1] >= k
+    fits &= sums[0].shape[0] > layer >= 0 and sums[0].shape[1] >= h and sums[0].shape[2] >= k
+    for shape in (sums[1].shape, sums[3].shape, sums[4].shape, sums[5].shape, sums[6].shape):
+        fits &= shape[0] > layer and shape[1] >= h
+    if not fits:
+        return MISFIT
+    sink_sums(carray(p, (b, h, q, k), np.float32), layer, batch, sums)
+    return 0

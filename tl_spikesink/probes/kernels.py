@@ -4,10 +4,10 @@ The spike probe's reduction of an activation is a bit pattern, a row maximum, a 
 search of the few rows that can hold an entry. In torch those are separate calls, each reading
 the whole activation (and the histogram's ``bincount`` a second, shifted copy of it); on a CPU
 that costs more than the arithmetic, and the copies compete with the model's weights for the
-cache (docs/speed.md). :func:`spike_into` does all of it in one compiled pass over the
+cache (docs/speed.md). :class:`SpikeKernel` does all of it in one compiled pass over the
 activation, straight from the hook, while the activation is still in cache;
 :func:`token_kurtosis_into` does the same for the kurtosis probe's moments, and
-:func:`sink_sums` for the sink probe's sums over each attention pattern. Each writes into
+:class:`SinkKernel` for the sink probe's sums over each attention pattern. Each writes into
 arrays its probe made once per pass (at batch size 1, a hook's own objects cost more than its
 arithmetic).
 
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
+from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.probes.reducers import BIN_SHIFT, N_BINS
 
 _off = False
@@ -89,7 +90,7 @@ def warm_up() -> bool:
     batch = Batch(tokens, mask, text_index=zero, start=zero, first=zero, lengths=zero + 2)
     with torch.inference_mode():
         sinks.start_batch(Step(0, batch, tokens, mask, has_pads=False))
-        sink_sums(torch.zeros(1, 1, 2, 2), 0, sinks.fused)
+        sinks.fused(torch.zeros(1, 1, 2, 2), 0)
     int32 = np.zeros(2, np.int32)
     group_order(int32, int32, np.zeros((2, 5), np.int32))
     return True
@@ -138,38 +139,80 @@ class Arena:
         )
 
 
-_NO_KURTOSIS = (np.zeros((1, 1), np.float32), np.zeros((1, 1), np.int32), np.zeros(1, bool), -1)
+_NO_KURTOSIS = (np.zeros((1, 1), np.float32), np.zeros((1, 1), np.int32), np.zeros(1, bool))
 
 
-def spike_into(
-    act: torch.Tensor, slot: int, probe: tuple, arena: Arena, kurtosis: tuple = _NO_KURTOSIS
-) -> int:
-    """Reduce one activation into `arena` and the histogram; the number of entries above its cut.
+class Frame:
+    """Arrays a compiled C entry point reads and writes, by address: one table row each.
+
+    A call through numba's dispatcher unboxes every array argument, and torch's ``numpy()``
+    makes an array of the activation: at batch size 1, out of cache after the forward's matrix
+    products, about 20 µs a hook, half of what the spike kernel's pass costs (docs/speed.md).
+    A C call with the activation's address and this table's costs about 7 µs. The table is
+    (address, size of each dimension) per array; the frame keeps its arrays alive, and checks
+    each against the dtype and rank the kernel reads it as, since nothing checks them after.
+    """
+
+    def __init__(self, spec: tuple[tuple[type, int], ...], arrays: tuple[np.ndarray, ...]):
+        if len(arrays) != len(spec):
+            raise ValueError(f"the kernel reads {len(spec)} arrays, got {len(arrays)}")
+        table = np.ones((len(arrays), 4), np.int64)
+        for i, (a, (dtype, ndim)) in enumerate(zip(arrays, spec, strict=True)):
+            if a.dtype != dtype or a.ndim != ndim or not a.flags.c_contiguous:
+                raise TypeError(
+                    f"kernel array {i}: the kernel reads a C-contiguous {np.dtype(dtype)} array "
+                    f"with {ndim} dimensions, got {a.dtype} {a.shape}"
+                )
+            table[i, 0] = a.ctypes.data
+            table[i, 1 : 1 + ndim] = a.shape
+        self.arrays, self.table = arrays, table
+        self.address = table.ctypes.data
+
+
+class SpikeKernel:
+    """The spike kernel bound to one pass's arrays: ``kernel(act, slot)`` reduces an activation.
 
     Args:
-        act: the activation, ``[..., d]`` (read as float32, rows flattened).
-        slot: which (site, layer) it is: its row of the histogram and of `probe`'s thresholds.
         probe: ``(thresholds, settings, pads, where, hist)``: int32 float32-bit threshold per
             slot; int64 ``[top_k, capacity, shift]``; bool per row, True at pads (never counted,
             never kept); int32 ``[row, 4]``: each row's text index, start, position and token
             id; int64 ``[slot, bins]`` histogram of ``|x|``'s float32 bits ``>> shift``, added
             to in place.
         arena: where the kept entries go.
-        kurtosis: ``(k, peak, seen, layer)``: also :func:`token_kurtosis_into` at `layer` (the
-            kurtosis probe's arrays; pads get 0), in the same pass; layer -1: not.
+        kurtosis: ``(k, peak, seen)``, the kurtosis probe's arrays
+            (:func:`token_kurtosis_into`), for calls given a layer.
 
-    Entries above the slot's threshold are kept, unless fewer than ``top_k`` or more than
-    ``capacity`` are above it: then the ``top_k`` (``capacity``) largest, ties included (more
-    than ``capacity`` sets the slot's overflow flag). Each kept entry's metadata is its text
-    index, start, position, channel and token id.
+    A call reduces `act` (``[..., d]``, read as float32 rows) into the arena and row `slot`
+    of the histogram and returns the number of entries above the slot's threshold. Entries
+    above the threshold are kept, unless fewer than ``top_k`` or more than ``capacity`` are:
+    then the ``top_k`` (``capacity``) largest, ties included (more than ``capacity`` sets the
+    slot's overflow flag). Each kept entry's metadata is its text index, start, position,
+    channel and token id. With ``layer >= 0`` it also writes :func:`token_kurtosis_into` of
+    every row at that layer (pads get 0), in the same pass.
     """
-    x = _array(act)
-    kernel = _kernels().spike_into
-    n_above = kernel(x, slot, *probe, *arena.args, *kurtosis)
-    while n_above < 0:
-        arena.grow()
-        n_above = kernel(x, slot, *probe, *arena.args, *kurtosis)
-    return n_above
+
+    def __init__(self, probe: tuple, arena: Arena, kurtosis: tuple = _NO_KURTOSIS):
+        self.parts, self.arena = (probe, kurtosis), arena
+        self.call = _kernels().spike_call.ctypes
+        self._frame()
+
+    def _frame(self) -> None:
+        probe, kurtosis = self.parts
+        self.frame = Frame(_kernels().SPIKE_FRAME, (*probe, *self.arena.args, *kurtosis))
+        self.address = self.frame.address
+
+    def __call__(self, act: torch.Tensor, slot: int, layer: int = -1) -> int:
+        """Reduce `act` into row `slot` (and kurtosis row `layer`, if >= 0); entries above."""
+        x = _float32(act)  # kept here until the call returns: the kernel reads its memory
+        d = x.shape[-1]
+        n_above = self.call(x.data_ptr(), x.numel() // d, d, slot, layer, self.address)
+        while n_above == -1:  # the arena was full: grow it and call again
+            self.arena.grow()
+            self._frame()
+            n_above = self.call(x.data_ptr(), x.numel() // d, d, slot, layer, self.address)
+        if n_above < 0:
+            _misfit("spike", tuple(x.shape), slot, layer)
+        return n_above
 
 
 def spike_entries(
@@ -182,7 +225,7 @@ def spike_entries(
     capacity: int,
     shift: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """:func:`spike_into` for one activation on its own, with one threshold.
+    """:class:`SpikeKernel` for one activation on its own, with one threshold.
 
     Returns (|x|, x, metadata) of its kept entries, row-major, and the number of entries above
     `threshold`; `hist` (int64 ``[bins]``) is added to.
@@ -190,32 +233,49 @@ def spike_entries(
     arena = Arena(1, size=16)
     settings = np.array([top_k, capacity, shift], np.int64)
     thresholds = np.array([float_bits(threshold)], np.int32)
-    n_above = spike_into(x, 0, (thresholds, settings, pads, where, hist[None]), arena)
+    n_above = SpikeKernel((thresholds, settings, pads, where, hist[None]), arena)(x, 0)
     keys, values, meta, _, _ = arena.take()
     return keys, values, meta, n_above
 
 
-def sink_sums(pattern: torch.Tensor, layer: int, probe: tuple) -> None:
-    """Add one layer's attention statistics to the sink probe's running sums.
+class SinkKernel:
+    """The sink kernel bound to one pass's arrays: ``kernel(pattern, layer)`` adds one layer.
 
     Args:
-        pattern: ``[batch, head, query, key]`` (read as float32), right-padded (no NaN rows).
-        layer: its row of the sums.
-        probe: ``(batch, sums)``. ``batch`` is the pass's ``(query_w, key_w, seen_by,
-            eligible, ratio_t, ratio_keys, rel_pos, epsilon, causal)``: float32
-            ``[batch, 2, query]`` query weights (every real query; Eq. 27's first T), float32
-            key positions, float64 ``[batch, key]`` how many queries see each key, bool
-            ``[batch, key]`` keys that may vote, float32 ``[batch]`` T of each sequence the
-            ratio reads (0: too short), bool ``[batch, key]`` keys k < T // 2, float32
-            ``[batch, query]`` positions, the sink threshold, and whether the pattern is causal
-            (its entries past the query, exactly 0, are not read). ``sums`` is the probe's
-            ``(alpha_sum, mass_sum, votes, sink_head_count, distance_sum, distance_nosink_sum,
-            distance_nosink_count)``, added to in place.
+        batch: the pass's ``(query_w, key_w, seen_by, eligible, ratio_t, ratio_keys,
+            rel_pos)``: float32 ``[batch, 2, query]`` query weights (every real query; Eq. 27's
+            first T), float32 key positions, float64 ``[batch, key]`` how many queries see each
+            key, bool ``[batch, key]`` keys that may vote, float32 ``[batch]`` T of each
+            sequence the ratio reads (0: too short), bool ``[batch, key]`` keys k < T // 2,
+            float32 ``[batch, query]`` positions.
+        epsilon: the sink threshold.
+        causal: the pattern is causal (its entries past the query, exactly 0, are not read).
+        sums: the probe's ``(alpha_sum, mass_sum, votes, sink_head_count, distance_sum,
+            distance_nosink_sum, distance_nosink_count)``, added to in place.
 
-    One pass over the pattern, and nothing left for the end of the pass, where the torch path
-    takes four products and a dozen reductions (the same sums to float32 rounding).
+    A call reads a ``[batch, head, query, key]`` pattern (as float32, right-padded: no NaN
+    rows) once, and leaves nothing for the end of the pass, where the torch path takes four
+    products and a dozen reductions (the same sums to float32 rounding).
     """
-    _kernels().sink_sums(_array(pattern), layer, *probe)
+
+    def __init__(self, batch: tuple, epsilon: float, causal: bool, sums: tuple):
+        scalars = np.array([epsilon, float(causal)])
+        self.frame = Frame(_kernels().SINK_FRAME, (*batch, scalars, *sums))
+        self.call = _kernels().sink_call.ctypes
+
+    def __call__(self, pattern: torch.Tensor, layer: int) -> None:
+        """Add `pattern`'s sums to row `layer` of the probe's."""
+        p = _float32(pattern)
+        b, h, q, k = p.shape
+        if self.call(p.data_ptr(), b, h, q, k, layer, self.frame.address) < 0:
+            _misfit("sink", (b, h, q, k), layer)
+
+
+def _misfit(kernel: str, shape: tuple[int, ...], *at: int) -> None:
+    raise SpikeSinkError(
+        f"the {kernel} kernel's arrays do not fit an activation of shape {shape} at {at}: they "
+        "were made for another batch or model; make them again at the batch's start_batch"
+    )
 
 
 def token_kurtosis(
@@ -265,6 +325,13 @@ def _array(x: torch.Tensor) -> np.ndarray:
     if x.dtype is not torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
     return x.numpy()
+
+
+def _float32(x: torch.Tensor) -> torch.Tensor:
+    """`x` as float32 and C-contiguous (itself where it already is, as a hook's activation)."""
+    if x.dtype is not torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    return x
 
 
 def float_bits(threshold: float) -> int:

@@ -287,8 +287,8 @@ class SinkProbe(Probe):
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.n_pending = 0
         self.buffers = Buffers()
-        self.fused: tuple | None = None
-        """The compiled kernel's per-pass arguments, or None where the torch path runs."""
+        self.fused: kernels.SinkKernel | None = None
+        """The compiled kernel, bound to this pass's arrays, or None where the torch path runs."""
 
     def hooks(self) -> list[tuple[str, Callable]]:
         """(hook_name, fn) pairs for `model.hooks`."""
@@ -352,8 +352,10 @@ class SinkProbe(Probe):
             self.distance_nosink_sum,
             self.distance_nosink_count,
         )
-        self.fused = (
-            (*(t.numpy() for t in batch), float(self.epsilon), self.causal),
+        self.fused = kernels.SinkKernel(
+            tuple(t.numpy() for t in batch),
+            self.epsilon,
+            self.causal,
             tuple(t.numpy() for t in sums),
         )
 
@@ -380,7 +382,7 @@ class SinkProbe(Probe):
             if self.fused is None:
                 self._reduce(layer, pattern.detach())
             else:
-                kernels.sink_sums(pattern, layer, self.fused)
+                self.fused(pattern, layer)
 
         return hook
 

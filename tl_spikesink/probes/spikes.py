@@ -35,6 +35,7 @@ from jaxtyping import Float, Int
 
 import tl_spikesink.probes.kernels as kernels
 from tl_spikesink.anatomy import Site, hook_name
+from tl_spikesink.errors import SpikeSinkError
 from tl_spikesink.probes.engine import Probe, Step
 from tl_spikesink.probes.reducers import (
     BIN_SHIFT,
@@ -377,6 +378,8 @@ class SpikeProbe(Probe):
         self.arena = kernels.Arena(self.n_slots)
         self.fused: tuple | None = None
         """The compiled kernel's per-batch arguments, or None where the torch path runs."""
+        self.kernel: kernels.SpikeKernel | None = None
+        """The compiled kernel bound to them, from the pass's first hook."""
         thresholds = [self._threshold(s) for s in sites for _ in range(n_layers)]
         self.kernel_settings = (
             np.array([kernels.float_bits(t) for t in thresholds], np.int32),
@@ -434,10 +437,23 @@ class SpikeProbe(Probe):
                 self.where.numpy(),
                 self.hist.view(self.n_slots, N_BINS).numpy(),
             )
+        self.kernel: kernels.SpikeKernel | None = None
+
+    def _bind(self) -> kernels.SpikeKernel:
+        # At the pass's first hook, when the kurtosis probe has made this batch's arrays too.
+        kurtosis = () if self.kurtosis is None else (self.kurtosis.fused,)
+        if self.kurtosis is not None and self.kurtosis.fused is None:
+            raise SpikeSinkError(
+                "this spike probe reads a kurtosis probe's layers, but that probe has not "
+                "started this batch: run both in the same pass (as ScanProbes does)"
+            )
+        self.kernel = kernels.SpikeKernel(self.fused, self.arena, *kurtosis)
+        return self.kernel
 
     def _hook(self, site_index: int, layer: int) -> Callable:
         slot = site_index * self.n_layers + layer
         kurtosis = self.kurtosis if self.sites[site_index] == "resid_post" else None
+        kurtosis_layer = -1 if kurtosis is None else layer
 
         # As little Python as it takes: at batch 1 a hook's objects are out of cache, and each
         # one costs more than the kernel's pass over the activation (docs/speed.md).
@@ -446,10 +462,8 @@ class SpikeProbe(Probe):
                 self.stage.add((site_index, layer), act.detach())
                 if kurtosis is not None:
                     kurtosis.read(act, layer)
-            elif kurtosis is None:
-                kernels.spike_into(act, slot, self.fused, self.arena)
             else:
-                kernels.spike_into(act, slot, self.fused, self.arena, (*kurtosis.fused, layer))
+                (self.kernel or self._bind())(act, slot, kurtosis_layer)
 
         return hook
 

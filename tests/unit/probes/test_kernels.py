@@ -157,3 +157,49 @@ def test_kernels_can_be_switched_off():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "False False", out.stderr
     assert kernels.warm_up()
+
+
+def test_kernels_refuse_arrays_that_do_not_fit():
+    # The hooks call the kernels through C with raw addresses: arrays of the wrong type, or too
+    # small for the activation, must be refused before anything is written, never overrun.
+    from tl_spikesink.errors import SpikeSinkError
+
+    rows, d = 5, 4
+    hist = np.zeros((1, N_BINS), np.int64)
+    settings = np.array([2, 8, BIN_SHIFT], np.int64)
+    thresholds = np.array([kernels.float_bits(1.0)], np.int32)
+    probe = (thresholds, settings, np.zeros(3, bool), np.zeros((3, 4), np.int32), hist)
+    with pytest.raises(SpikeSinkError, match=r"spike kernel's arrays do not fit .*\(1, 5, 4\)"):
+        kernels.SpikeKernel(probe, kernels.Arena(1))(torch.ones(1, rows, d), 0)
+    assert not hist.any()
+    fits = (thresholds, settings, np.zeros(rows, bool), np.zeros((rows, 4), np.int32), hist)
+    with pytest.raises(SpikeSinkError, match="do not fit"):  # no such histogram row
+        kernels.SpikeKernel(fits, kernels.Arena(1))(torch.ones(rows, d), 1)
+    kurtosis = (np.zeros((2, rows), np.float32), np.zeros((2, rows), np.int32), np.zeros(2, bool))
+    with pytest.raises(SpikeSinkError, match="do not fit"):  # no such kurtosis layer
+        kernels.SpikeKernel(fits, kernels.Arena(1), kurtosis)(torch.ones(rows, d), 0, 2)
+    assert not hist.any() and not kurtosis[2].any()
+    kernels.SpikeKernel(fits, kernels.Arena(1), kurtosis)(torch.ones(rows, d), 0, 1)
+    assert hist.sum() == rows * d and kurtosis[2].tolist() == [False, True]
+    with pytest.raises(TypeError, match="kernel array 0: .* int32 array with 1 dimensions"):
+        kernels.SpikeKernel((thresholds.astype(np.int64), *fits[1:]), kernels.Arena(1))
+
+    b, h, t, layers = 1, 2, 3, 2
+    batch = (
+        np.ones((b, 2, t), np.float32), np.arange(t, dtype=np.float32), np.ones((b, t)),
+        np.ones((b, t), bool), np.full(b, t, np.float32), np.ones((b, 1), bool),
+        np.ones((b, t), np.float32),
+    )  # fmt: skip
+    sums = (
+        np.zeros((layers, h, t)), np.zeros((layers, h)), np.zeros((b, t), np.float32),
+        *(np.zeros((layers, h)) for _ in range(4)),
+    )  # fmt: skip
+    kernel = kernels.SinkKernel(batch, 0.3, True, sums)
+    pattern = torch.tril(torch.ones(b, h, t, t)) / torch.arange(1, t + 1)[:, None]
+    with pytest.raises(SpikeSinkError, match=r"sink kernel's arrays do not fit .*\(2,\)"):
+        kernel(pattern, layers)
+    with pytest.raises(SpikeSinkError, match="do not fit"):  # a longer pattern than the batch's
+        kernel(torch.ones(b, h, t + 1, t + 1), 0)
+    assert not any(s.any() for s in sums)
+    kernel(pattern, 1)
+    assert sums[0][1].sum() > 0 and not sums[0][0].any()
