@@ -120,6 +120,31 @@ def test_hooks_come_off_when_a_probe_raises(planted, corpus, passes):
     assert_untouched(planted, before)
 
 
+def test_the_users_own_hooks_stay_and_still_run(planted, corpus):
+    # The engine takes off only the hooks it put in, at the points it put them: a hook the user
+    # added before (temporary or permanent, at a point the scan also hooks) stays, and runs.
+    calls = []
+    name = hook_name("resid_post", 0)
+    planted.add_hook(name, lambda act, hook: calls.append("temporary"))
+    planted.add_hook(name, lambda act, hook: calls.append("permanent"), is_permanent=True)
+    level = planted.context_level
+
+    class Boom(Probe):
+        def end_batch(self, step, logits):
+            raise RuntimeError("interrupted")
+
+    try:
+        with pytest.raises(RuntimeError, match="interrupted"):
+            run(planted, corpus, [Seen(), Boom()], progress=False)
+        assert len(planted.hook_dict[name].fwd_hooks) == 2 and planted.context_level == level
+        assert [n for n, hp in planted.hook_dict.items() if hp.fwd_hooks] == [name]
+        calls.clear()
+        planted(next(iter(corpus.batches(1))).tokens, return_type=None)
+        assert calls == ["temporary", "permanent"]
+    finally:
+        planted.reset_hooks(including_permanent=True)
+
+
 def test_a_batch_without_pads_goes_in_without_its_mask(planted, corpus, monkeypatch):
     from tl_spikesink.probes import engine
     from tl_spikesink.probes.scan import scan
