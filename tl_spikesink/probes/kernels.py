@@ -322,9 +322,7 @@ def _array(x: torch.Tensor) -> np.ndarray:
     """
     if x.requires_grad:  # never inside the engine's inference mode; detach makes a tensor
         x = x.detach()
-    if x.dtype is not torch.float32 or not x.is_contiguous():
-        x = x.float().contiguous()
-    return x.numpy()
+    return _float32(x).numpy()
 
 
 def _float32(x: torch.Tensor) -> torch.Tensor:

@@ -437,16 +437,16 @@ class SpikeProbe(Probe):
                 self.where.numpy(),
                 self.hist.view(self.n_slots, N_BINS).numpy(),
             )
-        self.kernel: kernels.SpikeKernel | None = None
+        self.kernel = None
 
     def _bind(self) -> kernels.SpikeKernel:
         # At the pass's first hook, when the kurtosis probe has made this batch's arrays too.
-        kurtosis = () if self.kurtosis is None else (self.kurtosis.fused,)
         if self.kurtosis is not None and self.kurtosis.fused is None:
             raise SpikeSinkError(
                 "this spike probe reads a kurtosis probe's layers, but that probe has not "
                 "started this batch: run both in the same pass (as ScanProbes does)"
             )
+        kurtosis = () if self.kurtosis is None else (self.kurtosis.fused,)
         self.kernel = kernels.SpikeKernel(self.fused, self.arena, *kurtosis)
         return self.kernel
 

@@ -135,6 +135,20 @@ def test_read_in_the_spike_probes_hooks_or_in_its_own(gaussian, scanned, kernels
         torch.testing.assert_close(r.values, scanned.kurtosis.values, rtol=1e-5, atol=0)
 
 
+def test_a_hosted_kurtosis_probe_must_run_in_the_pass(gaussian):
+    # The spike probe writes the kurtosis into its host's arrays of this batch; without them it
+    # says so rather than writing into arrays of no batch.
+    from tl_spikesink.probes import kernels
+    from tl_spikesink.probes.scan import ScanProbes
+
+    if not kernels.available(torch.zeros(1)):
+        pytest.skip("numba is not installed")
+    probes = ScanProbes(gaussian, ts.ScanConfig())
+    corpus = ts.tokenize(gaussian, TEXTS)
+    with pytest.raises(SpikeSinkError, match="kurtosis probe.s layers, but that probe has not started this batch"):
+        run(gaussian, corpus, [probes.spikes], batch_size=3, progress=False)
+
+
 def test_merge_refuses_different_settings(gaussian):
     a = KurtosisProbe(3, 100.0, 16).result()
     with pytest.raises(SpikeSinkError, match="abs_threshold"):
