@@ -386,22 +386,25 @@ MISFIT = -2
 def spike_call(x, rows, d, slot, kurt_layer, frame):  # pragma: no cover
     """:func:`spike_into` of the float32 ``[rows, d]`` at `x`, with the arrays of SPIKE_FRAME."""
     t = carray(frame, (len(SPIKE_FRAME), 4), np.int64)
-    thresholds, pads = _row1(t, 0, np.int32), _row1(t, 2, np.bool_)
+    thresholds, cfg, pads = _row1(t, 0, np.int32), _row1(t, 1, np.int64), _row1(t, 2, np.bool_)
     where, hist = _row2(t, 3, np.int32), _row2(t, 4, np.int64)
+    keys, values, meta = _row1(t, 5, np.int32), _row1(t, 6, np.float32), _row2(t, 7, np.int32)
+    slots, overflow, fill = _row1(t, 8, np.int32), _row1(t, 9, np.bool_), _row1(t, 10, np.int64)
     k, peak, seen = _row2(t, 11, np.float32), _row2(t, 12, np.int32), _row1(t, 13, np.bool_)
     # Nothing past here checks an index: an array that does not fit is refused, not overrun.
-    fits = 0 <= slot < min(len(thresholds), hist.shape[0]) and min(len(pads), len(where)) >= rows
+    fits = 0 <= slot < min(len(thresholds), hist.shape[0], len(overflow))
+    fits &= min(len(pads), where.shape[0]) >= rows and where.shape[1] >= 4
+    fits &= len(cfg) >= 3 and len(fill) >= 2 and meta.shape[1] >= 5
+    fits &= min(len(values), meta.shape[0], len(slots)) >= len(keys)
     if kurt_layer >= 0:
         fits &= kurt_layer < min(k.shape[0], peak.shape[0], len(seen))
         fits &= min(k.shape[1], peak.shape[1]) >= rows
     if not fits:
         return MISFIT
     return spike_into(
-        carray(x, (rows, d), np.float32), slot, thresholds, _row1(t, 1, np.int64), pads, where,
-        hist, _row1(t, 5, np.int32), _row1(t, 6, np.float32), _row2(t, 7, np.int32),
-        _row1(t, 8, np.int32), _row1(t, 9, np.bool_), _row1(t, 10, np.int64), k, peak, seen,
-        kurt_layer,
-    )  # fmt: skip
+        carray(x, (rows, d), np.float32), slot, thresholds, cfg, pads, where, hist, keys,
+        values, meta, slots, overflow, fill, k, peak, seen, kurt_layer,
+    )
 
 
 @cfunc(
