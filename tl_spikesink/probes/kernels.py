@@ -205,11 +205,10 @@ class SpikeKernel:
         """Reduce `act` into row `slot` (and kurtosis row `layer`, if >= 0); entries above."""
         x = _float32(act)  # kept here until the call returns: the kernel reads its memory
         d = x.shape[-1]
-        n_above = self.call(x.data_ptr(), x.numel() // d, d, slot, layer, self.address)
-        while n_above == -1:  # the arena was full: grow it and call again
-            self.arena.grow()
+        at = (x.data_ptr(), x.numel() // d, d, slot, layer)
+        while (n_above := self.call(*at, self.address)) == -1:
+            self.arena.grow()  # the arena was full: grow it and call again
             self._frame()
-            n_above = self.call(x.data_ptr(), x.numel() // d, d, slot, layer, self.address)
         if n_above < 0:
             _misfit("spike", tuple(x.shape), slot, layer)
         return n_above

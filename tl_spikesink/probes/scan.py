@@ -248,12 +248,11 @@ def _token_strings(model: Any, ids: set[int]) -> dict[int, str]:
 
 def environment(model: Any) -> dict[str, str]:
     """Versions and device recorded with every result, so a number can be traced to its run."""
+    first = next(iter(model.parameters()), None)
     return {
         **_versions(),
         "device": str(device_of(model)),
-        "dtype": str(next(model.parameters()).dtype)
-        if any(True for _ in model.parameters())
-        else "",
+        "dtype": "" if first is None else str(first.dtype),
     }
 
 
