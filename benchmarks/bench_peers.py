@@ -28,7 +28,10 @@ so drift in the machine's load hits them alike (each round in its own seeded ord
 the best of ``--repeats`` rounds is printed with its ratio to the HF peer and to ``tl_bare``,
 and the load average before and after. The
 ``paired`` column is the median over rounds of each run's time over the bare TL forward's in
-the same round: steadier than a ratio of bests where the machine's speed drifts.
+the same round: steadier than a ratio of bests where the machine's speed drifts. Below the
+table each run's paired median comes with a 95 % bootstrap interval over the rounds: on a
+shared 2-core machine a round's ratio moves by ±15 %, so a 5 % bar needs many rounds
+(``--batch-sizes 1 --repeats 60``) and is only settled where the interval clears it.
 
     python benchmarks/bench_peers.py                    # SmolLM2, CPU, 1,024 tokens
     python benchmarks/bench_peers.py --repeats 7 --json peers.json
@@ -36,6 +39,7 @@ the same round: steadier than a ratio of bests where the machine's speed drifts.
     python benchmarks/bench_peers.py --modes tl_bare scan scan_torch scan_resid_only
     python benchmarks/bench_peers.py --device cuda --dtype bfloat16 --tokens 16384
     python benchmarks/bench_peers.py --steady-malloc    # every mode with a steady allocator
+    python benchmarks/bench_peers.py --modes tl_bare scan --batch-sizes 1 --repeats 60
 
 ``--steady-malloc`` reruns the benchmark with glibc's allocator told to keep what it has
 (``STEADY_MALLOC`` below). By default glibc gives the big activations' pages back and takes
@@ -149,10 +153,26 @@ def _run(mode, ctx):
 
 def _paired(rounds: dict[tuple[str, int], list[float]], mode: str, bs: int) -> float:
     """Median over rounds of `mode`'s time over the TL bare forward's in the same round."""
-    base = rounds.get(("tl_bare", bs))
-    if not base:
-        return float("nan")
-    return statistics.median(t / b for t, b in zip(rounds[mode, bs], base, strict=True))
+    return statistics.median(_ratios(rounds, mode, bs) or [float("nan")])
+
+
+def _ratios(rounds: dict[tuple[str, int], list[float]], mode: str, bs: int) -> list[float]:
+    base = rounds.get(("tl_bare", bs), [])
+    return [t / b for t, b in zip(rounds[mode, bs], base, strict=False)]
+
+
+def _interval(ratios: list[float], level: float = 0.95, draws: int = 2000) -> tuple[float, float]:
+    """A bootstrap interval of the paired median (seeded: the same rounds give the same one).
+
+    On a shared machine a round's ratio moves by ±15 %; the interval says which differences a
+    run can tell apart at all (a 5 % bar needs one narrower than the distance to the bar).
+    """
+    if len(ratios) < 2:
+        return float("nan"), float("nan")
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
+    tail = int(draws * (1 - level) / 2)
+    return medians[tail], medians[draws - 1 - tail]
 
 
 def main():
@@ -163,6 +183,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(BATCH_SIZES))
     parser.add_argument(
         "--modes", nargs="+", default=list(MODES), choices=MODES + BRIDGE_MODES + EXTRA_MODES
     )
@@ -194,7 +215,7 @@ def main():
     load_before = os.getloadavg()
     best: dict[tuple[str, int], float] = {}
     rounds: dict[tuple[str, int], list[float]] = {}
-    for bs in BATCH_SIZES:
+    for bs in args.batch_sizes:
         batches = [
             (b.tokens.to(args.device), b.mask.long().to(args.device)) for b in corpus.batches(bs)
         ]
@@ -238,13 +259,13 @@ def main():
         f"allocator {'steady' if args.steady_malloc else 'default'}"
     )
     head = "".join(
-        f"{f'batch {bs}':>10}{'x peer':>8}{'x TL':>7}{'paired':>8}" for bs in BATCH_SIZES
+        f"{f'batch {bs}':>10}{'x peer':>8}{'x TL':>7}{'paired':>8}" for bs in args.batch_sizes
     )
     print(f"{'run':<15}{head}")
     paired = {key: _paired(rounds, *key) for key in rounds}
     for mode in args.modes:
         cells = ""
-        for bs in BATCH_SIZES:
+        for bs in args.batch_sizes:
             t = best[mode, bs]
             peer, tl = best.get(("hf_peer", bs)), best.get(("tl_bare", bs))
             cells += f"{t:>9.3f}s{t / peer if peer else float('nan'):>8.2f}"
@@ -254,6 +275,16 @@ def main():
         "x peer, x TL: best over best; paired: the median over rounds of the run's time over "
         "the TL bare forward's in the same round (a machine whose speed drifts moves both)"
     )
+    intervals = {key: _interval(_ratios(rounds, *key)) for key in rounds}
+    if ("tl_bare", args.batch_sizes[0]) in rounds and args.repeats > 1:
+        print(f"paired, with its 95 % bootstrap interval over the {args.repeats} rounds:")
+        for mode in (m for m in args.modes if m != "tl_bare"):
+            cells = "".join(
+                f"   batch {bs} {paired[mode, bs]:.3f} [{intervals[mode, bs][0]:.3f}, "
+                f"{intervals[mode, bs][1]:.3f}]"
+                for bs in args.batch_sizes
+            )
+            print(f"  {mode:<15}{cells}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -264,6 +295,7 @@ def main():
                     "seconds": {f"{m}@{bs}": t for (m, bs), t in best.items()},
                     "rounds": {f"{m}@{bs}": t for (m, bs), t in rounds.items()},
                     "paired_x_tl": {f"{m}@{bs}": r for (m, bs), r in paired.items()},
+                    "paired_x_tl_95": {f"{m}@{bs}": list(i) for (m, bs), i in intervals.items()},
                 },
                 f,
                 indent=1,
