@@ -30,8 +30,8 @@ and the load average before and after. The
 ``paired`` column is the median over rounds of each run's time over the bare TL forward's in
 the same round: steadier than a ratio of bests where the machine's speed drifts. Below the
 table each run's paired median comes with a 95 % bootstrap interval over the rounds: on a
-shared 2-core machine a round's ratio moves by ±15 %, so a 5 % bar needs many rounds
-(``--batch-sizes 1 --repeats 60``) and is only settled where the interval clears it.
+shared 2-core machine one round's ratio has ranged from 0.86 to 1.38, so a 5 % bar needs many
+rounds (``--batch-sizes 1 --repeats 60``) and is only settled where the interval clears it.
 
     python benchmarks/bench_peers.py                    # SmolLM2, CPU, 1,024 tokens
     python benchmarks/bench_peers.py --repeats 7 --json peers.json
@@ -164,8 +164,8 @@ def _ratios(rounds: dict[tuple[str, int], list[float]], mode: str, bs: int) -> l
 def _interval(ratios: list[float], level: float = 0.95, draws: int = 2000) -> tuple[float, float]:
     """A bootstrap interval of the paired median (seeded: the same rounds give the same one).
 
-    On a shared machine a round's ratio moves by ±15 %; the interval says which differences a
-    run can tell apart at all (a 5 % bar needs one narrower than the distance to the bar).
+    On a shared machine one round's ratio moves by tens of percent; the interval says which
+    differences a run can tell apart at all (a 5 % bar needs one that clears the bar).
     """
     if len(ratios) < 2:
         return float("nan"), float("nan")
@@ -173,6 +173,11 @@ def _interval(ratios: list[float], level: float = 0.95, draws: int = 2000) -> tu
     medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
     tail = int(draws * (1 - level) / 2)
     return medians[tail], medians[draws - 1 - tail]
+
+
+def _finite(x: float) -> float | None:
+    """`x`, or None for NaN (strict JSON has no NaN; a run without tl_bare has no ratio)."""
+    return None if x != x else x
 
 
 def main():
@@ -294,8 +299,10 @@ def main():
                     "load": [load_before[0], load_after[0]],
                     "seconds": {f"{m}@{bs}": t for (m, bs), t in best.items()},
                     "rounds": {f"{m}@{bs}": t for (m, bs), t in rounds.items()},
-                    "paired_x_tl": {f"{m}@{bs}": r for (m, bs), r in paired.items()},
-                    "paired_x_tl_95": {f"{m}@{bs}": list(i) for (m, bs), i in intervals.items()},
+                    "paired_x_tl": {f"{m}@{bs}": _finite(r) for (m, bs), r in paired.items()},
+                    "paired_x_tl_95": {
+                        f"{m}@{bs}": [_finite(x) for x in i] for (m, bs), i in intervals.items()
+                    },
                 },
                 f,
                 indent=1,
