@@ -151,12 +151,8 @@ def _run(mode, ctx):
                 del cache
 
 
-def _paired(rounds: dict[tuple[str, int], list[float]], mode: str, bs: int) -> float:
-    """Median over rounds of `mode`'s time over the TL bare forward's in the same round."""
-    return statistics.median(_ratios(rounds, mode, bs) or [float("nan")])
-
-
 def _ratios(rounds: dict[tuple[str, int], list[float]], mode: str, bs: int) -> list[float]:
+    """`mode`'s time over the TL bare forward's in the same round, round by round."""
     base = rounds.get(("tl_bare", bs), [])
     return [t / b for t, b in zip(rounds[mode, bs], base, strict=False)]
 
@@ -267,7 +263,8 @@ def main():
         f"{f'batch {bs}':>10}{'x peer':>8}{'x TL':>7}{'paired':>8}" for bs in args.batch_sizes
     )
     print(f"{'run':<15}{head}")
-    paired = {key: _paired(rounds, *key) for key in rounds}
+    ratios = {key: _ratios(rounds, *key) for key in rounds}
+    paired = {key: statistics.median(r or [float("nan")]) for key, r in ratios.items()}
     for mode in args.modes:
         cells = ""
         for bs in args.batch_sizes:
@@ -280,7 +277,7 @@ def main():
         "x peer, x TL: best over best; paired: the median over rounds of the run's time over "
         "the TL bare forward's in the same round (a machine whose speed drifts moves both)"
     )
-    intervals = {key: _interval(_ratios(rounds, *key)) for key in rounds}
+    intervals = {key: _interval(r) for key, r in ratios.items()}
     if ("tl_bare", args.batch_sizes[0]) in rounds and args.repeats > 1:
         print(f"paired, with its 95 % bootstrap interval over the {args.repeats} rounds:")
         for mode in (m for m in args.modes if m != "tl_bare"):
