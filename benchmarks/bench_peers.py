@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import random
 import statistics
@@ -171,11 +170,6 @@ def _interval(ratios: list[float], level: float = 0.95, draws: int = 2000) -> tu
     return medians[tail], medians[draws - 1 - tail]
 
 
-def _finite(x: float) -> float | None:
-    """`x`, or None for NaN (strict JSON has no NaN; a run without tl_bare has no ratio)."""
-    return None if x != x else x
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -288,22 +282,20 @@ def main():
             )
             print(f"  {mode:<15}{cells}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {
-                    "settings": vars(args),
-                    "n_tokens": corpus.n_tokens,
-                    "load": [load_before[0], load_after[0]],
-                    "seconds": {f"{m}@{bs}": t for (m, bs), t in best.items()},
-                    "rounds": {f"{m}@{bs}": t for (m, bs), t in rounds.items()},
-                    "paired_x_tl": {f"{m}@{bs}": _finite(r) for (m, bs), r in paired.items()},
-                    "paired_x_tl_95": {
-                        f"{m}@{bs}": [_finite(x) for x in i] for (m, bs), i in intervals.items()
-                    },
-                },
-                f,
-                indent=1,
-            )
+        from tl_spikesink.views.format import json_text  # strict JSON: NaN (no tl_bare) is null
+
+        json_text(
+            {
+                "settings": vars(args),
+                "n_tokens": corpus.n_tokens,
+                "load": [load_before[0], load_after[0]],
+                "seconds": {f"{m}@{bs}": t for (m, bs), t in best.items()},
+                "rounds": {f"{m}@{bs}": t for (m, bs), t in rounds.items()},
+                "paired_x_tl": {f"{m}@{bs}": r for (m, bs), r in paired.items()},
+                "paired_x_tl_95": {f"{m}@{bs}": i for (m, bs), i in intervals.items()},
+            },
+            args.json,
+        )
 
 
 if __name__ == "__main__":
